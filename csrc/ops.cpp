@@ -1,0 +1,43 @@
+// The fusedloss operator library: every schema, in one place. CPU and CUDA
+// kernels register their implementations from csrc/cpu and csrc/cuda with
+// TORCH_LIBRARY_IMPL, so the dispatcher picks the device; fake (meta) kernels
+// for torch.compile live in fusedloss/_ops.py.
+//
+// Reductions are at::Reduction codes: 0 none, 1 mean, 2 sum. Backward ops take
+// an output_mask and return an empty tensor for every gradient not asked for.
+
+#include <Python.h>
+#include <torch/library.h>
+
+#ifndef FUSEDLOSS_TORCH_VERSION
+#error "setup.py defines FUSEDLOSS_TORCH_VERSION: build with pip install --no-build-isolation ."
+#endif
+
+TORCH_LIBRARY(fusedloss, m) {
+  // binary_cross_entropy_with_logits
+  m.def("bce_with_logits(Tensor input, Tensor target, Tensor? weight, Tensor? pos_weight, int reduction) -> Tensor");
+  m.def(
+      "bce_with_logits_backward(Tensor grad, Tensor input, Tensor target, Tensor? weight, Tensor? pos_weight, "
+      "int reduction, bool[2] output_mask) -> (Tensor, Tensor)");
+  // mse_loss; the second output is sum(weight) for a weighted mean, else empty
+  m.def("mse(Tensor input, Tensor target, Tensor? weight, int reduction) -> (Tensor, Tensor)");
+  m.def(
+      "mse_backward(Tensor grad, Tensor input, Tensor target, Tensor? weight, Tensor? loss, Tensor? denominator, "
+      "int reduction, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+}
+
+// A plain Python module whose import loads the library above; it only carries
+// the build's identity, which fusedloss checks against the running torch.
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", "fusedloss operators (torch.ops.fusedloss)", -1,
+                            nullptr};
+  PyObject* mod = PyModule_Create(&def);
+  if (mod == nullptr) return nullptr;
+  PyModule_AddStringConstant(mod, "torch_version", FUSEDLOSS_TORCH_VERSION);
+#ifdef FUSEDLOSS_WITH_CUDA
+  PyModule_AddIntConstant(mod, "with_cuda", 1);
+#else
+  PyModule_AddIntConstant(mod, "with_cuda", 0);
+#endif
+  return mod;
+}

@@ -1,0 +1,132 @@
+"""Loading of the compiled operators, with the checks that turn a mismatched
+build into a clear ImportError, and the fake (meta) kernels that let
+torch.compile and torch.library.opcheck reason about every op without running it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_SOURCE_ROOT = os.path.dirname(_HERE)
+
+# ISA extensions each CPU build needs (names as in /proc/cpuinfo).
+_CPU_FLAGS = {
+    "AVX2": ("avx2", "fma", "f16c"),
+    "AVX512": ("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"),
+}
+
+
+def rebuild_command() -> str:
+    where = _SOURCE_ROOT if os.path.exists(os.path.join(_SOURCE_ROOT, "setup.py")) else "<fusedloss source>"
+    return f"pip install --no-build-isolation --force-reinstall --no-deps {where}"
+
+
+def read_build_info() -> dict:
+    path = os.path.join(_HERE, "_build_info.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ImportError(
+            "fusedloss has not been built (no fusedloss/_build_info.json). Build it with:\n"
+            f"    {rebuild_command()}"
+        ) from None
+
+
+def check_torch_version(built: str, running: str) -> None:
+    """The extension links against one torch's C++ ABI; any other torch may crash."""
+    if built != running:
+        raise ImportError(
+            f"fusedloss was built against torch {built}, but torch {running} is installed. "
+            "Rebuild fusedloss against the installed torch:\n"
+            f"    {rebuild_command()}"
+        )
+
+
+def check_cpu_capability(capability: str) -> None:
+    """A build for AVX-512 would die of SIGILL on a CPU without it; say so instead."""
+    needed = _CPU_FLAGS.get(capability)
+    if not needed or not sys.platform.startswith("linux"):
+        return
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
+    except OSError:
+        return
+    if flags is None:
+        return
+    missing = [flag for flag in needed if flag not in flags]
+    if missing:
+        raise ImportError(
+            f"fusedloss was built for {capability} CPUs, but this CPU lacks {', '.join(missing)}. "
+            "Rebuild it here (FUSEDLOSS_CPU_CAPABILITY=default gives a portable build):\n"
+            f"    {rebuild_command()}"
+        )
+
+
+def load() -> tuple[object, dict]:
+    info = read_build_info()
+    check_torch_version(info["torch_version"], torch.__version__)
+    check_cpu_capability(info.get("cpu_capability", "DEFAULT"))
+    try:
+        from . import _C
+    except ImportError as e:
+        raise ImportError(
+            f"fusedloss's compiled extension failed to load ({e}). Rebuild it against the installed "
+            f"torch {torch.__version__}:\n    {rebuild_command()}"
+        ) from e
+    # The metadata file and the binary could come from different builds.
+    check_torch_version(_C.torch_version, torch.__version__)
+    return _C, info
+
+
+_C, BUILD_INFO = load()
+ops = torch.ops.fusedloss
+
+
+# ---------------------------------------------------------------------------
+# Fake kernels. They mirror the real ones exactly: outputs are contiguous, in
+# the input's dtype, and gradients not asked for are empty (0,) tensors.
+# ---------------------------------------------------------------------------
+
+
+def _loss_like(input: torch.Tensor, reduction: int) -> torch.Tensor:
+    return input.new_empty(input.shape if reduction == 0 else ())
+
+
+def _grad_like(input: torch.Tensor, wanted: bool) -> torch.Tensor:
+    return input.new_empty(input.shape if wanted else (0,))
+
+
+def _opmath_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("fusedloss::bce_with_logits")
+def _(input, target, weight, pos_weight, reduction):
+    return _loss_like(input, reduction)
+
+
+@torch.library.register_fake("fusedloss::bce_with_logits_backward")
+def _(grad, input, target, weight, pos_weight, reduction, output_mask):
+    return _grad_like(input, output_mask[0]), _grad_like(input, output_mask[1])
+
+
+@torch.library.register_fake("fusedloss::mse")
+def _(input, target, weight, reduction):
+    denom_shape = () if (weight is not None and reduction == 1) else (0,)
+    return _loss_like(input, reduction), input.new_empty(denom_shape, dtype=_opmath_dtype(input.dtype))
+
+
+@torch.library.register_fake("fusedloss::mse_backward")
+def _(grad, input, target, weight, loss, denominator, reduction, output_mask):
+    return (
+        _grad_like(input, output_mask[0]),
+        _grad_like(input, output_mask[1]),
+        _grad_like(input, output_mask[2] and weight is not None),
+    )

@@ -11,7 +11,8 @@ first derivative is recomputed from the loss written as differentiable
 composite torch ops (the native torch loss where its semantics are ours), so
 second and higher derivatives are exact. That path is for gradient penalties
 and gradgradcheck; training never takes it. Forward-mode AD (jvp) is derived
-from the fused backward op.
+from the fused backward op; it is available through fusedloss.functional (the
+classes here leave jvp out because torch.compile cannot trace it).
 """
 
 from __future__ import annotations
@@ -24,6 +25,40 @@ import torch.nn.functional as F
 from ._ops import ops
 
 __all__ = ["BCEWithLogitsFunction", "MSEFunction"]
+
+
+def _register_op_autograd():
+    """Make the forward ops differentiable on their own too (torch.ops.fusedloss.*
+    used directly, and opcheck's autograd checks), with the same fused backward
+    ops. The backward ops themselves are first-order only."""
+
+    def bce_setup(ctx, inputs, output):
+        input, target, weight, pos_weight, reduction = inputs
+        ctx.save_for_backward(input, target, weight, pos_weight)
+        ctx.reduction = reduction
+
+    def bce_backward(ctx, grad):
+        return bce_with_logits_grads(grad, *ctx.saved_tensors, ctx.reduction, ctx.needs_input_grad[:2]) + (
+            None,
+            None,
+            None,
+        )
+
+    torch.library.register_autograd("fusedloss::bce_with_logits", bce_backward, setup_context=bce_setup)
+
+    def mse_setup(ctx, inputs, output):
+        input, target, weight, reduction = inputs
+        loss, denominator = output
+        weighted_mean = weight is not None and reduction == 1
+        ctx.save_for_backward(
+            input, target, weight, loss if weighted_mean else None, denominator if weighted_mean else None
+        )
+        ctx.reduction = reduction
+
+    def mse_backward(ctx, grad, _grad_denominator):
+        return mse_grads(grad, *ctx.saved_tensors, ctx.reduction, ctx.needs_input_grad[:3]) + (None,)
+
+    torch.library.register_autograd("fusedloss::mse", mse_backward, setup_context=mse_setup)
 
 _REDUCTION_NAMES = {0: "none", 1: "mean", 2: "sum"}
 
@@ -68,6 +103,18 @@ def contract(derivs: Sequence[torch.Tensor], tangents: Sequence[torch.Tensor | N
     return out if reduction == 0 else out.sum().to(like.dtype)
 
 
+def bce_with_logits_grads(grad, input, target, weight, pos_weight, reduction, needs):
+    """(grad_input, grad_target) of the fused loss, None where not needed."""
+    gx, gy = ops.bce_with_logits_backward(grad, input, target, weight, pos_weight, reduction, [needs[0], needs[1]])
+    return (gx if needs[0] else None, gy if needs[1] else None)
+
+
+def mse_grads(grad, input, target, weight, loss, denominator, reduction, needs):
+    """(grad_input, grad_target, grad_weight) of the fused loss, None where not needed."""
+    gs = ops.mse_backward(grad, input, target, weight, loss, denominator, reduction, [needs[0], needs[1], needs[2]])
+    return tuple(g if n else None for g, n in zip(gs, needs))
+
+
 class BCEWithLogitsFunction(torch.autograd.Function):
     """Sigmoid + binary cross entropy, fused: apply(input, target, weight, pos_weight, reduction).
 
@@ -102,20 +149,8 @@ class BCEWithLogitsFunction(torch.autograd.Function):
                 grad,
             )
         else:
-            gx, gy = ops.bce_with_logits_backward(grad, input, target, weight, pos_weight, ctx.reduction, list(needs))
-            gx = gx if needs[0] else None
-            gy = gy if needs[1] else None
+            gx, gy = bce_with_logits_grads(grad, input, target, weight, pos_weight, ctx.reduction, needs)
         return gx, gy, None, None, None
-
-    @staticmethod
-    def jvp(ctx, t_input, t_target, t_weight, t_pos_weight, _):
-        input, target, weight, pos_weight = ctx.saved_tensors
-        mask = [t_input is not None, t_target is not None]
-        d = ops.bce_with_logits_backward(
-            ones_grad(input, ctx.reduction), input, target, weight, pos_weight, ctx.reduction, mask
-        )
-        return contract(d, (t_input, t_target), ctx.reduction, input if ctx.reduction == 0 else input.new_empty(()))
-
 
 class MSEFunction(torch.autograd.Function):
     """Squared error, fused: apply(input, target, weight, reduction) -> (loss, denominator).
@@ -157,9 +192,30 @@ class MSEFunction(torch.autograd.Function):
                 return se.sum() / w.sum() if ctx.reduction == 1 else se.sum()
 
             return composite_backward(loss_fn, (input, target, weight), needs, grad) + (None,)
-        gx, gy, gw = ops.mse_backward(grad, input, target, weight, loss, denominator, ctx.reduction, list(needs))
-        return (gx if needs[0] else None, gy if needs[1] else None, gw if needs[2] else None, None)
+        return mse_grads(grad, input, target, weight, loss, denominator, ctx.reduction, needs) + (None,)
 
+
+
+_register_op_autograd()
+
+
+# Forward-mode AD. Dynamo cannot trace an autograd.Function that defines jvp,
+# so the public classes above leave it out and fusedloss.functional uses these
+# subclasses outside torch.compile (see `eager_or_compiled`).
+
+
+class _BCEWithLogitsFunctionJvp(BCEWithLogitsFunction):
+    @staticmethod
+    def jvp(ctx, t_input, t_target, t_weight, t_pos_weight, _):
+        input, target, weight, pos_weight = ctx.saved_tensors
+        mask = [t_input is not None, t_target is not None]
+        d = ops.bce_with_logits_backward(
+            ones_grad(input, ctx.reduction), input, target, weight, pos_weight, ctx.reduction, mask
+        )
+        return contract(d, (t_input, t_target), ctx.reduction, input if ctx.reduction == 0 else input.new_empty(()))
+
+
+class _MSEFunctionJvp(MSEFunction):
     @staticmethod
     def jvp(ctx, t_input, t_target, t_weight, _):
         input, target, weight, loss, denominator = ctx.saved_tensors
@@ -170,3 +226,11 @@ class MSEFunction(torch.autograd.Function):
         like = input if ctx.reduction == 0 else input.new_empty(())
         t_loss = contract(d, (t_input, t_target, t_weight), ctx.reduction, like)
         return t_loss, None
+
+
+_JVP = {BCEWithLogitsFunction: _BCEWithLogitsFunctionJvp, MSEFunction: _MSEFunctionJvp}
+
+
+def eager_or_compiled(cls):
+    """cls under torch.compile; outside it, its subclass with forward-mode AD."""
+    return cls if torch.compiler.is_compiling() else _JVP[cls]

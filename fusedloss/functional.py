@@ -16,7 +16,7 @@ from torch.nn import _reduction as _Reduction
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from . import _checks
-from .autograd import BCEWithLogitsFunction, MSEFunction
+from .autograd import BCEWithLogitsFunction, MSEFunction, eager_or_compiled
 
 __all__ = ["binary_cross_entropy_with_logits", "mse_loss"]
 
@@ -79,7 +79,7 @@ def binary_cross_entropy_with_logits(
         _checks.inplace_broadcast(input.shape, weight.shape)
 
     dtype = torch.promote_types(input.dtype, target.dtype)
-    loss = BCEWithLogitsFunction.apply(
+    loss = eager_or_compiled(BCEWithLogitsFunction).apply(
         _cast(input, dtype), _cast(target, dtype), _cast(weight, dtype), _cast(pos_weight, dtype), reduction_enum
     )
     return _cast(loss, target.dtype)
@@ -104,7 +104,6 @@ def _mse_loss(input, target, size_average, reduce, reduction, weight):
             raise ValueError(f"Invalid reduction mode: {reduction}. Expected one of 'none', 'mean', 'sum'.")
         reduction_enum = _Reduction.get_enum(reduction)
         dtype = torch.promote_types(torch.promote_types(input.dtype, target.dtype), weight.dtype)
-        weight = weight.expand(expanded_input.shape)
     else:
         reduction_enum = _Reduction.get_enum(reduction)
         dtype = torch.promote_types(input.dtype, target.dtype)
@@ -114,7 +113,16 @@ def _mse_loss(input, target, size_average, reduce, reduction, weight):
         _checks.raise_native(lambda x, y, w: (x - y) ** 2 * w, expanded_input, expanded_target, weight)
         raise RuntimeError(f"mse_loss: unsupported dtype {dtype}")  # pragma: no cover (torch raised above)
 
-    loss, _ = MSEFunction.apply(
+    if weight is not None and weight.shape != expanded_input.shape and reduction_enum == 1:
+        # torch divides by the sum of the weight as given, not of its broadcast
+        # (the rare, warned path: a target of another shape).
+        loss, _ = eager_or_compiled(MSEFunction).apply(
+            _cast(expanded_input, dtype), _cast(expanded_target, dtype), _cast(weight.expand(expanded_input.shape), dtype), 2
+        )
+        return loss / _cast(weight, dtype).sum()
+    if weight is not None:
+        weight = weight.expand(expanded_input.shape)
+    loss, _ = eager_or_compiled(MSEFunction).apply(
         _cast(expanded_input, dtype), _cast(expanded_target, dtype), _cast(weight, dtype), reduction_enum
     )
     return loss

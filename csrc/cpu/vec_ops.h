@@ -3,6 +3,7 @@
 // formulas of numerics.h run 8/16 lanes at a time on the CPU. Which instruction
 // set at::vec targets is fixed at build time (setup.py: CPU_CAPABILITY).
 
+#include <ATen/OpMathType.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
@@ -46,7 +47,7 @@ struct Ops<at::vec::Vectorized<T>> {
 namespace fusedloss::cpu {
 
 template <typename scalar_t>
-using opmath_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+using opmath_t = at::opmath_type<scalar_t>;
 
 // Widen n values to the accumulation type (fp16/bf16 -> fp32).
 template <typename scalar_t>

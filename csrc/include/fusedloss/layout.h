@@ -27,6 +27,10 @@ struct Layout {
 // Reads the Layout off a tensor already expanded to the loss's shape, if its
 // strides fit the (i / inner) % period pattern.
 inline bool describe_layout(const at::Tensor& t, Layout* out) {
+  if (t.numel() == 0) {  // nothing is ever read
+    *out = Layout{};
+    return true;
+  }
   int64_t inner = 1, period = 1, expected = 1;
   // Walking from the innermost dim: broadcast (stride-0) dims, then dims that
   // are contiguous with each other, then broadcast dims again.

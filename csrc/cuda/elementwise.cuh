@@ -1,0 +1,318 @@
+#pragma once
+// The CUDA engine of the elementwise losses: the CUDA twin of
+// csrc/cpu/elementwise.h, running the same functors (elementwise_losses.h).
+//
+// Each block owns a fixed slice of kBlockElems elements; threads read 16-byte
+// packs of contiguous operands (coalesced across the warp) and compute in
+// fp32/fp64. A reduction writes one partial per block, and a single-block
+// kernel adds the partials in a fixed order and applies the mean, on the
+// device: no float atomics (bitwise repeatable), no host synchronization.
+// Indices are 64-bit throughout.
+
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+
+#include <fusedloss/elementwise_host.h>
+
+#include <array>
+
+#include "common.cuh"
+
+namespace fusedloss::cuda {
+
+constexpr int kThreads = 256;
+constexpr int kItemsPerThread = 16;
+constexpr int64_t kBlockElems = int64_t(kThreads) * kItemsPerThread;
+constexpr int kFinalizeThreads = 512;
+
+enum OperandKind : int { kAbsent = 0, kConstant, kContiguous, kBroadcast };
+
+template <typename scalar_t, int N>
+struct DeviceOperands {
+  const scalar_t* data[N];
+  int64_t inner[N];
+  int64_t period[N];
+  int kind[N];
+};
+
+template <typename scalar_t>
+constexpr int pack_size() {
+  return 16 / static_cast<int>(sizeof(scalar_t));
+}
+
+// Operand k at element i.
+template <typename acc_t, typename scalar_t, int N>
+__device__ __forceinline__ acc_t operand_at(const DeviceOperands<scalar_t, N>& ops, int k, int64_t i) {
+  switch (ops.kind[k]) {
+    case kAbsent:
+      return acc_t(1);
+    case kConstant:
+      return static_cast<acc_t>(ops.data[k][0]);
+    case kContiguous:
+      return static_cast<acc_t>(ops.data[k][i]);
+    default:
+      return static_cast<acc_t>(ops.data[k][(i / ops.inner[k]) % ops.period[k]]);
+  }
+}
+
+// Operand k at elements i .. i+VEC-1 (i a multiple of VEC, all in range).
+template <int VEC, typename acc_t, typename scalar_t, int N>
+__device__ __forceinline__ void operand_pack(const DeviceOperands<scalar_t, N>& ops, int k, int64_t i,
+                                             acc_t (&v)[VEC]) {
+  switch (ops.kind[k]) {
+    case kAbsent:
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) v[j] = acc_t(1);
+      break;
+    case kConstant: {
+      const acc_t c = static_cast<acc_t>(ops.data[k][0]);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) v[j] = c;
+      break;
+    }
+    case kContiguous: {
+      const Pack<scalar_t, VEC> p = load_pack<scalar_t, VEC>(ops.data[k] + i);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) v[j] = static_cast<acc_t>(p.v[j]);
+      break;
+    }
+    default: {
+      // One division per pack; the run then advances by counting.
+      const int64_t inner = ops.inner[k];
+      const int64_t period = ops.period[k];
+      const int64_t q = i / inner;
+      int64_t r = i - q * inner;
+      int64_t p = q % period;
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        v[j] = static_cast<acc_t>(ops.data[k][p]);
+        if (++r == inner) {
+          r = 0;
+          if (++p == period) p = 0;
+        }
+      }
+    }
+  }
+}
+
+// Runs f over the block's slice and hands each element's outputs to `sink`
+// (element index, outputs). vec_ok: every contiguous operand and output is
+// 16-byte aligned, so packs can be used.
+template <typename scalar_t, typename F, typename Sink>
+__device__ __forceinline__ void for_each_element(const DeviceOperands<scalar_t, F::kIn>& ops, const F& f,
+                                                 int64_t numel, bool vec_ok, Sink&& sink) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int VEC = pack_size<scalar_t>();
+  const int64_t base = static_cast<int64_t>(blockIdx.x) * kBlockElems;
+  if (vec_ok) {
+#pragma unroll
+    for (int it = 0; it < kItemsPerThread / VEC; ++it) {
+      const int64_t i = base + (static_cast<int64_t>(it) * kThreads + threadIdx.x) * VEC;
+      if (i + VEC <= numel) {
+        acc_t in[F::kIn][VEC];
+#pragma unroll
+        for (int k = 0; k < F::kIn; ++k) operand_pack<VEC>(ops, k, i, in[k]);
+        acc_t out[F::kOut][VEC];
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          acc_t x[F::kIn];
+          acc_t o[F::kOut];
+#pragma unroll
+          for (int k = 0; k < F::kIn; ++k) x[k] = in[k][j];
+          f(x, o);
+#pragma unroll
+          for (int k = 0; k < F::kOut; ++k) out[k][j] = o[k];
+        }
+        sink.pack(i, out);
+      } else {
+        for (int64_t e = i; e < numel; ++e) {
+          acc_t x[F::kIn];
+          acc_t o[F::kOut];
+#pragma unroll
+          for (int k = 0; k < F::kIn; ++k) x[k] = operand_at<acc_t>(ops, k, e);
+          f(x, o);
+          sink.one(e, o);
+        }
+      }
+    }
+  } else {
+#pragma unroll 4
+    for (int it = 0; it < kItemsPerThread; ++it) {
+      const int64_t e = base + static_cast<int64_t>(it) * kThreads + threadIdx.x;
+      if (e < numel) {
+        acc_t x[F::kIn];
+        acc_t o[F::kOut];
+#pragma unroll
+        for (int k = 0; k < F::kIn; ++k) x[k] = operand_at<acc_t>(ops, k, e);
+        f(x, o);
+        sink.one(e, o);
+      }
+    }
+  }
+}
+
+template <typename acc_t, int NO, int VEC>
+struct SumSink {
+  acc_t acc[NO];
+  __device__ void pack(int64_t, const acc_t (&o)[NO][VEC]) {
+#pragma unroll
+    for (int k = 0; k < NO; ++k)
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) acc[k] += o[k][j];
+  }
+  __device__ void one(int64_t, const acc_t (&o)[NO]) {
+#pragma unroll
+    for (int k = 0; k < NO; ++k) acc[k] += o[k];
+  }
+};
+
+template <typename scalar_t, int N>
+struct Outputs {
+  scalar_t* ptr[N];  // nullptr: not requested
+};
+
+template <typename scalar_t, int NO, int VEC>
+struct StoreSink {
+  using acc_t = at::opmath_type<scalar_t>;
+  Outputs<scalar_t, NO> out;
+  __device__ void pack(int64_t i, const acc_t (&o)[NO][VEC]) {
+#pragma unroll
+    for (int k = 0; k < NO; ++k) {
+      if (out.ptr[k] == nullptr) continue;
+      Pack<scalar_t, VEC> p;
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) p.v[j] = static_cast<scalar_t>(o[k][j]);
+      store_pack(out.ptr[k] + i, p);
+    }
+  }
+  __device__ void one(int64_t e, const acc_t (&o)[NO]) {
+#pragma unroll
+    for (int k = 0; k < NO; ++k)
+      if (out.ptr[k] != nullptr) out.ptr[k][e] = static_cast<scalar_t>(o[k]);
+  }
+};
+
+template <typename scalar_t, typename F>
+__global__ void __launch_bounds__(kThreads)
+    reduce_kernel(DeviceOperands<scalar_t, F::kIn> ops, F f, int64_t numel, bool vec_ok,
+                  at::opmath_type<scalar_t>* partials) {
+  using acc_t = at::opmath_type<scalar_t>;
+  __shared__ acc_t smem[kWarp];
+  SumSink<acc_t, F::kOut, pack_size<scalar_t>()> sink;
+#pragma unroll
+  for (int k = 0; k < F::kOut; ++k) sink.acc[k] = acc_t(0);
+  for_each_element(ops, f, numel, vec_ok, sink);
+#pragma unroll
+  for (int k = 0; k < F::kOut; ++k) {
+    const acc_t s = block_sum(sink.acc[k], smem);
+    if (threadIdx.x == 0) partials[static_cast<int64_t>(blockIdx.x) * F::kOut + k] = s;
+  }
+}
+
+template <typename scalar_t, typename F>
+__global__ void __launch_bounds__(kThreads)
+    map_kernel(DeviceOperands<scalar_t, F::kIn> ops, F f, int64_t numel, bool vec_ok,
+               Outputs<scalar_t, F::kOut> out) {
+  StoreSink<scalar_t, F::kOut, pack_size<scalar_t>()> sink{out};
+  for_each_element(ops, f, numel, vec_ok, sink);
+}
+
+// Adds the per-block partials in a fixed order (in double) and writes the
+// reduced loss; a mean divides by numel, or by the sum of partial column NO-1
+// (a weighted mean), which then also goes to `denominator`.
+template <typename scalar_t, int NO>
+__global__ void __launch_bounds__(kFinalizeThreads)
+    finalize_kernel(const at::opmath_type<scalar_t>* partials, int64_t nblocks, int64_t numel,
+                    int64_t reduction, scalar_t* loss, at::opmath_type<scalar_t>* denominator) {
+  using acc_t = at::opmath_type<scalar_t>;
+  __shared__ double smem[kWarp];
+  double s[NO];
+#pragma unroll
+  for (int k = 0; k < NO; ++k) s[k] = 0.0;
+  for (int64_t b = threadIdx.x; b < nblocks; b += blockDim.x)
+#pragma unroll
+    for (int k = 0; k < NO; ++k) s[k] += static_cast<double>(partials[b * NO + k]);
+#pragma unroll
+  for (int k = 0; k < NO; ++k) s[k] = block_sum(s[k], smem);
+  if (threadIdx.x == 0) {
+    double v = s[0];
+    if (reduction == kReductionMean) {
+      const double d = NO == 2 ? s[NO - 1] : static_cast<double>(numel);
+      v /= d;  // 0/0 = NaN for an empty mean, as torch
+      if (denominator != nullptr) *denominator = static_cast<acc_t>(d);
+    }
+    *loss = static_cast<scalar_t>(static_cast<acc_t>(v));
+  }
+}
+
+template <typename scalar_t, int N>
+DeviceOperands<scalar_t, N> device_operands(const ElementwiseCall& c, bool* vec_ok) {
+  DeviceOperands<scalar_t, N> ops;
+  for (int k = 0; k < N; ++k) {
+    const at::Tensor& t = c.tensor[k];
+    ops.data[k] = t.defined() ? t.const_data_ptr<scalar_t>() : nullptr;
+    ops.inner[k] = c.layout[k].inner;
+    ops.period[k] = c.layout[k].period;
+    if (!t.defined()) {
+      ops.kind[k] = kAbsent;
+    } else if (c.layout[k].constant()) {
+      ops.kind[k] = kConstant;
+    } else if (c.layout[k].contiguous(c.numel)) {
+      ops.kind[k] = kContiguous;
+      *vec_ok = *vec_ok && aligned_to(ops.data[k], 16);
+    } else {
+      ops.kind[k] = kBroadcast;
+    }
+  }
+  return ops;
+}
+
+struct CudaEngine {
+  template <typename scalar_t, typename F>
+  static void map(const ElementwiseCall& c, const F& f, const std::array<scalar_t*, F::kOut>& out) {
+    if (c.numel == 0) return;
+    const c10::cuda::CUDAGuard guard(c.options.device());
+    bool vec_ok = true;
+    const auto ops = device_operands<scalar_t, F::kIn>(c, &vec_ok);
+    Outputs<scalar_t, F::kOut> outs;
+    for (int k = 0; k < F::kOut; ++k) {
+      outs.ptr[k] = out[k];
+      if (out[k] != nullptr) vec_ok = vec_ok && aligned_to(out[k], 16);
+    }
+    const int64_t blocks = ceil_div(c.numel, kBlockElems);
+    map_kernel<scalar_t, F><<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(ops, f, c.numel, vec_ok,
+                                                                                       outs);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  template <typename scalar_t, typename F>
+  static void forward(const ElementwiseCall& c, const F& f, int64_t reduction, at::Tensor& loss,
+                      at::Tensor* denominator) {
+    using acc_t = at::opmath_type<scalar_t>;
+    if (reduction == kReductionNone) {
+      std::array<scalar_t*, F::kOut> out{};
+      out[0] = loss.mutable_data_ptr<scalar_t>();
+      map<scalar_t>(c, f, out);
+      return;
+    }
+    const c10::cuda::CUDAGuard guard(c.options.device());
+    const auto stream = c10::cuda::getCurrentCUDAStream();
+    const int64_t blocks = ceil_div(c.numel, kBlockElems);
+    at::Tensor partials = at::empty({std::max<int64_t>(blocks, 1) * F::kOut}, c.options.dtype(
+                                                                                 c10::CppTypeToScalarType<acc_t>::value));
+    if (blocks > 0) {
+      bool vec_ok = true;
+      const auto ops = device_operands<scalar_t, F::kIn>(c, &vec_ok);
+      reduce_kernel<scalar_t, F><<<blocks, kThreads, 0, stream>>>(ops, f, c.numel, vec_ok,
+                                                                 partials.mutable_data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    finalize_kernel<scalar_t, F::kOut><<<1, kFinalizeThreads, 0, stream>>>(
+        partials.const_data_ptr<acc_t>(), blocks, c.numel, reduction, loss.mutable_data_ptr<scalar_t>(),
+        denominator != nullptr ? denominator->mutable_data_ptr<acc_t>() : nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+};
+
+}  // namespace fusedloss::cuda

@@ -1,0 +1,23 @@
+// CUDA registrations of the elementwise losses (binary_cross_entropy_with_logits,
+// mse_loss): the shared host code of fusedloss/elementwise_ops.h run by the
+// engine of elementwise.cuh.
+
+#include <torch/library.h>
+
+#include <fusedloss/elementwise_ops.h>
+
+#include "elementwise.cuh"
+
+namespace fusedloss::cuda {
+namespace {
+using Ops = ElementwiseOps<CudaEngine>;
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedloss, CUDA, m) {
+  m.impl("bce_with_logits", &Ops::bce_with_logits);
+  m.impl("bce_with_logits_backward", &Ops::bce_with_logits_backward);
+  m.impl("mse", &Ops::mse);
+  m.impl("mse_backward", &Ops::mse_backward);
+}
+
+}  // namespace fusedloss::cuda

@@ -1,0 +1,114 @@
+#pragma once
+// Host implementations of the elementwise loss ops, written once for both
+// devices. `Engine` runs functors over an ElementwiseCall:
+//   Engine::forward<scalar_t>(call, functor, reduction, loss, denominator*)
+//   Engine::map<scalar_t>(call, functor, std::array<scalar_t*, kOut> outputs)
+// (csrc/cpu/elementwise.h, csrc/cuda/elementwise.cuh). Each device file
+// instantiates these with its engine and registers them for its dispatch key.
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+
+#include <fusedloss/dispatch.h>
+#include <fusedloss/elementwise_host.h>
+#include <fusedloss/elementwise_losses.h>
+
+#include <tuple>
+
+namespace fusedloss {
+
+template <typename Engine>
+struct ElementwiseOps {
+  // ---- binary_cross_entropy_with_logits -----------------------------------
+  static at::Tensor bce_with_logits(const at::Tensor& input, const at::Tensor& target,
+                                    const std::optional<at::Tensor>& weight,
+                                    const std::optional<at::Tensor>& pos_weight, int64_t reduction) {
+    const ElementwiseCall c =
+        bce_with_logits_call("fusedloss::bce_with_logits", input, target, weight, pos_weight, reduction);
+    at::Tensor loss = c.new_loss(reduction);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bce_with_logits", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      bool_switch(c.has(kBcePosWeight), [&](auto pw) {
+        Engine::template forward<scalar_t>(c, BceLogitsForward<acc_t, decltype(pw)::value>{}, reduction, loss,
+                                           nullptr);
+      });
+    });
+    return loss;
+  }
+
+  static std::tuple<at::Tensor, at::Tensor> bce_with_logits_backward(
+      const at::Tensor& grad, const at::Tensor& input, const at::Tensor& target,
+      const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& pos_weight, int64_t reduction,
+      std::array<bool, 2> output_mask) {
+    constexpr const char* op = "fusedloss::bce_with_logits_backward";
+    ElementwiseCall c = bce_with_logits_call(op, input, target, weight, pos_weight, reduction);
+    check_grad(op, grad, input, reduction);
+    c.set(kBceGrad, grad);
+    at::Tensor grad_input = c.new_grad(output_mask[0]);
+    at::Tensor grad_target = c.new_grad(output_mask[1]);
+    if (c.numel == 0 || !(output_mask[0] || output_mask[1])) return {grad_input, grad_target};
+    const double scale = reduction == kReductionMean ? 1.0 / static_cast<double>(c.numel) : 1.0;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bce_with_logits_backward", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const std::array<scalar_t*, 2> out{
+          output_mask[0] ? grad_input.mutable_data_ptr<scalar_t>() : nullptr,
+          output_mask[1] ? grad_target.mutable_data_ptr<scalar_t>() : nullptr};
+      bool_switch(c.has(kBcePosWeight), [&](auto pw) {
+        using F = BceLogitsBackward<acc_t, decltype(pw)::value>;
+        Engine::template map<scalar_t>(c, F{static_cast<acc_t>(scale), output_mask[1]}, out);
+      });
+    });
+    return {grad_input, grad_target};
+  }
+
+  // ---- mse_loss -------------------------------------------------------------
+  static std::tuple<at::Tensor, at::Tensor> mse(const at::Tensor& input, const at::Tensor& target,
+                                                const std::optional<at::Tensor>& weight, int64_t reduction) {
+    const ElementwiseCall c = mse_call("fusedloss::mse", input, target, weight, reduction);
+    const bool weighted = c.has(kMseWeight);
+    at::Tensor loss = c.new_loss(reduction);
+    at::Tensor denominator = mse_denominator_like(c, weighted, reduction);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "mse", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      bool_switch(weighted, [&](auto w) {
+        Engine::template forward<scalar_t>(c, MseForward<acc_t, decltype(w)::value>{}, reduction, loss,
+                                           denominator.numel() ? &denominator : nullptr);
+      });
+    });
+    return {loss, denominator};
+  }
+
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> mse_backward(
+      const at::Tensor& grad, const at::Tensor& input, const at::Tensor& target,
+      const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& loss,
+      const std::optional<at::Tensor>& denominator, int64_t reduction, std::array<bool, 3> output_mask) {
+    constexpr const char* op = "fusedloss::mse_backward";
+    ElementwiseCall c = mse_call(op, input, target, weight, reduction);
+    check_grad(op, grad, input, reduction);
+    c.set(kMseGrad, grad);
+    const bool weighted_mean = c.has(kMseWeight) && reduction == kReductionMean;
+    if (weighted_mean) check_mse_weighted_mean_state(op, c, input, loss, denominator);
+    at::Tensor grad_input = c.new_grad(output_mask[0]);
+    at::Tensor grad_target = c.new_grad(output_mask[1]);
+    const bool want_weight = output_mask[2] && c.has(kMseWeight);
+    at::Tensor grad_weight = c.new_grad(want_weight);
+    if (c.numel == 0 || !(output_mask[0] || output_mask[1] || want_weight)) {
+      return {grad_input, grad_target, grad_weight};
+    }
+    const double scale =
+        reduction == kReductionMean && !weighted_mean ? 1.0 / static_cast<double>(c.numel) : 1.0;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "mse_backward", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const std::array<scalar_t*, 3> out{
+          output_mask[0] ? grad_input.mutable_data_ptr<scalar_t>() : nullptr,
+          output_mask[1] ? grad_target.mutable_data_ptr<scalar_t>() : nullptr,
+          want_weight ? grad_weight.mutable_data_ptr<scalar_t>() : nullptr};
+      const acc_t* denom = weighted_mean ? denominator->const_data_ptr<acc_t>() : nullptr;
+      Engine::template map<scalar_t>(
+          c, MseBackward<acc_t>{static_cast<acc_t>(scale), denom, want_weight, weighted_mean}, out);
+    });
+    return {grad_input, grad_target, grad_weight};
+  }
+};
+
+}  // namespace fusedloss

@@ -1,0 +1,72 @@
+"""Module parity: fusedloss.nn.X is a torch.nn.X with torch's constructor,
+buffers, repr, state_dict, pickling and .to(), computing with fusedloss."""
+
+import inspect
+import pickle
+
+import pytest
+import torch
+
+import fusedloss
+from conftest import DEVICES, make
+from fusedloss.testing import assert_matches_torch
+
+PAIRS = [
+    (fusedloss.nn.BCEWithLogitsLoss, torch.nn.BCEWithLogitsLoss),
+    (fusedloss.nn.MSELoss, torch.nn.MSELoss),
+]
+
+
+@pytest.mark.parametrize("ours,theirs", PAIRS)
+def test_subclass_and_signature(ours, theirs):
+    assert issubclass(ours, theirs)
+    assert inspect.signature(ours.__init__) == inspect.signature(theirs.__init__)
+    assert ours.__name__ == theirs.__name__
+
+
+def test_bce_buffers_state_dict_and_repr():
+    w, pw = torch.rand(5), torch.rand(5)
+    ours = fusedloss.nn.BCEWithLogitsLoss(weight=w, pos_weight=pw, reduction="sum")
+    theirs = torch.nn.BCEWithLogitsLoss(weight=w, pos_weight=pw, reduction="sum")
+    assert dict(ours.named_buffers()).keys() == {"weight", "pos_weight"}
+    assert repr(ours) == repr(theirs)
+    fresh = torch.nn.BCEWithLogitsLoss(weight=torch.zeros(5), pos_weight=torch.zeros(5))
+    fresh.load_state_dict(ours.state_dict())
+    back = fusedloss.nn.BCEWithLogitsLoss(weight=torch.zeros(5), pos_weight=torch.zeros(5))
+    back.load_state_dict(theirs.state_dict())
+    assert torch.equal(fresh.pos_weight, pw) and torch.equal(back.weight, w)
+    clone = pickle.loads(pickle.dumps(ours))
+    assert type(clone) is fusedloss.nn.BCEWithLogitsLoss and torch.equal(clone.pos_weight, pw)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_to_moves_buffers_and_forward_matches(device):
+    m = fusedloss.nn.BCEWithLogitsLoss(weight=torch.rand(6), pos_weight=torch.rand(6) * 3).to(device, torch.float64)
+    assert m.weight.device.type == device and m.pos_weight.dtype == torch.float64
+    n = torch.nn.BCEWithLogitsLoss(weight=m.weight, pos_weight=m.pos_weight)
+    x = make((4, 6), torch.float64, device, requires_grad=True)
+    y = make((4, 6), torch.float64, device, 0, 1, requires_grad=True)
+    assert_matches_torch("bce_module", x, y, fused=m, native=n)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_mse_module(device, reduction):
+    x = make((4, 6), torch.float32, device, requires_grad=True)
+    y = make((4, 6), torch.float32, device, requires_grad=True)
+    assert_matches_torch(
+        "mse_module", x, y, fused=fusedloss.nn.MSELoss(reduction=reduction), native=torch.nn.MSELoss(reduction=reduction)
+    )
+
+
+def test_legacy_constructor_args():
+    ours = fusedloss.nn.MSELoss(size_average=False)
+    theirs = torch.nn.MSELoss(size_average=False)
+    assert ours.reduction == theirs.reduction == "sum"
+
+
+def test_no_batch_dim_equals_batch_of_one():
+    x = torch.randn(7)
+    y = torch.rand(7)
+    for m in (fusedloss.nn.BCEWithLogitsLoss(reduction="none"), fusedloss.nn.MSELoss(reduction="none")):
+        torch.testing.assert_close(m(x, y), m(x[None], y[None])[0], rtol=0, atol=0)

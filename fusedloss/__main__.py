@@ -1,0 +1,187 @@
+"""python -m fusedloss {info,verify,bench}: what was built, is it correct here,
+and is it faster here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+def _devices(arg: str) -> list[str]:
+    import torch
+
+    import fusedloss
+
+    has_cuda = torch.cuda.is_available() and fusedloss.build_info()["cuda"]
+    if arg in ("cuda", "all") and not has_cuda and arg == "cuda":
+        if not fusedloss.build_info()["cuda"]:
+            raise CliError("--device cuda: this fusedloss was built without CUDA kernels (see `python -m fusedloss info`)")
+        raise CliError("--device cuda: no CUDA device is visible to torch")
+    if arg == "all":
+        return ["cpu"] + (["cuda"] if has_cuda else [])
+    if arg == "auto":
+        return ["cuda"] if has_cuda else ["cpu"]
+    return [arg]
+
+
+# ---------------------------------------------------------------------------
+# info
+# ---------------------------------------------------------------------------
+
+
+def cmd_info(args) -> int:
+    import torch
+
+    import fusedloss
+
+    b = fusedloss.build_info()
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    info = {
+        "fusedloss": b["version"],
+        "torch (built against)": b["torch_version"],
+        "torch (running)": torch.__version__,
+        "CUDA kernels": "yes" if b["cuda"] else "no",
+        "CUDA archs": ";".join(b["cuda_archs"]) or "-",
+        "CUDA toolkit": b.get("cuda_home") or "-",
+        "torch CUDA": torch.version.cuda or "-",
+        "OpenMP": "on" if b["openmp"] else "off",
+        "CPU kernels": b.get("cpu_capability", "DEFAULT"),
+        "CPU threads": str(torch.get_num_threads()),
+        "visible GPUs": ", ".join(gpus) or "none",
+    }
+    if args.json:
+        print(json.dumps({"build": b, "torch_running": torch.__version__, "visible_gpus": gpus}, indent=1))
+        return 0
+    width = max(map(len, info))
+    for k, v in info.items():
+        print(f"{k:<{width}}  {v}")
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# verify
+# ---------------------------------------------------------------------------
+
+
+def verify_cases(device: str, quick: bool):
+    """(label, loss name, args, kwargs) covering every loss and its main options."""
+    import torch
+
+    dtypes = [torch.float32, torch.bfloat16] if quick else [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+    shapes = [(16, 33)] if quick else [(16, 33), (4, 3, 8, 8), (5000,)]
+    g = torch.Generator().manual_seed(0)
+
+    def t(shape, dtype, lo=-4.0, hi=4.0, rg=False):
+        x = torch.rand(shape, generator=g, dtype=torch.float64) * (hi - lo) + lo
+        return x.to(device=device, dtype=dtype).requires_grad_(rg)
+
+    for dtype in dtypes:
+        dn = str(dtype).replace("torch.", "")
+        for shape in shapes:
+            sn = "x".join(map(str, shape))
+            for red in ("none", "mean", "sum"):
+                yield f"bce_with_logits {dn} {sn} {red}", "binary_cross_entropy_with_logits", (
+                    t(shape, dtype, rg=True), t(shape, dtype, 0, 1, rg=True)), {"reduction": red}
+                yield f"bce_with_logits+pos_weight {dn} {sn} {red}", "binary_cross_entropy_with_logits", (
+                    t(shape, dtype, rg=True), t(shape, dtype, 0, 1)), {"reduction": red, "pos_weight": t(shape[-1:], dtype, 0, 3)}
+                yield f"mse {dn} {sn} {red}", "mse_loss", (t(shape, dtype, rg=True), t(shape, dtype, rg=True)), {"reduction": red}
+
+
+def cmd_verify(args) -> int:
+    from fusedloss.testing import assert_matches_torch
+
+    failures = 0
+    total = 0
+    print(f"{'device':<7}{'case':<52}{'result':<8}{'max |err| loss':>15}{'max |err| grad':>16}")
+    for device in _devices(args.device):
+        for label, name, a, kw in verify_cases(device, args.quick):
+            total += 1
+            try:
+                rep = assert_matches_torch(name, *a, **kw)
+                ok, err = True, ""
+            except AssertionError as e:
+                ok, rep, err = False, {}, str(e).splitlines()[0]
+                failures += 1
+            gerr = max((v for k, v in rep.items() if k.startswith("grad")), default=0.0)
+            print(f"{device:<7}{label:<52}{'PASS' if ok else 'FAIL':<8}{rep.get('loss', float('nan')):>15.3g}{gerr:>16.3g}")
+            if err:
+                print(f"       {err}")
+    print(f"{total - failures}/{total} passed")
+    return 1 if failures else 0
+
+
+# ---------------------------------------------------------------------------
+# bench
+# ---------------------------------------------------------------------------
+
+
+def cmd_bench(args) -> int:
+    from fusedloss import benchmark as B
+
+    losses = args.loss or list(B.LOSSES)
+    unknown = [name for name in losses if name not in B.LOSSES]
+    if unknown:
+        raise CliError(f"unknown loss {unknown[0]!r}; choose from: {', '.join(B.LOSSES)}")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise CliError("--plot needs matplotlib (pip install matplotlib)") from None
+    all_rows = []
+    copies = {}
+    for device in _devices(args.device):
+        cases = [c for loss in losses for c in B.cases_for(loss, device, args.quick)]
+        copy = B.measure_copy_gbps(device)
+        copies[device] = copy
+        reps = args.reps or (5 if args.quick else 10)
+        rows = B.run(cases, device, warmup=args.warmup, reps=reps, progress=B.progress_bar)
+        sys.stderr.write("\n")
+        all_rows += rows
+        print(f"\n{B.device_name(device)}, torch {__import__('torch').__version__}, copy {copy:.1f} GB/s "
+              f"(read+write); fwd+bwd medians; ratio = fusedloss time / other time")
+        print(B.format_table(rows, copy))
+    if args.csv:
+        B.write_csv(all_rows, args.csv)
+    if args.json:
+        dev = "cuda" if "cuda" in copies else "cpu"
+        B.write_json(all_rows, args.json, copies.get(dev), dev)
+    if args.plot:
+        B.plot(all_rows, args.plot, copies.get("cuda") or copies.get("cpu"))
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m fusedloss", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    pi = sub.add_parser("info", help="how fusedloss was built and what it runs on")
+    pi.add_argument("--json", action="store_true", help="machine-readable output")
+    pv = sub.add_parser("verify", help="check every loss against the installed torch here")
+    pv.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
+    pv.add_argument("--quick", action="store_true", help="fewer dtypes and shapes")
+    pb = sub.add_parser("bench", help="time fusedloss against torch eager and torch.compile")
+    pb.add_argument("--device", choices=["auto", "cpu", "cuda", "all"], default="auto")
+    pb.add_argument("--loss", action="append", help="a loss to time (repeatable); default: all")
+    pb.add_argument("--quick", action="store_true", help="fewer sizes and repetitions")
+    pb.add_argument("--reps", type=int, default=0, help="timed repetitions per measurement")
+    pb.add_argument("--warmup", type=int, default=3)
+    pb.add_argument("--csv", metavar="F", help="write all rows as CSV")
+    pb.add_argument("--json", metavar="F", help="write rows and summary as JSON")
+    pb.add_argument("--plot", metavar="F.png", help="write a speedup/bandwidth plot (needs matplotlib)")
+    args = p.parse_args(argv)
+    try:
+        return {"info": cmd_info, "verify": cmd_verify, "bench": cmd_bench}[args.cmd](args)
+    except CliError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ImportError as e:  # a build/torch mismatch: fusedloss's message says what to do
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,411 @@
+"""The benchmark harness behind ``python -m fusedloss bench`` and bench/.
+
+Each case times forward, backward and forward+backward ("full") of fusedloss,
+torch eager and torch.compile (of the torch function) on the same inputs in one
+process: warm-up first (which also compiles), then medians with p20/p80 over
+repetitions, gradients reset before each one, all CPU cores (CUDA events on a
+GPU). Achieved bandwidth comes from a per-loss bytes formula (`bytes_moved`
+below: what the fused algorithm must read and write), and a device copy is
+timed in the same run for reference. Results are rows with the CSV columns in
+CSV_COLUMNS.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+CSV_COLUMNS = [
+    "loss", "case", "provider", "mode", "dtype", "shape", "device",
+    "median_ms", "p20_ms", "p80_ms", "gbps", "peak_mem_mb", "torch", "git_sha",
+]
+PROVIDERS = ("fusedloss", "torch", "torch.compile")
+MODES = ("fwd", "bwd", "full")
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+
+
+@dataclasses.dataclass
+class Problem:
+    """Inputs and the two implementations of one benchmark case."""
+
+    fused: Callable[[], torch.Tensor]
+    native: Callable[..., torch.Tensor]  # same inputs, torch's implementation
+    native_args: tuple
+    leaves: list  # tensors whose .grad the backward fills
+    bytes: dict  # mode -> bytes the fused algorithm must move
+
+
+@dataclasses.dataclass
+class Case:
+    loss: str
+    case: str
+    shape: tuple
+    dtype: str
+    build: Callable[[tuple, torch.dtype, str], Problem]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+# ---------------------------------------------------------------------------
+# Cases. Bytes: forward reads every input once; backward reads them again and
+# writes the gradient of the input.
+# ---------------------------------------------------------------------------
+
+
+def _elementwise_bytes(n: int, s: int, extra: int = 0) -> dict:
+    fwd = 2 * n * s + extra
+    bwd = 3 * n * s + extra
+    return {"fwd": fwd, "bwd": bwd, "full": fwd + bwd}
+
+
+def _bce(shape, dtype, device, pos_weight=False):
+    import fusedloss.functional as FF
+
+    x = torch.randn(shape, dtype=dtype, device=device, requires_grad=True)
+    y = torch.rand(shape, dtype=dtype, device=device)
+    pw = (torch.rand(shape[-1], dtype=dtype, device=device) * 2) if pos_weight else None
+    extra = pw.numel() * pw.element_size() if pw is not None else 0
+    return Problem(
+        fused=lambda: FF.binary_cross_entropy_with_logits(x, y, pos_weight=pw),
+        native=lambda a, b, p: F.binary_cross_entropy_with_logits(a, b, pos_weight=p),
+        native_args=(x, y, pw),
+        leaves=[x],
+        bytes=_elementwise_bytes(x.numel(), x.element_size(), extra),
+    )
+
+
+def _mse(shape, dtype, device):
+    import fusedloss.functional as FF
+
+    x = torch.randn(shape, dtype=dtype, device=device, requires_grad=True)
+    y = torch.randn(shape, dtype=dtype, device=device)
+    return Problem(
+        fused=lambda: FF.mse_loss(x, y),
+        native=lambda a, b: F.mse_loss(a, b),
+        native_args=(x, y),
+        leaves=[x],
+        bytes=_elementwise_bytes(x.numel(), x.element_size()),
+    )
+
+
+def _sizes(device: str, quick: bool, cpu: list, cpu_quick: list, gpu: list, gpu_quick: list) -> list:
+    if device == "cuda":
+        return gpu_quick if quick else gpu
+    return cpu_quick if quick else cpu
+
+
+def cases_for(loss: str, device: str, quick: bool) -> list[Case]:
+    """The benchmark cases of one loss on one device. The first CPU case of each
+    loss is the size the project's speed targets are stated for."""
+    out = []
+    if loss == "bce_with_logits":
+        shapes = _sizes(device, quick, [(4096, 4096), (1024, 1024), (8192, 8192)], [(4096, 4096), (1024, 1024)],
+                        [(16384, 8192), (4096, 4096), (32768, 16384)], [(16384, 8192), (4096, 4096)])
+        for shape in shapes:
+            for dt in (["fp32"] if device == "cpu" else ["fp32", "bf16"]):
+                out.append(Case(loss, "plain", shape, dt, lambda s, d, dev: _bce(s, d, dev)))
+                out.append(Case(loss, "pos_weight", shape, dt, lambda s, d, dev: _bce(s, d, dev, pos_weight=True)))
+    elif loss == "mse":
+        shapes = _sizes(device, quick, [(4096, 4096), (1024, 1024), (8192, 8192)], [(4096, 4096), (1024, 1024)],
+                        [(16384, 8192), (4096, 4096), (32768, 16384)], [(16384, 8192), (4096, 4096)])
+        for shape in shapes:
+            for dt in (["fp32"] if device == "cpu" else ["fp32", "bf16"]):
+                out.append(Case(loss, "plain", shape, dt, _mse))
+    else:
+        raise ValueError(f"unknown loss {loss!r}; known: {', '.join(LOSSES)}")
+    return out
+
+
+LOSSES = ("bce_with_logits", "mse")
+
+
+# ---------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------
+
+
+class _Timer:
+    def __init__(self, device: str):
+        self.cuda = device == "cuda"
+
+    def start(self):
+        if self.cuda:
+            self.a = torch.cuda.Event(enable_timing=True)
+            self.b = torch.cuda.Event(enable_timing=True)
+            self.a.record()
+        else:
+            self.t = time.perf_counter()
+
+    def stop(self) -> float:
+        if self.cuda:
+            self.b.record()
+            self.b.synchronize()
+            return self.a.elapsed_time(self.b)
+        return (time.perf_counter() - self.t) * 1e3
+
+
+def _quantiles(xs: list[float]) -> tuple[float, float, float]:
+    xs = sorted(xs)
+
+    def q(p):
+        if len(xs) == 1:
+            return xs[0]
+        k = (len(xs) - 1) * p
+        lo, hi = math.floor(k), math.ceil(k)
+        return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+    return q(0.5), q(0.2), q(0.8)
+
+
+def time_mode(run: Callable[[], torch.Tensor], leaves: list, mode: str, device: str, warmup: int, reps: int):
+    """Times one provider in one mode; returns (median, p20, p80) in ms."""
+    timer = _Timer(device)
+    samples = []
+    for i in range(warmup + reps):
+        for t in leaves:
+            t.grad = None
+        if mode == "fwd":
+            timer.start()
+            run()
+            ms = timer.stop()
+        elif mode == "bwd":
+            loss = run()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            timer.start()
+            loss.backward()
+            ms = timer.stop()
+        else:
+            timer.start()
+            run().backward()
+            ms = timer.stop()
+        if i >= warmup:
+            samples.append(ms)
+    return _quantiles(samples)
+
+
+def measure_copy_gbps(device: str, nbytes: int = 1 << 29, reps: int = 10) -> float:
+    """Bandwidth of a large tensor copy, counting bytes read plus written."""
+    n = nbytes // 4
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    timer = _Timer(device)
+    samples = []
+    for i in range(3 + reps):
+        timer.start()
+        dst.copy_(src)
+        ms = timer.stop()
+        if i >= 3:
+            samples.append(ms)
+    med = _quantiles(samples)[0]
+    return 2 * nbytes / (med * 1e-3) / 1e9
+
+
+def git_sha() -> str:
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"cpu-{platform.machine()}-{torch.get_num_threads()}threads"
+
+
+def run(
+    cases: list[Case],
+    device: str,
+    providers=PROVIDERS,
+    modes=MODES,
+    warmup: int = 3,
+    reps: int = 10,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> list[dict]:
+    if device == "cpu":
+        torch.set_num_threads(os.cpu_count() or 1)
+    sha = git_sha()
+    dev_name = device_name(device)
+    rows = []
+    total = len(cases) * len(providers)
+    step = 0
+    for case in cases:
+        dtype = _DTYPES[case.dtype]
+        problem = case.build(case.shape, dtype, device)
+        compiled = None
+        for provider in providers:
+            step += 1
+            if progress:
+                progress(step, total, f"{case.loss} {case.case} {'x'.join(map(str, case.shape))} {case.dtype} {provider}")
+            if provider == "fusedloss":
+                fn = problem.fused
+            elif provider == "torch":
+                fn = lambda: problem.native(*problem.native_args)  # noqa: E731
+            else:
+                torch._dynamo.reset()
+                compiled = torch.compile(problem.native)
+                fn = lambda: compiled(*problem.native_args)  # noqa: E731
+            for mode in modes:
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                    base = torch.cuda.memory_allocated()
+                med, p20, p80 = time_mode(fn, problem.leaves, mode, device, warmup, reps)
+                peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if device == "cuda" else float("nan")
+                rows.append(
+                    {
+                        "loss": case.loss,
+                        "case": case.case,
+                        "provider": provider,
+                        "mode": mode,
+                        "dtype": case.dtype,
+                        "shape": "x".join(map(str, case.shape)),
+                        "device": dev_name,
+                        "median_ms": med,
+                        "p20_ms": p20,
+                        "p80_ms": p80,
+                        "gbps": problem.bytes[mode] / (med * 1e-3) / 1e9,
+                        "peak_mem_mb": peak,
+                        "torch": torch.__version__,
+                        "git_sha": sha,
+                    }
+                )
+        del problem, compiled
+    return rows
+
+
+# ---------------------------------------------------------------------------
+# Reporting
+# ---------------------------------------------------------------------------
+
+
+def _key(r):
+    return (r["loss"], r["case"], r["dtype"], r["shape"])
+
+
+def summary(rows: list[dict], copy_gbps: float | None = None) -> list[dict]:
+    """One line per case and mode: fusedloss time and its ratio to each other provider."""
+    by = {}
+    for r in rows:
+        by.setdefault((_key(r), r["mode"]), {})[r["provider"]] = r
+    out = []
+    for (key, mode), prov in by.items():
+        f = prov.get("fusedloss")
+        if f is None:
+            continue
+        line = {"loss": key[0], "case": key[1], "dtype": key[2], "shape": key[3], "mode": mode,
+                "fusedloss_ms": f["median_ms"], "gbps": f["gbps"]}
+        for other in ("torch", "torch.compile"):
+            if other in prov:
+                line[f"{other}_ms"] = prov[other]["median_ms"]
+                line[f"ratio_vs_{other}"] = f["median_ms"] / prov[other]["median_ms"]
+        if copy_gbps:
+            line["copy_fraction"] = f["gbps"] / copy_gbps
+        out.append(line)
+    return out
+
+
+def format_table(rows: list[dict], copy_gbps: float | None = None, modes=("full",)) -> str:
+    lines = summary(rows, copy_gbps)
+    head = f"{'loss':<16}{'case':<16}{'dtype':<6}{'shape':<14}{'mode':<5}{'fused ms':>10}{'eager ms':>10}{'compile ms':>11}" \
+           f"{'vs eager':>9}{'vs compile':>11}{'GB/s':>8}"
+    if copy_gbps:
+        head += f"{'of copy':>8}"
+    out = [head, "-" * len(head)]
+    for ln in lines:
+        if ln["mode"] not in modes:
+            continue
+        s = (f"{ln['loss']:<16}{ln['case']:<16}{ln['dtype']:<6}{ln['shape']:<14}{ln['mode']:<5}"
+             f"{ln['fusedloss_ms']:>10.3f}{ln.get('torch_ms', float('nan')):>10.3f}{ln.get('torch.compile_ms', float('nan')):>11.3f}"
+             f"{ln.get('ratio_vs_torch', float('nan')):>9.3f}{ln.get('ratio_vs_torch.compile', float('nan')):>11.3f}{ln['gbps']:>8.1f}")
+        if copy_gbps:
+            s += f"{ln.get('copy_fraction', float('nan')):>8.0%}"
+        out.append(s)
+    return "\n".join(out)
+
+
+def write_csv(rows: list[dict], path: str) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items() if k in CSV_COLUMNS})
+
+
+def write_json(rows: list[dict], path: str, copy_gbps: float | None, device: str) -> None:
+    with open(path, "w") as f:
+        json.dump(
+            {"device": device_name(device), "torch": torch.__version__, "copy_gbps": copy_gbps,
+             "rows": rows, "summary": summary(rows, copy_gbps)},
+            f, indent=1,
+        )
+
+
+def plot(rows: list[dict], path: str, copy_gbps: float | None = None) -> None:
+    """Speedup over torch eager and torch.compile, and fusedloss's bandwidth,
+    against problem size (fwd+bwd), one column of panels per loss."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise RuntimeError("--plot needs matplotlib: pip install matplotlib") from e
+    lines = [ln for ln in summary(rows, copy_gbps) if ln["mode"] == "full"]
+    losses = sorted({ln["loss"] for ln in lines})
+    fig, axes = plt.subplots(2, len(losses), figsize=(4.5 * len(losses), 7), squeeze=False)
+    for j, loss in enumerate(losses):
+        series = {}
+        for ln in lines:
+            if ln["loss"] == loss:
+                n = math.prod(int(v) for v in ln["shape"].split("x"))
+                series.setdefault(f"{ln['case']} {ln['dtype']}", []).append((n, ln))
+        for label, pts in sorted(series.items()):
+            pts.sort(key=lambda p: p[0])
+            xs = [p[0] for p in pts]
+            for other, style in (("torch", "-o"), ("torch.compile", "--s")):
+                ys = [1 / p[1][f"ratio_vs_{other}"] for p in pts if f"ratio_vs_{other}" in p[1]]
+                if ys:
+                    axes[0][j].plot(xs[: len(ys)], ys, style, label=f"{label} vs {other}")
+            axes[1][j].plot(xs, [p[1]["gbps"] for p in pts], "-o", label=label)
+        axes[0][j].set_title(loss)
+        axes[0][j].axhline(1.0, color="gray", lw=0.8)
+        axes[0][j].set_xscale("log")
+        axes[0][j].set_ylabel("speedup (x), fwd+bwd")
+        axes[0][j].legend(fontsize=7)
+        axes[1][j].set_xscale("log")
+        axes[1][j].set_xlabel("elements")
+        axes[1][j].set_ylabel("fusedloss GB/s (bytes formula)")
+        if copy_gbps:
+            axes[1][j].axhline(copy_gbps, color="gray", ls=":", label=f"copy {copy_gbps:.0f} GB/s")
+        axes[1][j].legend(fontsize=7)
+    dev = rows[0]["device"] if rows else ""
+    fig.suptitle(f"fusedloss vs torch {torch.__version__} on {dev}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def progress_bar(step: int, total: int, label: str, stream=sys.stderr) -> None:
+    width = 28
+    done = int(width * step / max(total, 1))
+    stream.write(f"\r[{'#' * done}{'.' * (width - done)}] {step}/{total} {label[:60]:<60}")
+    if step == total:
+        stream.write("\n")
+    stream.flush()

@@ -24,6 +24,22 @@ TORCH_LIBRARY(fusedloss, m) {
   m.def(
       "mse_backward(Tensor grad, Tensor input, Tensor target, Tensor? weight, Tensor? loss, Tensor? denominator, "
       "int reduction, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // cross_entropy (softmax + NLL) with class-index (int64) or probability targets.
+  // Returns (loss, lse, stats, target_mass): lse = per row (max, log sum exp(x - max)),
+  // stats = [denominator of the mean, sum(weight)], target_mass = sum_c w_c p'_c
+  // per row for probability targets (empty otherwise). The backward reads them.
+  m.def(
+      "cross_entropy(Tensor input, Tensor target, Tensor? weight, int ignore_index, int reduction, "
+      "float label_smoothing, float lse_square_scale, float? softcap) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "cross_entropy_backward(Tensor grad, Tensor input, Tensor target, Tensor? weight, Tensor lse, Tensor stats, "
+      "Tensor target_mass, int ignore_index, int reduction, float label_smoothing, float lse_square_scale, "
+      "float? softcap, bool[2] output_mask) -> (Tensor, Tensor)");
+  // The same gradient of the logits, written over the logits.
+  m.def(
+      "cross_entropy_backward_inplace(Tensor grad, Tensor(a!) input, Tensor target, Tensor? weight, Tensor lse, "
+      "Tensor stats, Tensor target_mass, int ignore_index, int reduction, float label_smoothing, "
+      "float lse_square_scale, float? softcap) -> ()");
 }
 
 // A plain Python module whose import loads the library above; it only carries

@@ -12,8 +12,9 @@ import copy
 from ._version import __version__
 from ._ops import BUILD_INFO as _BUILD_INFO, ops  # loads the extension (clear ImportError on mismatch)
 from . import autograd, functional, nn  # noqa: E402
+from ._validation import set_validation  # noqa: E402
 
-__all__ = ["__version__", "autograd", "build_info", "functional", "nn", "ops"]
+__all__ = ["__version__", "autograd", "build_info", "functional", "nn", "ops", "set_validation"]
 
 
 def build_info() -> dict:

@@ -130,3 +130,29 @@ def _(grad, input, target, weight, loss, denominator, reduction, output_mask):
         _grad_like(input, output_mask[1]),
         _grad_like(input, output_mask[2] and weight is not None),
     )
+
+
+@torch.library.register_fake("fusedloss::cross_entropy")
+def _(input, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale, softcap):
+    batch = () if input.dim() == 1 else (input.shape[0], *input.shape[2:])
+    acc = _opmath_dtype(input.dtype)
+    prob = target.shape == input.shape
+    return (
+        input.new_empty(batch if reduction == 0 else ()),
+        input.new_empty((*batch, 2), dtype=acc),
+        input.new_empty((2,), dtype=acc),
+        input.new_empty(batch if prob else (0,), dtype=acc),
+    )
+
+
+@torch.library.register_fake("fusedloss::cross_entropy_backward")
+def _(grad, input, target, weight, lse, stats, target_mass, ignore_index, reduction, label_smoothing,
+      lse_square_scale, softcap, output_mask):
+    prob = target.shape == input.shape
+    return _grad_like(input, output_mask[0]), _grad_like(input, output_mask[1] and prob)
+
+
+@torch.library.register_fake("fusedloss::cross_entropy_backward_inplace")
+def _(grad, input, target, weight, lse, stats, target_mass, ignore_index, reduction, label_smoothing,
+      lse_square_scale, softcap):
+    return None

@@ -22,9 +22,10 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from . import _composite
 from ._ops import ops
 
-__all__ = ["BCEWithLogitsFunction", "MSEFunction"]
+__all__ = ["BCEWithLogitsFunction", "CrossEntropyFunction", "MSEFunction"]
 
 
 def _register_op_autograd():
@@ -59,6 +60,19 @@ def _register_op_autograd():
         return mse_grads(grad, *ctx.saved_tensors, ctx.reduction, ctx.needs_input_grad[:3]) + (None,)
 
     torch.library.register_autograd("fusedloss::mse", mse_backward, setup_context=mse_setup)
+
+    def ce_setup(ctx, inputs, output):
+        input, target, weight, *args = inputs
+        _, lse, stats, target_mass = output
+        ctx.save_for_backward(input, target, weight, lse, stats, target_mass)
+        ctx.args = tuple(args)
+
+    def ce_backward(ctx, grad, *_):
+        input, target = ctx.saved_tensors[:2]
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1] and target.shape == input.shape)
+        return cross_entropy_grads(grad, *ctx.saved_tensors, ctx.args, needs) + (None,) * 6
+
+    torch.library.register_autograd("fusedloss::cross_entropy", ce_backward, setup_context=ce_setup)
 
 _REDUCTION_NAMES = {0: "none", 1: "mean", 2: "sum"}
 
@@ -115,6 +129,13 @@ def mse_grads(grad, input, target, weight, loss, denominator, reduction, needs):
     return tuple(g if n else None for g, n in zip(gs, needs))
 
 
+def cross_entropy_grads(grad, input, target, weight, lse, stats, target_mass, args, needs):
+    """(grad_input, grad_target) of the fused cross entropy, None where not needed.
+    args = (ignore_index, reduction, label_smoothing, lse_square_scale, softcap)."""
+    gx, gt = ops.cross_entropy_backward(grad, input, target, weight, lse, stats, target_mass, *args, [needs[0], needs[1]])
+    return (gx if needs[0] else None, gt if needs[1] else None)
+
+
 class BCEWithLogitsFunction(torch.autograd.Function):
     """Sigmoid + binary cross entropy, fused: apply(input, target, weight, pos_weight, reduction).
 
@@ -151,6 +172,58 @@ class BCEWithLogitsFunction(torch.autograd.Function):
         else:
             gx, gy = bce_with_logits_grads(grad, input, target, weight, pos_weight, ctx.reduction, needs)
         return gx, gy, None, None, None
+
+class CrossEntropyFunction(torch.autograd.Function):
+    """Softmax + NLL, fused: apply(input, target, weight, ignore_index, reduction,
+    label_smoothing, lse_square_scale, softcap, inplace_backward) -> (loss, lse, stats, target_mass).
+
+    input is (C), (N, C) or (N, C, d1, ...); target holds int64 class indices of
+    the batch shape, or probabilities of the input's shape and dtype; weight is
+    (C) of the input's dtype or None. Only ``loss`` is differentiable; the other
+    outputs are the O(N) state the backward reads (per-row log-sum-exp in fp32,
+    the mean's denominator and sum(weight), and per-row target mass for
+    probability targets). Gradients reach input, and the target when it holds
+    probabilities. With inplace_backward=True the input's gradient is written
+    over the input (its version counter is bumped, so any other use of those
+    logits in the graph fails loudly instead of reading gradients).
+    """
+
+    @staticmethod
+    def forward(input, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale, softcap, inplace_backward):
+        return ops.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale, softcap)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale, softcap, inplace = inputs
+        _, lse, stats, target_mass = output
+        ctx.mark_non_differentiable(lse, stats, target_mass)
+        ctx.save_for_backward(input, target, weight, lse, stats, target_mass)
+        ctx.save_for_forward(input, target, weight, lse, stats, target_mass)
+        ctx.args = (ignore_index, reduction, label_smoothing, lse_square_scale, softcap)
+        ctx.inplace = inplace
+
+    @staticmethod
+    def backward(ctx, grad, *_):
+        input, target, weight, lse, stats, target_mass = ctx.saved_tensors
+        ignore_index, reduction, label_smoothing, lse_square_scale, softcap = ctx.args
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1] and target.shape == input.shape)
+        rest = (None,) * 7
+        if torch.is_grad_enabled():
+            return composite_backward(
+                lambda x, t: _composite.cross_entropy(
+                    x, t, weight, ignore_index, _REDUCTION_NAMES[reduction], label_smoothing, lse_square_scale, softcap
+                ),
+                (input, target),
+                needs,
+                grad,
+            ) + rest
+        if ctx.inplace and needs[0] and not needs[1]:
+            ops.cross_entropy_backward_inplace(grad, input, target, weight, lse, stats, target_mass, *ctx.args)
+            # Any other node that saved these logits must now refuse to run.
+            torch.autograd.graph.increment_version(input)
+            return (input.detach(), None) + rest
+        return cross_entropy_grads(grad, input, target, weight, lse, stats, target_mass, ctx.args, needs) + rest
+
 
 class MSEFunction(torch.autograd.Function):
     """Squared error, fused: apply(input, target, weight, reduction) -> (loss, denominator).
@@ -228,7 +301,33 @@ class _MSEFunctionJvp(MSEFunction):
         return t_loss, None
 
 
-_JVP = {BCEWithLogitsFunction: _BCEWithLogitsFunctionJvp, MSEFunction: _MSEFunctionJvp}
+class _CrossEntropyFunctionJvp(CrossEntropyFunction):
+    @staticmethod
+    def jvp(ctx, t_input, t_target, *_):
+        input, target, weight, lse, stats, target_mass = ctx.saved_tensors
+        reduction = ctx.args[1]
+        prob = target.shape == input.shape
+        t_target = t_target if prob else None
+        batch = () if input.dim() == 1 else (input.shape[0], *input.shape[2:])
+        ones = torch.ones(batch if reduction == 0 else (), dtype=input.dtype, device=input.device)
+        mask = [t_input is not None, t_target is not None]
+        d = ops.cross_entropy_backward(ones, input, target, weight, lse, stats, target_mass, *ctx.args, mask)
+        out = None
+        for deriv, tangent in zip(d, (t_input, t_target)):
+            if tangent is None:
+                continue
+            term = deriv * tangent
+            term = term.sum(dim=0 if input.dim() == 1 else 1) if reduction == 0 else term.sum()
+            out = term if out is None else out + term
+        loss_like = input.new_empty(batch if reduction == 0 else ())
+        return (torch.zeros_like(loss_like) if out is None else out.to(input.dtype)), None, None, None
+
+
+_JVP = {
+    BCEWithLogitsFunction: _BCEWithLogitsFunctionJvp,
+    MSEFunction: _MSEFunctionJvp,
+    CrossEntropyFunction: _CrossEntropyFunctionJvp,
+}
 
 
 def eager_or_compiled(cls):

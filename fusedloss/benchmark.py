@@ -101,6 +101,24 @@ def _mse(shape, dtype, device):
     )
 
 
+def _ce(shape, dtype, device, label_smoothing=0.0):
+    import fusedloss.functional as FF
+
+    n, c = shape
+    x = torch.randn(shape, dtype=dtype, device=device, requires_grad=True)
+    t = torch.randint(0, c, (n,), device=device)
+    s = x.element_size()
+    extra = t.numel() * t.element_size()
+    return Problem(
+        fused=lambda: FF.cross_entropy(x, t, label_smoothing=label_smoothing),
+        native=lambda a, b: F.cross_entropy(a, b, label_smoothing=label_smoothing),
+        native_args=(x, t),
+        leaves=[x],
+        # forward reads the logits; backward reads them again and writes the gradient
+        bytes={"fwd": n * c * s + extra, "bwd": 2 * n * c * s + extra, "full": 3 * n * c * s + 2 * extra},
+    )
+
+
 def _sizes(device: str, quick: bool, cpu: list, cpu_quick: list, gpu: list, gpu_quick: list) -> list:
     if device == "cuda":
         return gpu_quick if quick else gpu
@@ -124,12 +142,27 @@ def cases_for(loss: str, device: str, quick: bool) -> list[Case]:
         for shape in shapes:
             for dt in (["fp32"] if device == "cpu" else ["fp32", "bf16"]):
                 out.append(Case(loss, "plain", shape, dt, _mse))
+    elif loss == "cross_entropy":
+        if device == "cuda":
+            shapes = [(16384, 128256), (4096, 32000), (8192, 65536)] if not quick else [(16384, 128256), (4096, 32000)]
+            for shape in shapes:
+                out.append(Case(loss, "plain", shape, "bf16", _ce))
+            out.append(Case(loss, "plain", (8192, 32000), "fp32", _ce))
+            out.append(Case(loss, "smoothing0.1", (16384, 128256), "bf16",
+                            lambda s, d, dev: _ce(s, d, dev, label_smoothing=0.1)))
+        else:
+            shapes = [(2048, 32000), (512, 32000), (4096, 32000)] if not quick else [(2048, 32000), (512, 32000)]
+            for shape in shapes:
+                out.append(Case(loss, "plain", shape, "fp32", _ce))
+            out.append(Case(loss, "smoothing0.1", (2048, 32000), "fp32",
+                            lambda s, d, dev: _ce(s, d, dev, label_smoothing=0.1)))
+            out.append(Case(loss, "plain", (2048, 32000), "bf16", _ce))
     else:
         raise ValueError(f"unknown loss {loss!r}; known: {', '.join(LOSSES)}")
     return out
 
 
-LOSSES = ("bce_with_logits", "mse")
+LOSSES = ("bce_with_logits", "mse", "cross_entropy")
 
 
 # ---------------------------------------------------------------------------

@@ -15,10 +15,10 @@ import torch.nn.functional as _F
 from torch.nn import _reduction as _Reduction
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
-from . import _checks
-from .autograd import BCEWithLogitsFunction, MSEFunction, eager_or_compiled
+from . import _checks, _composite, _validation
+from .autograd import BCEWithLogitsFunction, CrossEntropyFunction, MSEFunction, eager_or_compiled
 
-__all__ = ["binary_cross_entropy_with_logits", "mse_loss"]
+__all__ = ["binary_cross_entropy_with_logits", "cross_entropy", "mse_loss"]
 
 
 def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -186,3 +186,126 @@ else:
 
 
 mse_loss.__doc__ = _MSE_DOC
+
+
+def _cross_entropy_plan(input, target, weight, ignore_index, label_smoothing, inplace_backward):
+    """The tensors the fused op takes for this call, or None when the call is
+    invalid (torch then raises its own error) or outside what the kernels take
+    (torch's composite computes it)."""
+    if not (isinstance(input, torch.Tensor) and isinstance(target, torch.Tensor)):
+        return None
+    if input.dim() < 1 or not input.is_floating_point() or not _checks.same_device(input, target, weight):
+        return None
+    c = input.shape[0] if input.dim() == 1 else input.shape[1]
+    if c == 0 or label_smoothing > 1.0:
+        return None
+    if weight is not None and (weight.dim() != 1 or weight.shape[0] != c or not weight.is_floating_point()):
+        return None
+    if target.shape == input.shape:
+        # Class probabilities. torch has a derivative for weight here; the
+        # fused kernels do not, so a weight that requires grad goes composite.
+        if not target.is_floating_point() or ignore_index >= 0:
+            return None
+        if weight is not None and weight.requires_grad and torch.is_grad_enabled():
+            return None
+        dtype = torch.promote_types(input.dtype, target.dtype)
+        if weight is not None:
+            dtype = torch.promote_types(dtype, weight.dtype)
+        return _cast(input, dtype), _cast(target, dtype), _cast(weight, dtype)
+    if target.dtype not in (torch.int64, torch.uint8):
+        return None
+    if input.dim() == 1:
+        if not (target.dim() == 0 or (target.dim() == 1 and target.shape[0] == 1)):
+            return None
+    elif input.dim() == 2:
+        if target.dim() != 1 or target.shape[0] != input.shape[0]:
+            return None
+    elif target.shape != (input.shape[0], *input.shape[2:]):
+        return None
+    if weight is not None and (weight.dtype != input.dtype or (weight.requires_grad and torch.is_grad_enabled())):
+        return None
+    if _validation.enabled() and input.device.type != "cpu":
+        _validation.check_class_indices(target, c, ignore_index)
+    return input, target if target.dtype == torch.int64 else target.long(), weight
+
+
+def cross_entropy(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    size_average: bool | None = None,
+    ignore_index: int = -100,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    lse_square_scale: float = 0.0,
+    softcap: float | None = None,
+    inplace_backward: bool = False,
+) -> torch.Tensor:
+    """Softmax + cross entropy: one read of the logits forward, one read and one
+    write backward; only the logits, targets and an fp32 log-sum-exp per row are
+    kept for backward.
+
+    Same as :func:`torch.nn.functional.cross_entropy` for class-index targets
+    (int64 or uint8) and class-probability targets, ``weight``,
+    ``ignore_index``, ``label_smoothing`` and every reduction, on (C), (N, C) and
+    (N, C, d1, ..., dK) inputs of any strides. Extras, off by default:
+
+    * ``lse_square_scale`` (z-loss): each sample's loss gains
+      ``lse_square_scale * logsumexp(x)**2`` (times the target's class weight for
+      class-index targets); ignored samples gain nothing; the mean divides by
+      torch's denominator.
+    * ``softcap``: the logits become ``softcap * tanh(x / softcap)`` first.
+    * ``inplace_backward``: the gradient is written over the logits, saving one
+      logits-sized buffer. The logits' version counter is bumped, so autograd
+      raises if anything else saved them for backward; the logits must not be a
+      leaf. Ignored under torch.compile.
+
+    Deviations from torch: an out-of-range class index on CUDA gives a NaN loss
+    and NaN gradients for that row instead of a device-side assert (which
+    would end the process's CUDA context); ``fusedloss.set_validation(True)`` or
+    ``FUSEDLOSS_VALIDATE=1`` checks on the host and raises torch's IndexError
+    (at the cost of a device sync). The CPU always raises. Rows whose target is
+    ignored get a gradient of exactly 0 even when their logits are NaN. A
+    probability-target call whose weight requires grad is computed by torch's
+    composite ops (the fused kernels have no weight gradient).
+    """
+    if has_torch_function_variadic(input, target, weight):
+        return handle_torch_function(
+            cross_entropy,
+            (input, target, weight),
+            input,
+            target,
+            weight=weight,
+            size_average=size_average,
+            ignore_index=ignore_index,
+            reduce=reduce,
+            reduction=reduction,
+            label_smoothing=label_smoothing,
+            lse_square_scale=lse_square_scale,
+            softcap=softcap,
+            inplace_backward=inplace_backward,
+        )
+    if size_average is not None or reduce is not None:
+        reduction = _Reduction.legacy_get_string(size_average, reduce)
+    reduction_enum = _Reduction.get_enum(reduction)
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be a positive number or None, got {softcap}")
+    if inplace_backward and input.requires_grad and input.is_leaf:
+        raise ValueError(
+            "inplace_backward=True writes the gradient over the logits, so they cannot be a leaf tensor "
+            "(its .grad would alias its data); use it for logits computed by the model"
+        )
+    plan = _cross_entropy_plan(input, target, weight, ignore_index, label_smoothing, inplace_backward)
+    if plan is None:
+        return _composite.cross_entropy(
+            input, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale, softcap
+        )
+    x, t, w = plan
+    inplace = bool(inplace_backward) and not torch.compiler.is_compiling()
+    loss = eager_or_compiled(CrossEntropyFunction).apply(
+        x, t, w, ignore_index, reduction_enum, float(label_smoothing), float(lse_square_scale),
+        None if softcap is None else float(softcap), inplace,
+    )[0]
+    return loss

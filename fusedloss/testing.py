@@ -9,7 +9,10 @@ Runs the fusedloss function and its torch reference on copies of the same
 inputs, backpropagates one random (non-contiguous) grad_output through both,
 and compares the loss and every gradient of an argument that requires grad:
 
-* float64/float32: ``torch.testing.assert_close`` with the tolerances below.
+* float64/float32: ``torch.testing.assert_close`` with the tolerances below;
+  a float32 result outside them still passes if its error against a float64
+  run is at most twice torch's (torch's fp32 result is sometimes the less
+  exact one).
 * float16/bfloat16: both are compared with a float64 run on the same rounded
   inputs, and fusedloss's largest error may be at most twice native's plus one
   unit in the last place of the output dtype (native rounds intermediates to
@@ -119,26 +122,55 @@ def _compare(name, actual, expected, oracle, rtol, atol) -> float:
         raise AssertionError(f"{name}: dtype {actual.dtype} != torch's {expected.dtype}")
     if actual.numel() == 0:
         return 0.0
-    _check_special(name, actual, expected)
-    finite = torch.isfinite(expected)
+    if oracle is None or actual.dtype in (torch.float32, torch.float64):
+        _check_special(name, actual, expected)
+        finite = torch.isfinite(expected)
+        a = actual[finite].double()
+        e = expected[finite].double()
+        if a.numel() == 0:
+            return 0.0
+        try:
+            torch.testing.assert_close(a, e, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+        except AssertionError:
+            # Not within tolerance of torch: still fine if at least as accurate
+            # (torch's own fp32 result can be the less exact one).
+            if oracle is None:
+                raise
+            o = oracle.to(actual.device)[finite].double()
+            err_fused = (a - o).abs().max().item()
+            err_native = (e - o).abs().max().item()
+            if not err_fused <= 2 * err_native + torch.finfo(actual.dtype).eps * o.abs().max().item():
+                raise
+            return err_fused
+        return (a - e).abs().max().item()
+    # Low precision: NaN/inf where the exact result, rounded to the output dtype,
+    # has them (torch itself can overflow in fp16 intermediates where the exact
+    # value is finite); elsewhere fusedloss's error vs the float64 run may be at
+    # most twice torch's plus one ulp.
+    o = oracle.to(actual.device)
+    _check_special(name, actual, o.to(actual.dtype))
+    finite = torch.isfinite(o.to(actual.dtype))
     a = actual[finite].double()
+    od = o[finite].double()
     e = expected[finite].double()
     if a.numel() == 0:
         return 0.0
-    err = (a - e).abs().max().item()
-    if oracle is not None:
-        o = oracle.to(actual.device)[finite].double()
-        err_fused = (a - o).abs().max().item()
-        err_native = (e - o).abs().max().item()
-        ulp = torch.finfo(actual.dtype).eps * o.abs().max().item()
-        if not err_fused <= 2 * err_native + ulp + atol:
-            raise AssertionError(
-                f"{name}: fusedloss error vs float64 {err_fused:.3g} exceeds twice torch's "
-                f"{err_native:.3g} (+1 ulp {ulp:.3g}) in {actual.dtype}"
-            )
-        return err_fused
-    torch.testing.assert_close(a, e, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
-    return err
+    native_ok = torch.isfinite(e)
+    err = (a - od).abs()
+    err_native = (e[native_ok] - od[native_ok]).abs().max().item() if native_ok.any() else 0.0
+    ulp = torch.finfo(actual.dtype).eps * od.abs().max().item()
+    bound = 2 * err_native + ulp + atol
+    if native_ok.any() and not err[native_ok].max().item() <= bound:
+        raise AssertionError(
+            f"{name}: fusedloss error vs float64 {err[native_ok].max().item():.3g} exceeds twice torch's "
+            f"{err_native:.3g} (+1 ulp {ulp:.3g}) in {actual.dtype}"
+        )
+    if (~native_ok).any():  # where torch overflowed: close to the exact value
+        d_rtol, d_atol = TOLERANCES.get(actual.dtype, (rtol, atol))
+        lim = d_rtol * od[~native_ok].abs() + d_atol + ulp
+        if not bool((err[~native_ok] <= lim).all()):
+            raise AssertionError(f"{name}: fusedloss far from the float64 result where torch overflowed")
+    return err.max().item()
 
 
 def assert_matches_torch(
@@ -181,14 +213,23 @@ def assert_matches_torch(
     n_out, n_grads = _run(native, n_args, n_kwargs, shared_grad)
     out_dtype = n_out.dtype
 
-    low = out_dtype in (torch.float16, torch.bfloat16) or any(
-        isinstance(a, torch.Tensor) and a.dtype in (torch.float16, torch.bfloat16)
+    # The float64 run on the same (rounded) inputs: the judge for low-precision
+    # results, and for fp32 results that differ from torch's.
+    needs_oracle = out_dtype != torch.float64 or any(
+        isinstance(a, torch.Tensor) and a.is_floating_point() and a.dtype != torch.float64
         for a in list(args) + list(kwargs.values())
     )
     o_out, o_grads = None, {}
-    if low:
+    if needs_oracle:
         o_args, o_kwargs = _clone_args(args, kwargs, dtype_map=torch.float64)
-        o_out, o_grads = _run(native, o_args, o_kwargs, lambda out: shared_grad(out).double())
+        try:
+            o_out, o_grads = _run(native, o_args, o_kwargs, lambda out: shared_grad(out).double())
+        except RuntimeError:
+            # e.g. a module whose float32 buffers refuse float64 inputs: no oracle,
+            # so results are held to torch's tolerances alone.
+            if out_dtype in (torch.float16, torch.bfloat16):
+                raise
+            o_out, o_grads = None, {}
 
     d_rtol, d_atol = TOLERANCES.get(out_dtype, (1e-5, 1e-5))
     if out_dtype == torch.float32 and max((a.numel() for a in f_args if isinstance(a, torch.Tensor)), default=0) >= 10**6:

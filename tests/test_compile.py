@@ -29,7 +29,29 @@ def _bce_module(device, n=8, c=5):
     return m, (x, y)
 
 
-CASES = {"bce": _bce, "mse": _mse, "bce_module": _bce_module}
+def _ce(device, n=8, c=37):
+    x = make((n, c), torch.float32, device, requires_grad=True)
+    t = torch.randint(0, c, (n,), device=device)
+    t[0] = -100
+    w = make((c,), torch.float32, device, 0.5, 2)
+    return (lambda a: FF.cross_entropy(a, t, weight=w, label_smoothing=0.1)), (x,)
+
+
+def _ce_prob_extras(device, n=8, c=37):
+    x = make((n, c), torch.float32, device, requires_grad=True)
+    p = make((n, c), torch.float32, device, 0, 1, requires_grad=True)
+    return (lambda a, b: FF.cross_entropy(a, b, lse_square_scale=1e-3, softcap=5.0)), (x, p)
+
+
+def _ce_kdim_module(device):
+    m = fusedloss.nn.CrossEntropyLoss(ignore_index=1, reduction="sum")
+    x = make((2, 5, 4, 3), torch.float32, device, requires_grad=True)
+    t = torch.randint(0, 5, (2, 4, 3), device=device)
+    return (lambda a: m(a, t)), (x,)
+
+
+CASES = {"bce": _bce, "mse": _mse, "bce_module": _bce_module, "ce": _ce, "ce_prob_extras": _ce_prob_extras,
+         "ce_kdim_module": _ce_kdim_module}
 
 
 def _grads(out, args):
@@ -57,6 +79,7 @@ def test_compiled_matches_eager(device, case, backend, dynamic):
 @pytest.mark.parametrize("case", list(CASES))
 def test_no_graph_breaks(case):
     torch._dynamo.reset()
+    torch.manual_seed(0)
     fn, args = CASES[case]("cpu")
     explanation = torch._dynamo.explain(fn)(*args)
     assert explanation.graph_break_count == 0, explanation.break_reasons
@@ -71,4 +94,11 @@ def test_dynamic_shapes_recompile_boundedly():
         x = make((n, c), torch.float32, "cpu", requires_grad=True)
         y = make((n, c), torch.float32, "cpu", 0, 1)
         fn(x, y).backward()
+    assert counter.frame_count <= 2
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounter()
+    ce = torch.compile(lambda a, b: FF.cross_entropy(a, b), backend=counter, dynamic=True, fullgraph=True)
+    for n, c in [(3, 40), (5, 70), (9, 20), (17, 330), (2, 1000)]:
+        x = make((n, c), torch.float32, "cpu", requires_grad=True)
+        ce(x, torch.randint(0, c, (n,))).backward()
     assert counter.frame_count <= 2

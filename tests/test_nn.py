@@ -14,14 +14,37 @@ from fusedloss.testing import assert_matches_torch
 PAIRS = [
     (fusedloss.nn.BCEWithLogitsLoss, torch.nn.BCEWithLogitsLoss),
     (fusedloss.nn.MSELoss, torch.nn.MSELoss),
+    (fusedloss.nn.CrossEntropyLoss, torch.nn.CrossEntropyLoss),
 ]
 
 
 @pytest.mark.parametrize("ours,theirs", PAIRS)
 def test_subclass_and_signature(ours, theirs):
     assert issubclass(ours, theirs)
-    assert inspect.signature(ours.__init__) == inspect.signature(theirs.__init__)
+    mine = inspect.signature(ours.__init__).parameters
+    native = inspect.signature(theirs.__init__).parameters
+    # torch's parameters first, in order, with torch's defaults; extras keyword-only
+    assert list(mine)[: len(native)] == list(native)
+    for name, param in native.items():
+        assert mine[name].default == param.default
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for n, p in mine.items() if n not in native)
     assert ours.__name__ == theirs.__name__
+
+
+def test_cross_entropy_module_buffers_and_state_dict():
+    w = torch.rand(5)
+    ours = fusedloss.nn.CrossEntropyLoss(weight=w, ignore_index=2, label_smoothing=0.1)
+    theirs = torch.nn.CrossEntropyLoss(weight=w, ignore_index=2, label_smoothing=0.1)
+    assert dict(ours.named_buffers()).keys() == {"weight"}
+    assert ours.ignore_index == 2 and ours.label_smoothing == 0.1 and ours.reduction == "mean"
+    assert repr(ours) == repr(theirs)
+    fresh = torch.nn.CrossEntropyLoss(weight=torch.zeros(5))
+    fresh.load_state_dict(ours.state_dict())
+    assert torch.equal(fresh.weight, w)
+    clone = pickle.loads(pickle.dumps(ours))
+    x = torch.randn(4, 5, requires_grad=True)
+    t = torch.tensor([0, 2, 4, 1])
+    assert_matches_torch("cross_entropy_module", x, t, fused=clone, native=theirs)
 
 
 def test_bce_buffers_state_dict_and_repr():
@@ -70,3 +93,8 @@ def test_no_batch_dim_equals_batch_of_one():
     y = torch.rand(7)
     for m in (fusedloss.nn.BCEWithLogitsLoss(reduction="none"), fusedloss.nn.MSELoss(reduction="none")):
         torch.testing.assert_close(m(x, y), m(x[None], y[None])[0], rtol=0, atol=0)
+    ce = fusedloss.nn.CrossEntropyLoss(reduction="none")
+    t = torch.tensor(3)
+    torch.testing.assert_close(ce(x, t), ce(x[None], t[None])[0], rtol=0, atol=0)
+    p = y.softmax(0)
+    torch.testing.assert_close(ce(x, p), ce(x[None], p[None])[0], rtol=0, atol=0)

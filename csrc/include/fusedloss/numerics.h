@@ -15,6 +15,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 
 namespace fusedloss {
 
@@ -128,6 +129,149 @@ C10_HOST_DEVICE inline V squared_error(V x, V y) {
 template <typename V>
 C10_HOST_DEVICE inline V squared_error_grad(V x, V y) {
   return V(2) * (x - y);
+}
+
+
+// ---------------------------------------------------------------------------
+// Cross entropy (softmax + NLL). One "row" is one distribution over C classes.
+//
+// A row is summarised, in one pass, by its running max m, s = sum_c exp(x_c - m),
+// and for the options that need them mass = sum_c f_c and rel = sum_c f_c (x_c - m),
+// where f_c = w_c p'_c for probability targets (p' = (1 - eps) p + eps/C) and
+// f_c = w_c for smoothed class-index targets (w = 1 when unweighted). The
+// backward keeps m and ls = log(s) apart: exp((x - m) - ls) stays accurate for
+// logits of large magnitude, where x - lse in fp32 would not (ulp(1e4) ~ 1e-3).
+// Likewise rel is kept relative to the running max.
+//
+// Per-row loss, z = lse_square_scale, W = sum_c w_c, lse = m + ls:
+//   class index t:   (1 - eps) w_t ((m - x_t) + ls) + eps/C (W ls - rel) + w_t z lse^2
+//   probabilities:   mass ls - rel + z lse^2
+// which is ATen's cross_entropy (cross_entropy_loss_label_smoothing and
+// cross_entropy_loss_prob_target in LossNLL.cpp) plus the z-loss term.
+// Gradient w.r.t. the (capped) logit c, with g the row's grad_output already
+// divided by the mean's denominator and q_c = exp((x_c - m) - ls):
+//   class index t:   g (q_c a - (1 - eps) w_t [c == t] - eps/C w_c),
+//                    a = (1 - eps) w_t + eps/C W + 2 z lse w_t
+//   probabilities:   g (q_c a - w_c p'_c),  a = mass + 2 z lse
+// ---------------------------------------------------------------------------
+
+template <typename T>
+struct RowState {
+  T max;   // running max; -inf while only -inf logits were seen
+  T sum;   // sum exp(x - max)
+  T mass;  // sum f
+  T rel;   // sum f (x - max)
+};
+
+template <typename T>
+C10_HOST_DEVICE inline RowState<T> row_state_empty() {
+  return {-std::numeric_limits<T>::infinity(), T(0), T(0), T(0)};
+}
+
+// Moves the reference of st to m >= st.max (NaN m poisons the row).
+template <typename T>
+C10_HOST_DEVICE inline void row_rebase(RowState<T>& st, T m) {
+  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  if (!(m > st.max) && m == m) return;
+  if (st.max != kNegInf) {
+    // exp(-inf - -inf) would be NaN: an all -inf prefix has sum 0 and rel
+    // made of -inf terms measured from nothing, so it has no reference to move.
+    st.sum = st.sum * Ops<T>::exp(st.max - m);
+    if (st.mass != T(0)) st.rel = st.rel - (m - st.max) * st.mass;
+  }
+  st.max = m;
+}
+
+// Adds logit x (<= st.max after row_rebase) with option factor f.
+template <typename T>
+C10_HOST_DEVICE inline void row_add(RowState<T>& st, T x, T f, bool with_f) {
+  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  if (st.max != kNegInf) {
+    st.sum = st.sum + Ops<T>::exp(x - st.max);
+    if (with_f) st.rel = st.rel + f * (x - st.max);
+  } else if (with_f) {
+    st.rel = st.rel + f * x;  // x is -inf here
+  }
+  if (with_f) st.mass = st.mass + f;
+}
+
+template <typename T>
+C10_HOST_DEVICE inline void row_push(RowState<T>& st, T x, T f, bool with_f) {
+  row_rebase(st, x);
+  row_add(st, x, f, with_f);
+}
+
+template <typename T>
+C10_HOST_DEVICE inline RowState<T> row_merge(RowState<T> a, RowState<T> b) {
+  const T m = Ops<T>::max(a.max, b.max);
+  row_rebase(a, m);
+  row_rebase(b, m);
+  return {m, a.sum + b.sum, a.mass + b.mass, a.rel + b.rel};
+}
+
+// softcap: s * tanh(x / s), and its derivative 1 - tanh^2 from the capped value.
+template <typename V>
+C10_HOST_DEVICE inline V softcap_value(V x, V cap, V inv_cap) {
+  return cap * Ops<V>::tanh(x * inv_cap);
+}
+
+template <typename V>
+C10_HOST_DEVICE inline V softcap_slope(V capped, V inv_cap) {
+  const V t = capped * inv_cap;
+  return V(1) - t * t;
+}
+
+// Options of one cross entropy call, as the kernels see them.
+template <typename T>
+struct CeOptions {
+  int64_t num_classes;
+  int64_t ignore_index;
+  T smoothing;   // eps, 0 when off (torch treats eps <= 0 as off)
+  T z_loss;      // lse_square_scale
+  T weight_sum;  // W = sum_c w_c (C when unweighted)
+};
+
+// Loss of a row with a class-index target (already known valid and not ignored).
+template <typename T>
+C10_HOST_DEVICE inline T ce_index_loss(T m, T ls, T rel, T x_t, T w_t, const CeOptions<T>& o) {
+  T loss = w_t * ((m - x_t) + ls);
+  if (o.smoothing > T(0)) {
+    const T smooth = o.weight_sum * ls - rel;
+    loss = (T(1) - o.smoothing) * loss + o.smoothing / T(o.num_classes) * smooth;
+  }
+  if (o.z_loss != T(0)) {
+    const T lse = m + ls;
+    loss += w_t * o.z_loss * lse * lse;
+  }
+  return loss;
+}
+
+// Coefficient a of q_c in the gradient of a class-index row.
+template <typename T>
+C10_HOST_DEVICE inline T ce_index_grad_scale(T lse, T w_t, const CeOptions<T>& o) {
+  T a = (T(1) - o.smoothing) * w_t + o.smoothing / T(o.num_classes) * o.weight_sum;
+  if (o.z_loss != T(0)) a += T(2) * o.z_loss * lse * w_t;
+  return a;
+}
+
+template <typename T>
+C10_HOST_DEVICE inline T ce_smoothed_target(T p, const CeOptions<T>& o) {
+  return o.smoothing > T(0) ? (T(1) - o.smoothing) * p + o.smoothing / T(o.num_classes) : p;
+}
+
+template <typename T>
+C10_HOST_DEVICE inline T ce_prob_loss(T m, T ls, T mass, T rel, const CeOptions<T>& o) {
+  T loss = mass * ls - rel;
+  if (o.z_loss != T(0)) {
+    const T lse = m + ls;
+    loss += o.z_loss * lse * lse;
+  }
+  return loss;
+}
+
+template <typename T>
+C10_HOST_DEVICE inline T ce_prob_grad_scale(T lse, T mass, const CeOptions<T>& o) {
+  return o.z_loss != T(0) ? mass + T(2) * o.z_loss * lse : mass;
 }
 
 }  // namespace math

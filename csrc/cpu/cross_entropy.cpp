@@ -1,0 +1,313 @@
+// Cross entropy (softmax + NLL) on the CPU: rows in parallel (at::parallel_for,
+// each row summed in a fixed order, so results do not depend on the thread
+// count), each row vectorized with at::vec.
+//
+// Forward, per row: one read of the logits from memory, in L1-sized blocks: a
+// block max, then exp(x - max) summed against the running max (one exp per
+// logit), plus the sums smoothing and probability targets need. Backward, per
+// row: exp(x - lse) times the row's coefficient, minus the target/smoothing
+// terms, written once. Rows whose class stride is not 1 (N, C, H, W) or whose
+// dtype is fp16/bf16 are first widened/gathered into an L1/L2-resident buffer.
+
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <fusedloss/cross_entropy_host.h>
+
+#include <atomic>
+#include <limits>
+#include <vector>
+
+#include "elementwise.h"
+
+namespace fusedloss::cpu {
+namespace {
+
+template <typename T>
+using Vec = at::vec::Vectorized<T>;
+
+constexpr int64_t kBlock = 2048;  // logits per L1 block of the online max/sum-exp
+
+// A row as contiguous accumulation-type values: the logits in place when they
+// already are, else copied (widened, gathered, softcapped) into buf.
+template <typename scalar_t>
+const at::opmath_type<scalar_t>* load_row(const scalar_t* src, int64_t stride, int64_t n,
+                                          at::opmath_type<scalar_t>* buf, bool softcap,
+                                          at::opmath_type<scalar_t> cap, at::opmath_type<scalar_t> inv_cap) {
+  using acc_t = at::opmath_type<scalar_t>;
+  if (stride == 1 && std::is_same_v<scalar_t, acc_t> && !softcap) return reinterpret_cast<const acc_t*>(src);
+  if (stride == 1) {
+    widen(src, buf, n);
+  } else {
+    for (int64_t c = 0; c < n; ++c) buf[c] = static_cast<acc_t>(src[c * stride]);
+  }
+  if (softcap) {
+    const Vec<acc_t> vc(cap), vi(inv_cap);
+    int64_t c = 0;
+    for (; c + Vec<acc_t>::size() <= n; c += Vec<acc_t>::size())
+      math::softcap_value(Vec<acc_t>::loadu(buf + c), vc, vi).store(buf + c);
+    for (; c < n; ++c) buf[c] = math::softcap_value(buf[c], cap, inv_cap);
+  }
+  return buf;
+}
+
+template <typename T>
+T lane_max(const Vec<T>& v) {
+  alignas(64) T lanes[Vec<T>::size()];
+  v.store(lanes);
+  T m = lanes[0];
+  for (int l = 1; l < Vec<T>::size(); ++l) m = math::Ops<T>::max(m, lanes[l]);
+  return m;
+}
+
+// The RowState of a row (numerics.h), in L1 blocks: a block max, then one exp
+// per logit against the running max. f: per-class option factors (null: 1),
+// used only when with_f.
+template <typename T>
+math::RowState<T> row_state(const T* x, const T* f, bool with_f, int64_t n) {
+  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  math::RowState<T> st = math::row_state_empty<T>();
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t len = std::min(kBlock, n - b);
+    const T* xb = x + b;
+    const T* fb = f != nullptr ? f + b : nullptr;
+    Vec<T> vm(kNegInf);
+    int64_t i = 0;
+    for (; i + Vec<T>::size() <= len; i += Vec<T>::size()) vm = at::vec::maximum(vm, Vec<T>::loadu(xb + i));
+    if (i < len) vm = at::vec::maximum(vm, Vec<T>::set(Vec<T>(kNegInf), Vec<T>::loadu(xb + i, len - i), len - i));
+    const T bm = lane_max(vm);
+    math::row_rebase(st, math::Ops<T>::max(st.max, bm));
+    const bool finite_ref = st.max != kNegInf;
+    const Vec<T> vmax(finite_ref ? st.max : T(0));
+    Vec<T> vs(T(0)), vrel(T(0)), vmass(T(0));
+    auto add = [&](const Vec<T>& vx, const Vec<T>& vf, int64_t cnt) {
+      const Vec<T> d = vx - vmax;  // x itself (-inf) while no finite logit was seen
+      Vec<T> e = finite_ref ? d.exp() : Vec<T>(T(0));
+      Vec<T> fd = vf * d;
+      Vec<T> ff = vf;
+      if (cnt < Vec<T>::size()) {  // lanes past the row end contribute nothing
+        e = Vec<T>::set(Vec<T>(T(0)), e, cnt);
+        fd = Vec<T>::set(Vec<T>(T(0)), fd, cnt);
+        ff = Vec<T>::set(Vec<T>(T(0)), ff, cnt);
+      }
+      vs = vs + e;
+      if (with_f) {
+        vrel = vrel + fd;
+        vmass = vmass + ff;
+      }
+    };
+    const Vec<T> one(T(1));
+    for (i = 0; i + Vec<T>::size() <= len; i += Vec<T>::size())
+      add(Vec<T>::loadu(xb + i), fb != nullptr ? Vec<T>::loadu(fb + i) : one, Vec<T>::size());
+    if (i < len) add(Vec<T>::loadu(xb + i, len - i), fb != nullptr ? Vec<T>::loadu(fb + i, len - i) : one, len - i);
+    st.sum += lane_sum(vs);
+    if (with_f) {
+      st.rel += lane_sum(vrel);
+      st.mass += lane_sum(vmass);
+    }
+  }
+  return st;
+}
+
+template <typename T>
+struct RowBuffers {
+  std::vector<T> x, w, p, out, out2;
+};
+
+// The class weights widened once per task (or null).
+template <typename scalar_t>
+const at::opmath_type<scalar_t>* widened_weight(const CeParams<scalar_t>& p, std::vector<at::opmath_type<scalar_t>>& buf) {
+  if (p.weight == nullptr) return nullptr;
+  buf.resize(p.g.C);
+  widen(p.weight, buf.data(), p.g.C);
+  return buf.data();
+}
+
+// Smoothed probability targets of a row, times the class weights.
+template <typename scalar_t>
+void load_target_row(const CeParams<scalar_t>& p, int64_t r, const at::opmath_type<scalar_t>* w,
+                     const math::CeOptions<at::opmath_type<scalar_t>>& o, at::opmath_type<scalar_t>* dst) {
+  const scalar_t* src = p.target_prob + p.offset(r, p.tN, p.tS);
+  for (int64_t c = 0; c < p.g.C; ++c) {
+    const auto pc = math::ce_smoothed_target(static_cast<at::opmath_type<scalar_t>>(src[c * p.tC]), o);
+    dst[c] = w != nullptr ? w[c] * pc : pc;
+  }
+}
+
+int64_t row_grain(int64_t C) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1)); }
+
+[[noreturn]] void out_of_bounds(int64_t target) {
+  TORCH_CHECK_INDEX(false, "Target ", target, " is out of bounds.");
+}
+
+struct CpuRowEngine {
+  template <typename scalar_t, bool kProb>
+  static void forward_rows(const CeParams<scalar_t>& p) {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto o = p.options();
+    const int64_t R = p.g.rows(), C = p.g.C;
+    std::atomic<int64_t> first_bad{R};
+    at::parallel_for(0, R, row_grain(C), [&](int64_t r0, int64_t r1) {
+      RowBuffers<acc_t> buf;
+      buf.x.resize(C);
+      const acc_t* w = widened_weight(p, buf.w);
+      if (kProb) buf.p.resize(C);
+      for (int64_t r = r0; r < r1; ++r) {
+        int64_t t = 0;
+        if (!kProb) {
+          t = p.target_index[r];
+          if (t == o.ignore_index) {
+            p.lse_out[2 * r] = acc_t(0);
+            p.lse_out[2 * r + 1] = acc_t(0);
+            p.loss_out[r] = acc_t(0);
+            p.weight_out[r] = acc_t(0);
+            continue;
+          }
+          if (t < 0 || t >= C) {
+            int64_t prev = first_bad.load();
+            while (r < prev && !first_bad.compare_exchange_weak(prev, r)) {
+            }
+            continue;
+          }
+        }
+        const acc_t* x = load_row(p.input + p.offset(r, p.g.sN, p.g.sS), p.g.sC, C, buf.x.data(), p.has_softcap,
+                                  p.softcap, p.inv_softcap);
+        if (kProb) load_target_row(p, r, w, o, buf.p.data());
+        const bool with_f = kProb || o.smoothing > acc_t(0);
+        const math::RowState<acc_t> st = row_state(x, kProb ? buf.p.data() : w, with_f, C);
+        const acc_t ls = math::Ops<acc_t>::log(st.sum);
+        p.lse_out[2 * r] = st.max;
+        p.lse_out[2 * r + 1] = ls;
+        if (kProb) {
+          p.target_mass_out[r] = st.mass;
+          p.loss_out[r] = math::ce_prob_loss(st.max, ls, st.mass, st.rel, o);
+          p.weight_out[r] = acc_t(1);
+        } else {
+          const acc_t w_t = w != nullptr ? w[t] : acc_t(1);
+          p.loss_out[r] = math::ce_index_loss(st.max, ls, st.rel, x[t], w_t, o);
+          p.weight_out[r] = w_t;
+        }
+      }
+    });
+    if (first_bad.load() < R) out_of_bounds(p.target_index[first_bad.load()]);
+  }
+
+  template <typename scalar_t, bool kProb>
+  static void backward_rows(const CeParams<scalar_t>& p) {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto o = p.options();
+    const int64_t R = p.g.rows(), C = p.g.C;
+    if (!kProb) {
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t t = p.target_index[r];
+        if (t != o.ignore_index && (t < 0 || t >= C)) out_of_bounds(t);
+      }
+    }
+    const bool direct_out = p.grad_input != nullptr && p.gC == 1 && std::is_same_v<scalar_t, acc_t>;
+    at::parallel_for(0, R, row_grain(C), [&](int64_t r0, int64_t r1) {
+      RowBuffers<acc_t> buf;
+      buf.x.resize(C);
+      buf.out.resize(C);
+      const acc_t* w = widened_weight(p, buf.w);
+      if (kProb) buf.p.resize(C);
+      if (p.grad_target != nullptr) buf.out2.resize(C);
+      for (int64_t r = r0; r < r1; ++r) {
+        scalar_t* gout = p.grad_input != nullptr ? p.grad_input + p.offset(r, p.gN, p.gS) : nullptr;
+        acc_t* g_row = direct_out ? reinterpret_cast<acc_t*>(gout) : buf.out.data();
+        const int64_t t = kProb ? 0 : p.target_index[r];
+        if (!kProb && t == o.ignore_index) {
+          if (gout != nullptr) store_row(gout, p.gC, nullptr, C);  // exactly zero
+          continue;
+        }
+        const acc_t gv = p.row_grad(r);
+        const acc_t m = p.lse[2 * r], ls = p.lse[2 * r + 1];
+        const acc_t lse = m + ls;
+        const acc_t* x = load_row(p.input + p.offset(r, p.g.sN, p.g.sS), p.g.sC, C, buf.x.data(), p.has_softcap,
+                                  p.softcap, p.inv_softcap);
+        if (kProb) load_target_row(p, r, w, o, buf.p.data());
+        if (gout != nullptr) {
+          // g (q_c a - m_c) with m_c = w_c p'_c (probabilities) or eps/C w_c (indices).
+          acc_t a;
+          const acc_t* f = nullptr;  // m_c / m_scale: w_c p'_c, or w_c (null: 1)
+          acc_t m_scale = acc_t(0);
+          if (kProb) {
+            a = math::ce_prob_grad_scale(lse, p.target_mass[r], o);
+            f = buf.p.data();
+            m_scale = gv;
+          } else {
+            const acc_t w_t = w != nullptr ? w[t] : acc_t(1);
+            a = math::ce_index_grad_scale(lse, w_t, o);
+            f = w;
+            m_scale = gv * o.smoothing / acc_t(C);
+          }
+          const Vec<acc_t> va(a * gv), vm(m), vls(ls), vms(m_scale);
+          auto grad_vec = [&](int64_t c, int64_t cnt) {
+            const bool full = cnt == Vec<acc_t>::size();
+            const Vec<acc_t> vx = full ? Vec<acc_t>::loadu(x + c) : Vec<acc_t>::loadu(x + c, cnt);
+            Vec<acc_t> v = ((vx - vm) - vls).exp() * va;
+            if (m_scale != acc_t(0)) {
+              const Vec<acc_t> vf = f == nullptr ? Vec<acc_t>(acc_t(1))
+                                                 : (full ? Vec<acc_t>::loadu(f + c) : Vec<acc_t>::loadu(f + c, cnt));
+              v = v - vf * vms;
+            }
+            if (p.has_softcap) v = v * math::softcap_slope(vx, Vec<acc_t>(p.inv_softcap));
+            if (full) {
+              v.store(g_row + c);
+            } else {
+              v.store(g_row + c, cnt);
+            }
+          };
+          int64_t c = 0;
+          for (; c + Vec<acc_t>::size() <= C; c += Vec<acc_t>::size()) grad_vec(c, Vec<acc_t>::size());
+          if (c < C) grad_vec(c, C - c);
+          if (!kProb) {
+            // The target term, in the accumulation type before any rounding.
+            const acc_t w_t = w != nullptr ? w[t] : acc_t(1);
+            acc_t d = (acc_t(1) - o.smoothing) * w_t * gv;
+            if (p.has_softcap) d = d * math::softcap_slope(x[t], p.inv_softcap);
+            g_row[t] -= d;
+          }
+          if (!direct_out) store_row(gout, p.gC, g_row, C);
+        }
+        if (p.grad_target != nullptr) {
+          // d loss / d p_c = g (1 - eps) w_c (lse - x_c)
+          const acc_t s = gv * (acc_t(1) - o.smoothing);
+          for (int64_t c = 0; c < C; ++c) buf.out2[c] = s * (w != nullptr ? w[c] : acc_t(1)) * ((m - x[c]) + ls);
+          store_row(p.grad_target + p.offset(r, p.gtN, p.gtS), p.gtC, buf.out2.data(), C);
+        }
+      }
+    });
+  }
+
+ private:
+  // Writes n values (nullptr: zeros) to dst with the given element stride.
+  template <typename scalar_t>
+  static void store_row(scalar_t* dst, int64_t stride, const at::opmath_type<scalar_t>* src, int64_t n) {
+    if (stride == 1 && src != nullptr) {
+      narrow(src, dst, n);
+      return;
+    }
+    for (int64_t c = 0; c < n; ++c) dst[c * stride] = src != nullptr ? static_cast<scalar_t>(src[c]) : scalar_t(0);
+  }
+};
+
+struct CpuElementwise {
+  template <typename scalar_t, typename F>
+  static void forward(const ElementwiseCall& c, const F& f, int64_t reduction, at::Tensor& loss,
+                      at::Tensor* denominator) {
+    cpu::forward<scalar_t>(c, f, reduction, loss, denominator);
+  }
+};
+
+using Ops = CrossEntropyOps<CpuRowEngine, CpuElementwise>;
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedloss, CPU, m) {
+  m.impl("cross_entropy", &Ops::forward);
+  m.impl("cross_entropy_backward", &Ops::backward);
+  m.impl("cross_entropy_backward_inplace", &Ops::backward_inplace);
+}
+
+}  // namespace fusedloss::cpu

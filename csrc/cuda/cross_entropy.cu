@@ -1,0 +1,447 @@
+// Cross entropy (softmax + NLL) on CUDA.
+//
+// Rows whose classes are contiguous (class stride 1: (N, C) logits, also
+// channels-last maps) go to row kernels: a group of G threads per row (a warp
+// for C <= 2048, 256 threads up to 16384, 1024 beyond), 16-byte packs with the
+// unaligned head and tail of each row (storage offsets, odd C) done element by
+// element, U packs in flight per thread. Forward: one read of the row, an online
+// max/sum-exp per thread (one exp per logit), merged across the group with the
+// rescale rule; the target logit is read once by the group's first thread.
+// Backward: one read and one write of the row, softmax recomputed from the saved
+// fp32 log-sum-exp; the target term is applied in fp32 before rounding.
+//
+// Rows with a class stride (N, C, d1, ...) go to strided kernels: one thread per
+// row, consecutive threads on consecutive positions, so every load and store of
+// a warp is coalesced, looping over the classes.
+//
+// Out-of-range class indices are never dereferenced: their rows get a NaN loss
+// and NaN gradients (fusedloss/_validation.py has the strict mode). Per-row
+// results are summed by the deterministic engine of elementwise.cuh.
+
+#include <torch/library.h>
+
+#include <fusedloss/cross_entropy_host.h>
+
+#include <limits>
+
+#include "common.cuh"
+#include "elementwise.cuh"
+
+namespace fusedloss::cuda {
+namespace {
+
+using math::CeOptions;
+
+constexpr int kRowBlock = 256;      // threads per block for warp-per-row and strided kernels
+constexpr int kUnroll = 4;          // packs in flight per thread
+
+template <typename T>
+__device__ __forceinline__ T neg_inf() {
+  return -std::numeric_limits<T>::infinity();
+}
+
+template <typename T>
+__device__ __forceinline__ T nan_value() {
+  return std::numeric_limits<T>::quiet_NaN();
+}
+
+template <typename acc_t>
+using RowState = math::RowState<acc_t>;
+
+template <typename acc_t>
+__device__ __forceinline__ RowState<acc_t> shfl_xor(const RowState<acc_t>& s, int mask) {
+  return {__shfl_xor_sync(0xffffffffu, s.max, mask), __shfl_xor_sync(0xffffffffu, s.sum, mask),
+          __shfl_xor_sync(0xffffffffu, s.mass, mask), __shfl_xor_sync(0xffffffffu, s.rel, mask)};
+}
+
+// Merge over the G threads of a row; valid in the group's first thread. For
+// G > 32 the group is the whole block and `smem` holds G / 32 entries.
+template <int G, typename acc_t>
+__device__ __forceinline__ RowState<acc_t> group_merge(RowState<acc_t> s, RowState<acc_t>* smem) {
+#pragma unroll
+  for (int off = kWarp / 2; off > 0; off /= 2) s = math::row_merge(s, shfl_xor(s, off));
+  if constexpr (G > kWarp) {
+    const int warp = threadIdx.x / kWarp;
+    if (threadIdx.x % kWarp == 0) smem[warp] = s;
+    __syncthreads();
+    if (warp == 0) {
+      constexpr int kWarps = G / kWarp;
+      const int lane = threadIdx.x;
+      s = lane < kWarps ? smem[lane] : math::row_state_empty<acc_t>();
+#pragma unroll
+      for (int off = kWarp / 2; off > 0; off /= 2) s = math::row_merge(s, shfl_xor(s, off));
+    }
+  }
+  return s;
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ at::opmath_type<scalar_t> capped(const CeParams<scalar_t>& p, scalar_t v) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t x = static_cast<acc_t>(v);
+  return p.has_softcap ? math::softcap_value(x, p.softcap, p.inv_softcap) : x;
+}
+
+// Elements [0, head) and [tail, C) of a row are done one by one, [head, tail)
+// in packs of VEC starting 16-byte aligned.
+struct RowSplit {
+  int64_t head, packs, tail;
+};
+
+template <typename scalar_t>
+__device__ __forceinline__ RowSplit split_row(const scalar_t* row, int64_t C) {
+  constexpr int VEC = pack_size<scalar_t>();
+  const int64_t mis = static_cast<int64_t>(reinterpret_cast<uintptr_t>(row) % 16);
+  int64_t head = mis == 0 ? 0 : (16 - mis) / static_cast<int64_t>(sizeof(scalar_t));
+  if (mis % sizeof(scalar_t) != 0) head = C;  // not even element-aligned: no packs
+  head = head < C ? head : C;
+  const int64_t packs = (C - head) / VEC;
+  return {head, packs, head + packs * VEC};
+}
+
+// The option factor f_c of a logit (numerics.h): w_c p'_c, or w_c.
+template <bool kProb, typename scalar_t>
+__device__ __forceinline__ at::opmath_type<scalar_t> factor(const CeParams<scalar_t>& p,
+                                                            const CeOptions<at::opmath_type<scalar_t>>& o,
+                                                            int64_t tbase, int64_t c) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t w = p.weight != nullptr ? static_cast<acc_t>(p.weight[c]) : acc_t(1);
+  if (kProb) return w * math::ce_smoothed_target(static_cast<acc_t>(p.target_prob[tbase + c * p.tC]), o);
+  return w;
+}
+
+template <bool kProb, typename scalar_t>
+__device__ __forceinline__ void push_one(const CeParams<scalar_t>& p, const CeOptions<at::opmath_type<scalar_t>>& o,
+                                         int64_t tbase, int64_t c, scalar_t v, bool with_f,
+                                         RowState<at::opmath_type<scalar_t>>& st) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t x = capped(p, v);
+  math::row_push(st, x, with_f ? factor<kProb>(p, o, tbase, c) : acc_t(0), with_f);
+}
+
+// Writes the row's forward outputs from its merged state (one thread).
+template <bool kProb, typename scalar_t>
+__device__ __forceinline__ void finish_row(const CeParams<scalar_t>& p, const CeOptions<at::opmath_type<scalar_t>>& o,
+                                           int64_t r, int64_t t, int64_t xbase, const RowState<at::opmath_type<scalar_t>>& st) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t ls = math::Ops<acc_t>::log(st.sum);
+  p.lse_out[2 * r] = st.max;
+  p.lse_out[2 * r + 1] = ls;
+  if (kProb) {
+    p.target_mass_out[r] = st.mass;
+    p.loss_out[r] = math::ce_prob_loss(st.max, ls, st.mass, st.rel, o);
+    p.weight_out[r] = acc_t(1);
+  } else if (t < 0 || t >= p.g.C) {
+    p.loss_out[r] = nan_value<acc_t>();  // out-of-range class index: visible, never dereferenced
+    p.weight_out[r] = acc_t(0);
+  } else {
+    const acc_t w_t = p.weight != nullptr ? static_cast<acc_t>(p.weight[t]) : acc_t(1);
+    const acc_t x_t = capped(p, p.input[xbase + t * p.g.sC]);
+    p.loss_out[r] = math::ce_index_loss(st.max, ls, st.rel, x_t, w_t, o);
+    p.weight_out[r] = w_t;
+  }
+}
+
+template <typename scalar_t, bool kProb, int G>
+__global__ void __launch_bounds__(G > kWarp ? G : kRowBlock) ce_forward_rows(const CeParams<scalar_t> p) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int VEC = pack_size<scalar_t>();
+  constexpr int kRowsPerBlock = G > kWarp ? 1 : kRowBlock / kWarp;
+  __shared__ RowState<acc_t> smem[G > kWarp ? G / kWarp : 1];
+  const int lane = G > kWarp ? threadIdx.x : threadIdx.x % kWarp;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + (G > kWarp ? 0 : threadIdx.x / kWarp);
+  if (r >= p.g.rows()) return;  // whole groups only: a block-wide group never splits here
+  const CeOptions<acc_t> o = p.options();
+  const int64_t C = p.g.C;
+  const int64_t t = kProb ? 0 : p.target_index[r];
+  if (!kProb && t == o.ignore_index) {
+    if (lane == 0) {
+      p.lse_out[2 * r] = acc_t(0);
+      p.lse_out[2 * r + 1] = acc_t(0);
+      p.loss_out[r] = acc_t(0);
+      p.weight_out[r] = acc_t(0);
+    }
+    return;
+  }
+  const int64_t xbase = p.offset(r, p.g.sN, p.g.sS);
+  const int64_t tbase = kProb ? p.offset(r, p.tN, p.tS) : 0;
+  const scalar_t* row = p.input + xbase;
+  const bool with_f = kProb || o.smoothing > acc_t(0);
+  RowState<acc_t> st = math::row_state_empty<acc_t>();
+  const RowSplit sp = split_row(row, C);
+  for (int64_t c = lane; c < sp.head; c += G) push_one<kProb>(p, o, tbase, c, row[c], with_f, st);
+  for (int64_t k0 = lane; k0 < sp.packs; k0 += static_cast<int64_t>(G) * kUnroll) {
+    Pack<scalar_t, VEC> pk[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t k = k0 + static_cast<int64_t>(u) * G;
+      if (k < sp.packs) pk[u] = load_pack<scalar_t, VEC>(row + sp.head + k * VEC);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t k = k0 + static_cast<int64_t>(u) * G;
+      if (k >= sp.packs) break;
+      acc_t x[VEC];
+      acc_t pm = neg_inf<acc_t>();
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        x[j] = capped(p, pk[u].v[j]);
+        pm = math::Ops<acc_t>::max(pm, x[j]);
+      }
+      math::row_rebase(st, math::Ops<acc_t>::max(st.max, pm));
+      const int64_t c0 = sp.head + k * VEC;
+#pragma unroll
+      for (int j = 0; j < VEC; ++j)
+        math::row_add(st, x[j], with_f ? factor<kProb>(p, o, tbase, c0 + j) : acc_t(0), with_f);
+    }
+  }
+  for (int64_t c = sp.tail + lane; c < C; c += G) push_one<kProb>(p, o, tbase, c, row[c], with_f, st);
+  st = group_merge<G>(st, smem);
+  if (lane == 0) finish_row<kProb>(p, o, r, t, xbase, st);
+}
+
+// The gradient of one element: g (q a - m_c) [- target term], times the softcap slope.
+template <bool kProb, typename scalar_t>
+struct RowGrad {
+  using acc_t = at::opmath_type<scalar_t>;
+  acc_t ga;      // g * a
+  acc_t m, ls;   // the row's max and log(sum exp(x - max))
+  acc_t m_scale;  // g (probabilities) or g eps / C (indices)
+  acc_t t_term;   // (1 - eps) w_t g
+  int64_t t;
+  int64_t tbase;
+
+  __device__ __forceinline__ acc_t operator()(const CeParams<scalar_t>& p, const CeOptions<acc_t>& o, int64_t c,
+                                              acc_t x) const {
+    acc_t v = math::Ops<acc_t>::exp((x - m) - ls) * ga;
+    if (kProb) {
+      const acc_t w = p.weight != nullptr ? static_cast<acc_t>(p.weight[c]) : acc_t(1);
+      v -= m_scale * w * math::ce_smoothed_target(static_cast<acc_t>(p.target_prob[tbase + c * p.tC]), o);
+    } else {
+      if (m_scale != acc_t(0)) v -= m_scale * (p.weight != nullptr ? static_cast<acc_t>(p.weight[c]) : acc_t(1));
+      if (c == t) v -= t_term;
+    }
+    if (p.has_softcap) v *= math::softcap_slope(x, p.inv_softcap);
+    return v;
+  }
+};
+
+template <bool kProb, typename scalar_t>
+__device__ __forceinline__ bool prepare_row_grad(const CeParams<scalar_t>& p, const CeOptions<at::opmath_type<scalar_t>>& o,
+                                                 int64_t r, RowGrad<kProb, scalar_t>& rg, bool* ignored) {
+  using acc_t = at::opmath_type<scalar_t>;
+  *ignored = false;
+  const acc_t g = p.row_grad(r);
+  rg.m = p.lse[2 * r];
+  rg.ls = p.lse[2 * r + 1];
+  const acc_t lse = rg.m + rg.ls;
+  rg.tbase = kProb ? p.offset(r, p.tN, p.tS) : 0;
+  if (kProb) {
+    rg.ga = g * math::ce_prob_grad_scale(lse, p.target_mass[r], o);
+    rg.m_scale = g;
+    rg.t_term = acc_t(0);
+    rg.t = -1;
+    return true;
+  }
+  rg.t = p.target_index[r];
+  if (rg.t == o.ignore_index) {
+    *ignored = true;
+    return true;
+  }
+  if (rg.t < 0 || rg.t >= p.g.C) return false;
+  const acc_t w_t = p.weight != nullptr ? static_cast<acc_t>(p.weight[rg.t]) : acc_t(1);
+  rg.ga = g * math::ce_index_grad_scale(lse, w_t, o);
+  rg.m_scale = g * o.smoothing / acc_t(o.num_classes);
+  rg.t_term = (acc_t(1) - o.smoothing) * w_t * g;
+  return true;
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ at::opmath_type<scalar_t> target_grad(const CeParams<scalar_t>& p,
+                                                                 const CeOptions<at::opmath_type<scalar_t>>& o,
+                                                                 at::opmath_type<scalar_t> g, at::opmath_type<scalar_t> m,
+                                                                 at::opmath_type<scalar_t> ls, int64_t c,
+                                                                 at::opmath_type<scalar_t> x) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t w = p.weight != nullptr ? static_cast<acc_t>(p.weight[c]) : acc_t(1);
+  return g * (acc_t(1) - o.smoothing) * w * ((m - x) + ls);
+}
+
+template <typename scalar_t, bool kProb, int G>
+__global__ void __launch_bounds__(G > kWarp ? G : kRowBlock) ce_backward_rows(const CeParams<scalar_t> p) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int VEC = pack_size<scalar_t>();
+  constexpr int kRowsPerBlock = G > kWarp ? 1 : kRowBlock / kWarp;
+  const int lane = G > kWarp ? threadIdx.x : threadIdx.x % kWarp;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + (G > kWarp ? 0 : threadIdx.x / kWarp);
+  if (r >= p.g.rows()) return;
+  const CeOptions<acc_t> o = p.options();
+  const int64_t C = p.g.C;
+  RowGrad<kProb, scalar_t> rg;
+  bool ignored;
+  const bool valid = prepare_row_grad<kProb>(p, o, r, rg, &ignored);
+  const scalar_t* row = p.input + p.offset(r, p.g.sN, p.g.sS);
+  scalar_t* out = p.grad_input != nullptr ? p.grad_input + p.offset(r, p.gN, p.gS) : nullptr;
+  scalar_t* tout = p.grad_target != nullptr ? p.grad_target + p.offset(r, p.gtN, p.gtS) : nullptr;
+  const acc_t g = p.row_grad(r);
+  // Uniform per row: packs only when input and output rows share their alignment.
+  const RowSplit sp = split_row(row, C);
+  const bool packed = p.gC == 1 && (out == nullptr || split_row(out, C).head == sp.head) &&
+                      (tout == nullptr || (p.gtC == 1 && split_row(tout, C).head == sp.head));
+  auto one = [&](int64_t c) {
+    if (ignored) {
+      if (out != nullptr) out[c * p.gC] = scalar_t(0);
+      return;
+    }
+    if (!valid) {
+      if (out != nullptr) out[c * p.gC] = static_cast<scalar_t>(nan_value<acc_t>());
+      return;
+    }
+    const acc_t x = capped(p, row[c]);
+    if (out != nullptr) out[c * p.gC] = static_cast<scalar_t>(rg(p, o, c, x));
+    if (tout != nullptr) tout[c * p.gtC] = static_cast<scalar_t>(target_grad(p, o, g, rg.m, rg.ls, c, x));
+  };
+  if (!packed) {
+    for (int64_t c = lane; c < C; c += G) one(c);
+    return;
+  }
+  for (int64_t c = lane; c < sp.head; c += G) one(c);
+  for (int64_t k0 = lane; k0 < sp.packs; k0 += static_cast<int64_t>(G) * kUnroll) {
+    Pack<scalar_t, VEC> pk[kUnroll];
+    if (!ignored) {
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t k = k0 + static_cast<int64_t>(u) * G;
+        if (k < sp.packs) pk[u] = load_pack<scalar_t, VEC>(row + sp.head + k * VEC);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t k = k0 + static_cast<int64_t>(u) * G;
+      if (k >= sp.packs) break;
+      const int64_t c0 = sp.head + k * VEC;
+      Pack<scalar_t, VEC> go, gt;
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        if (ignored) {
+          go.v[j] = scalar_t(0);
+        } else if (!valid) {
+          go.v[j] = static_cast<scalar_t>(nan_value<acc_t>());
+        } else {
+          const acc_t x = capped(p, pk[u].v[j]);
+          go.v[j] = static_cast<scalar_t>(rg(p, o, c0 + j, x));
+          if (tout != nullptr) gt.v[j] = static_cast<scalar_t>(target_grad(p, o, g, rg.m, rg.ls, c0 + j, x));
+        }
+      }
+      if (out != nullptr) store_pack(out + c0, go);
+      if (tout != nullptr && valid && !ignored) store_pack(tout + c0, gt);
+    }
+  }
+  for (int64_t c = sp.tail + lane; c < C; c += G) one(c);
+}
+
+// One thread per row, looping over strided classes.
+template <typename scalar_t, bool kProb>
+__global__ void __launch_bounds__(kRowBlock) ce_forward_strided(const CeParams<scalar_t> p) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kRowBlock + threadIdx.x;
+  if (r >= p.g.rows()) return;
+  const CeOptions<acc_t> o = p.options();
+  const int64_t t = kProb ? 0 : p.target_index[r];
+  if (!kProb && t == o.ignore_index) {
+    p.lse_out[2 * r] = acc_t(0);
+    p.lse_out[2 * r + 1] = acc_t(0);
+    p.loss_out[r] = acc_t(0);
+    p.weight_out[r] = acc_t(0);
+    return;
+  }
+  const int64_t xbase = p.offset(r, p.g.sN, p.g.sS);
+  const int64_t tbase = kProb ? p.offset(r, p.tN, p.tS) : 0;
+  const bool with_f = kProb || o.smoothing > acc_t(0);
+  RowState<acc_t> st = math::row_state_empty<acc_t>();
+  for (int64_t c = 0; c < p.g.C; ++c) push_one<kProb>(p, o, tbase, c, p.input[xbase + c * p.g.sC], with_f, st);
+  finish_row<kProb>(p, o, r, t, xbase, st);
+}
+
+template <typename scalar_t, bool kProb>
+__global__ void __launch_bounds__(kRowBlock) ce_backward_strided(const CeParams<scalar_t> p) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kRowBlock + threadIdx.x;
+  if (r >= p.g.rows()) return;
+  const CeOptions<acc_t> o = p.options();
+  RowGrad<kProb, scalar_t> rg;
+  bool ignored;
+  const bool valid = prepare_row_grad<kProb>(p, o, r, rg, &ignored);
+  const int64_t xbase = p.offset(r, p.g.sN, p.g.sS);
+  scalar_t* out = p.grad_input != nullptr ? p.grad_input + p.offset(r, p.gN, p.gS) : nullptr;
+  scalar_t* tout = p.grad_target != nullptr ? p.grad_target + p.offset(r, p.gtN, p.gtS) : nullptr;
+  const acc_t g = p.row_grad(r);
+  for (int64_t c = 0; c < p.g.C; ++c) {
+    if (ignored || !valid) {
+      if (out != nullptr) out[c * p.gC] = ignored ? scalar_t(0) : static_cast<scalar_t>(nan_value<acc_t>());
+      continue;
+    }
+    const acc_t x = capped(p, p.input[xbase + c * p.g.sC]);
+    if (out != nullptr) out[c * p.gC] = static_cast<scalar_t>(rg(p, o, c, x));
+    if (tout != nullptr) tout[c * p.gtC] = static_cast<scalar_t>(target_grad(p, o, g, rg.m, rg.ls, c, x));
+  }
+}
+
+struct CudaRowEngine {
+  template <typename scalar_t, bool kProb>
+  static void forward_rows(const CeParams<scalar_t>& p) {
+    launch<scalar_t, kProb, true>(p);
+  }
+  template <typename scalar_t, bool kProb>
+  static void backward_rows(const CeParams<scalar_t>& p) {
+    launch<scalar_t, kProb, false>(p);
+  }
+
+ private:
+  template <typename scalar_t, bool kProb, bool kForward>
+  static void launch(const CeParams<scalar_t>& p) {
+    const auto stream = c10::cuda::getCurrentCUDAStream();
+    const int64_t rows = p.g.rows();
+    if (p.g.sC != 1) {
+      const int64_t blocks = ceil_div(rows, kRowBlock);
+      if (kForward) {
+        ce_forward_strided<scalar_t, kProb><<<blocks, kRowBlock, 0, stream>>>(p);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      } else {
+        ce_backward_strided<scalar_t, kProb><<<blocks, kRowBlock, 0, stream>>>(p);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+      return;
+    }
+    if (p.g.C <= 2048) {
+      launch_rows<scalar_t, kProb, kForward, kWarp>(p, ceil_div(rows, kRowBlock / kWarp), kRowBlock, stream);
+    } else if (p.g.C <= 16384) {
+      launch_rows<scalar_t, kProb, kForward, 256>(p, rows, 256, stream);
+    } else {
+      launch_rows<scalar_t, kProb, kForward, 1024>(p, rows, 1024, stream);
+    }
+  }
+
+  template <typename scalar_t, bool kProb, bool kForward, int G>
+  static void launch_rows(const CeParams<scalar_t>& p, int64_t blocks, int threads, cudaStream_t stream) {
+    if (kForward) {
+      ce_forward_rows<scalar_t, kProb, G><<<blocks, threads, 0, stream>>>(p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else {
+      ce_backward_rows<scalar_t, kProb, G><<<blocks, threads, 0, stream>>>(p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  }
+};
+
+using Ops = CrossEntropyOps<CudaRowEngine, CudaEngine>;
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedloss, CUDA, m) {
+  m.impl("cross_entropy", &Ops::forward);
+  m.impl("cross_entropy_backward", &Ops::backward);
+  m.impl("cross_entropy_backward_inplace", &Ops::backward_inplace);
+}
+
+}  // namespace fusedloss::cuda

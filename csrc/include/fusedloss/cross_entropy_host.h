@@ -1,0 +1,433 @@
+#pragma once
+// Cross entropy host code shared by the CPU and CUDA implementations:
+// geometry of the logits, validation of the raw op's arguments, the kernel
+// parameter block, and the op bodies templated on a device Engine that runs
+// the per-row kernels:
+//   Engine::forward_rows<scalar_t, kProb>(CeParams&)   lse, loss and mean weight per row
+//   Engine::backward_rows<scalar_t, kProb>(CeParams&)  gradients, one pass over the logits
+// plus the elementwise Engine (elementwise_ops.h) for the deterministic sum of
+// the per-row losses.
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/core/DeviceGuard.h>
+#include <c10/util/Exception.h>
+
+#include <fusedloss/checks.h>
+#include <fusedloss/elementwise_host.h>
+#include <fusedloss/numerics.h>
+#include <fusedloss/outputs.h>
+
+#include <optional>
+#include <tuple>
+
+namespace fusedloss {
+
+// The logits as (N, C, S): batch, classes, and the flattened trailing dims, with
+// one stride each. Row r = n * S + s is the distribution at (n, s).
+struct CeGeometry {
+  int64_t N = 1, C = 1, S = 1;
+  int64_t sN = 0, sC = 1, sS = 0;
+  C10_HOST_DEVICE int64_t rows() const { return N * S; }
+};
+
+// Strides of t (shaped like the logits) as (N, C, S), if its trailing dims
+// merge into one stride.
+inline bool ce_strides(const at::Tensor& t, int64_t* sN, int64_t* sC, int64_t* sS) {
+  const int64_t nd = t.dim();
+  if (nd == 1) {
+    *sN = 0;
+    *sC = t.stride(0);
+    *sS = 0;
+    return true;
+  }
+  *sN = t.stride(0);
+  *sC = t.stride(1);
+  int64_t stride = 0, span = 1;
+  bool first = true;
+  for (int64_t d = nd - 1; d >= 2; --d) {
+    if (t.size(d) == 1) continue;
+    if (first) {
+      stride = t.stride(d);
+      first = false;
+    } else if (t.stride(d) != stride * span) {
+      return false;
+    }
+    span *= t.size(d);
+  }
+  *sS = first ? 1 : stride;
+  return true;
+}
+
+// The geometry of `input`; `input` is replaced by a contiguous copy only if its
+// trailing dims cannot be merged (a layout no model produces in practice).
+inline CeGeometry ce_geometry(at::Tensor& input) {
+  CeGeometry g;
+  if (input.dim() == 1) {
+    g.C = input.size(0);
+  } else {
+    g.N = input.size(0);
+    g.C = input.size(1);
+    for (int64_t d = 2; d < input.dim(); ++d) g.S *= input.size(d);
+  }
+  if (!ce_strides(input, &g.sN, &g.sC, &g.sS)) {
+    input = input.contiguous();
+    ce_strides(input, &g.sN, &g.sC, &g.sS);
+  }
+  return g;
+}
+
+// Shape of per-row outputs: () for unbatched logits, else (N, d1, ..., dK).
+inline std::vector<int64_t> ce_batch_shape(const at::Tensor& input) {
+  std::vector<int64_t> shape;
+  if (input.dim() == 1) return shape;
+  shape.push_back(input.size(0));
+  for (int64_t d = 2; d < input.dim(); ++d) shape.push_back(input.size(d));
+  return shape;
+}
+
+// Everything a row kernel needs, as plain data (passed by value to CUDA kernels).
+template <typename scalar_t>
+struct CeParams {
+  using acc_t = at::opmath_type<scalar_t>;
+  CeGeometry g;
+  const scalar_t* input = nullptr;
+  const int64_t* target_index = nullptr;  // class indices, one per row (contiguous)
+  const scalar_t* target_prob = nullptr;  // probabilities, shaped like the logits
+  int64_t tN = 0, tC = 0, tS = 0;
+  const scalar_t* weight = nullptr;       // (C), contiguous, or null
+  const acc_t* weight_sum = nullptr;      // sum(weight) on the device (read by kernels), or null
+  math::CeOptions<acc_t> opt{};
+  bool has_softcap = false;
+  acc_t softcap = 0, inv_softcap = 0;
+  // forward outputs, per row; lse_out holds (max, log(sum exp(x - max))) pairs
+  acc_t* lse_out = nullptr;
+  acc_t* loss_out = nullptr;
+  acc_t* weight_out = nullptr;       // the row's share of the mean's denominator
+  acc_t* target_mass_out = nullptr;  // sum_c w_c p'_c (probability targets)
+  // backward inputs and outputs
+  const acc_t* lse = nullptr;
+  const acc_t* target_mass = nullptr;
+  const scalar_t* grad = nullptr;  // one per row ('none'), or a single value
+  bool grad_per_row = false;
+  const acc_t* denominator = nullptr;  // divides grad (mean), or null
+  scalar_t* grad_input = nullptr;      // shaped like the logits
+  int64_t gN = 0, gC = 0, gS = 0;
+  scalar_t* grad_target = nullptr;     // probability targets only
+  int64_t gtN = 0, gtC = 0, gtS = 0;
+
+  // Element offset of `row` under strides (sN, sS).
+  C10_HOST_DEVICE int64_t offset(int64_t row, int64_t sN_, int64_t sS_) const {
+    const int64_t n = row / g.S;
+    return n * sN_ + (row - n * g.S) * sS_;
+  }
+  // Options with the weight sum read (on the device, in a kernel).
+  C10_HOST_DEVICE math::CeOptions<acc_t> options() const {
+    math::CeOptions<acc_t> o = opt;
+    if (weight_sum != nullptr) o.weight_sum = *weight_sum;
+    return o;
+  }
+  // A row's grad_output, divided by the mean's denominator.
+  C10_HOST_DEVICE acc_t row_grad(int64_t row) const {
+    acc_t gv = static_cast<acc_t>(grad[grad_per_row ? row : 0]);
+    if (denominator != nullptr) gv = gv / *denominator;
+    return gv;
+  }
+};
+
+// The raw op's arguments: Python validates with torch's messages first; these
+// checks keep a direct call memory safe.
+inline void check_cross_entropy(const char* op, const at::Tensor& input, const at::Tensor& target,
+                                const std::optional<at::Tensor>& weight, int64_t reduction, double label_smoothing,
+                                const std::optional<double>& softcap) {
+  check_reduction(op, reduction);
+  check_floating(op, "input", input);
+  TORCH_CHECK(input.dim() >= 1, op, ": input must have a class dimension");
+  TORCH_CHECK(target.device() == input.device(), op, ": target is on ", target.device(), " but the input is on ",
+              input.device());
+  TORCH_CHECK(label_smoothing <= 1.0, op, ": label_smoothing must be at most 1, got ", label_smoothing);
+  TORCH_CHECK(!softcap.has_value() || *softcap > 0.0, op, ": softcap must be positive");
+  const int64_t C = input.dim() == 1 ? input.size(0) : input.size(1);
+  if (weight.has_value() && weight->defined()) {
+    check_like(op, "weight", *weight, input);
+    TORCH_CHECK(weight->dim() == 1 && weight->numel() == C, op, ": weight must have shape [", C, "], got ",
+                weight->sizes());
+  }
+  if (target.sizes() == input.sizes()) {
+    TORCH_CHECK(target.scalar_type() == input.scalar_type(), op,
+                ": probability targets must have the input's dtype, got ", target.scalar_type());
+  } else {
+    TORCH_CHECK(target.scalar_type() == at::kLong, op, ": class-index targets must be int64, got ",
+                target.scalar_type());
+    const auto batch = ce_batch_shape(input);
+    TORCH_CHECK(target.numel() == c10::multiply_integers(batch) &&
+                    (input.dim() == 1 || target.sizes() == at::IntArrayRef(batch)),
+                op, ": target of shape ", target.sizes(), " does not match the input's batch shape ",
+                at::IntArrayRef(batch));
+  }
+}
+
+// Sum of the per-row (loss, weight) pairs: a mean divides by the weight sum.
+template <typename acc_t>
+struct RowSum {
+  static constexpr int kIn = 2;
+  static constexpr int kOut = 2;
+  template <typename V>
+  C10_HOST_DEVICE void operator()(const V* in, V* out) const {
+    out[0] = in[0];
+    out[1] = in[1];
+  }
+};
+
+template <typename acc_t>
+struct Identity {
+  static constexpr int kIn = 1;
+  static constexpr int kOut = 1;
+  template <typename V>
+  C10_HOST_DEVICE void operator()(const V* in, V* out) const {
+    out[0] = in[0];
+  }
+};
+
+// Deterministic device-side sum of `t` (1-D, accumulation dtype) into `out` (0-d view).
+template <typename ElementwiseEngine>
+void sum_into(const at::Tensor& t, at::Tensor out) {
+  ElementwiseCall c(t);
+  c.set(0, t);
+  AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "fusedloss_sum", [&] {
+    ElementwiseEngine::template forward<scalar_t>(c, Identity<scalar_t>{}, kReductionSum, out, nullptr);
+  });
+}
+
+// Saved state of a forward, read by the backward.
+//   lse          (batch, 2) accumulation dtype: per row the max m and ls = log(sum exp(x - m)),
+//                apart because exp((x - m) - ls) is accurate where exp(x - (m + ls)) is not
+//   stats        (2,): [denominator of the mean (1 unless reduction is mean), sum(weight) (C if none)]
+//   target_mass  (batch) sum_c w_c p'_c for probability targets, (0,) for class indices
+template <typename Engine, typename ElementwiseEngine>
+struct CrossEntropyOps {
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
+      const at::Tensor& input_, const at::Tensor& target_, const std::optional<at::Tensor>& weight_,
+      int64_t ignore_index, int64_t reduction, double label_smoothing, double lse_square_scale,
+      std::optional<double> softcap) {
+    constexpr const char* op = "fusedloss::cross_entropy";
+    check_cross_entropy(op, input_, target_, weight_, reduction, label_smoothing, softcap);
+    const c10::OptionalDeviceGuard guard(input_.device());
+    at::Tensor input = input_;
+    const bool prob = target_.sizes() == input_.sizes();
+    const CeGeometry g = ce_geometry(input);
+    const auto batch = ce_batch_shape(input_);
+    const auto acc_type = opmath_type(input.scalar_type());
+    const auto acc_opts = input.options().dtype(acc_type);
+    auto lse_shape = batch;
+    lse_shape.push_back(2);
+    at::Tensor lse = at::empty(lse_shape, acc_opts);
+    at::Tensor row_loss = at::empty({g.rows()}, acc_opts);
+    at::Tensor row_weight = at::empty({g.rows()}, acc_opts);
+    at::Tensor target_mass = at::empty(prob ? at::IntArrayRef(batch) : at::IntArrayRef({0}), acc_opts);
+    at::Tensor stats = at::empty({2}, acc_opts);
+    at::Tensor target = target_;
+    const at::Tensor weight = weight_.has_value() && weight_->defined() ? weight_->contiguous() : at::Tensor();
+    if (weight.defined()) {
+      sum_into<ElementwiseEngine>(weight.to(acc_type), stats.select(0, 1));
+    } else {
+      stats.select(0, 1).fill_(static_cast<double>(g.C));
+    }
+
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "cross_entropy", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      CeParams<scalar_t> p;
+      fill_common(p, g, input, weight, stats, ignore_index, label_smoothing, lse_square_scale, softcap);
+      p.lse_out = lse.mutable_data_ptr<acc_t>();
+      p.loss_out = row_loss.mutable_data_ptr<acc_t>();
+      p.weight_out = row_weight.mutable_data_ptr<acc_t>();
+      if (prob) p.target_mass_out = target_mass.mutable_data_ptr<acc_t>();
+      set_target(p, target, prob);
+      if (g.rows() == 0) return;
+      if (prob) {
+        Engine::template forward_rows<scalar_t, true>(p);
+      } else {
+        Engine::template forward_rows<scalar_t, false>(p);
+      }
+    });
+
+    at::Tensor loss;
+    if (reduction == kReductionNone) {
+      loss = row_loss.view(batch).to(input.scalar_type());
+      stats.select(0, 0).fill_(1);
+    } else {
+      ElementwiseCall c(row_loss);
+      c.set(0, row_loss);
+      c.set(1, row_weight);
+      at::Tensor acc_loss = at::empty({}, acc_opts);
+      at::Tensor denominator = stats.select(0, 0);
+      AT_DISPATCH_FLOATING_TYPES(acc_type, "cross_entropy_sum", [&] {
+        ElementwiseEngine::template forward<scalar_t>(c, RowSum<scalar_t>{}, reduction, acc_loss,
+                                                      reduction == kReductionMean ? &denominator : nullptr);
+      });
+      if (reduction != kReductionMean) denominator.fill_(1);
+      loss = acc_loss.to(input.scalar_type());
+    }
+    return {loss, lse, stats, target_mass};
+  }
+
+  static std::tuple<at::Tensor, at::Tensor> backward(
+      const at::Tensor& grad, const at::Tensor& input_, const at::Tensor& target,
+      const std::optional<at::Tensor>& weight_, const at::Tensor& lse, const at::Tensor& stats,
+      const at::Tensor& target_mass, int64_t ignore_index, int64_t reduction, double label_smoothing,
+      double lse_square_scale, std::optional<double> softcap, std::array<bool, 2> output_mask) {
+    constexpr const char* op = "fusedloss::cross_entropy_backward";
+    check_cross_entropy(op, input_, target, weight_, reduction, label_smoothing, softcap);
+    const c10::OptionalDeviceGuard guard(input_.device());
+    check_saved(op, grad, input_, target, lse, stats, target_mass, reduction);
+    at::Tensor input = input_;
+    const bool prob = target.sizes() == input_.sizes();
+    const CeGeometry g = ce_geometry(input);
+    const bool want_target = output_mask[1] && prob;
+    at::Tensor grad_input =
+        output_mask[0] ? empty_output(input_.sizes(), input_.options()) : at::empty({0}, input_.options());
+    at::Tensor grad_target =
+        want_target ? empty_output(input_.sizes(), input_.options()) : at::empty({0}, input_.options());
+    if (g.rows() == 0 || g.C == 0 || !(output_mask[0] || want_target)) return {grad_input, grad_target};
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "cross_entropy_backward", [&] {
+      CeParams<scalar_t> p;
+      Keep keep;
+      fill_backward(p, keep, g, grad, input, target, weight_, lse, stats, target_mass, ignore_index, reduction,
+                    label_smoothing, lse_square_scale, softcap, prob);
+      if (output_mask[0]) {
+        p.grad_input = grad_input.mutable_data_ptr<scalar_t>();
+        ce_strides(grad_input, &p.gN, &p.gC, &p.gS);
+      }
+      if (want_target) {
+        p.grad_target = grad_target.mutable_data_ptr<scalar_t>();
+        ce_strides(grad_target, &p.gtN, &p.gtC, &p.gtS);
+      }
+      run_backward(p, prob);
+    });
+    return {grad_input, grad_target};
+  }
+
+  // The gradient of the logits written over the logits themselves. Engines read
+  // a whole row before writing any of it, so this is safe row by row.
+  static void backward_inplace(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& target,
+                               const std::optional<at::Tensor>& weight_, const at::Tensor& lse,
+                               const at::Tensor& stats, const at::Tensor& target_mass, int64_t ignore_index,
+                               int64_t reduction, double label_smoothing, double lse_square_scale,
+                               std::optional<double> softcap) {
+    constexpr const char* op = "fusedloss::cross_entropy_backward_inplace";
+    check_cross_entropy(op, input, target, weight_, reduction, label_smoothing, softcap);
+    const c10::OptionalDeviceGuard guard(input.device());
+    check_saved(op, grad, input, target, lse, stats, target_mass, reduction);
+    at::Tensor view = input;
+    const CeGeometry g = ce_geometry(view);
+    TORCH_CHECK(view.is_same(input), op, ": the logits' memory layout cannot be overwritten in place");
+    const bool prob = target.sizes() == input.sizes();
+    if (g.rows() == 0 || g.C == 0) return;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "cross_entropy_backward_", [&] {
+      CeParams<scalar_t> p;
+      Keep keep;
+      fill_backward(p, keep, g, grad, input, target, weight_, lse, stats, target_mass, ignore_index, reduction,
+                    label_smoothing, lse_square_scale, softcap, prob);
+      p.grad_input = input.mutable_data_ptr<scalar_t>();
+      p.gN = g.sN;
+      p.gC = g.sC;
+      p.gS = g.sS;
+      run_backward(p, prob);
+    });
+  }
+
+ private:
+  template <typename scalar_t>
+  static void fill_common(CeParams<scalar_t>& p, const CeGeometry& g, const at::Tensor& input,
+                          const at::Tensor& weight, const at::Tensor& stats, int64_t ignore_index,
+                          double label_smoothing, double lse_square_scale, const std::optional<double>& softcap) {
+    using acc_t = at::opmath_type<scalar_t>;
+    p.g = g;
+    p.input = input.const_data_ptr<scalar_t>();
+    p.opt.num_classes = g.C;
+    p.opt.ignore_index = ignore_index;
+    p.opt.smoothing = label_smoothing > 0.0 ? static_cast<acc_t>(label_smoothing) : acc_t(0);
+    p.opt.z_loss = static_cast<acc_t>(lse_square_scale);
+    p.opt.weight_sum = static_cast<acc_t>(g.C);
+    if (weight.defined()) {
+      p.weight = weight.const_data_ptr<scalar_t>();
+      p.weight_sum = stats.const_data_ptr<acc_t>() + 1;
+    }
+    p.has_softcap = softcap.has_value();
+    if (p.has_softcap) {
+      p.softcap = static_cast<acc_t>(*softcap);
+      p.inv_softcap = static_cast<acc_t>(1.0 / *softcap);
+    }
+  }
+
+  // Points p at the target; probability targets keep their own strides.
+  template <typename scalar_t>
+  static void set_target(CeParams<scalar_t>& p, at::Tensor& target, bool prob) {
+    if (prob) {
+      CeGeometry tg = ce_geometry(target);
+      p.target_prob = target.const_data_ptr<scalar_t>();
+      p.tN = tg.sN;
+      p.tC = tg.sC;
+      p.tS = tg.sS;
+    } else {
+      target = target.contiguous();
+      p.target_index = target.const_data_ptr<int64_t>();
+    }
+  }
+
+  // Tensors made contiguous for one call, alive until it returns.
+  struct Keep {
+    at::Tensor grad, weight, target;
+  };
+
+  template <typename scalar_t>
+  static void fill_backward(CeParams<scalar_t>& p, Keep& keep, const CeGeometry& g, const at::Tensor& grad,
+                            const at::Tensor& input, const at::Tensor& target_, const std::optional<at::Tensor>& weight_,
+                            const at::Tensor& lse, const at::Tensor& stats, const at::Tensor& target_mass,
+                            int64_t ignore_index, int64_t reduction, double label_smoothing, double lse_square_scale,
+                            const std::optional<double>& softcap, bool prob) {
+    using acc_t = at::opmath_type<scalar_t>;
+    keep.grad = grad.contiguous();
+    keep.weight = weight_.has_value() && weight_->defined() ? weight_->contiguous() : at::Tensor();
+    keep.target = target_;
+    fill_common(p, g, input, keep.weight, stats, ignore_index, label_smoothing, lse_square_scale, softcap);
+    set_target(p, keep.target, prob);
+    p.lse = lse.const_data_ptr<acc_t>();
+    if (prob) p.target_mass = target_mass.const_data_ptr<acc_t>();
+    p.grad = keep.grad.template const_data_ptr<scalar_t>();
+    p.grad_per_row = reduction == kReductionNone;
+    p.denominator = reduction == kReductionMean ? stats.const_data_ptr<acc_t>() : nullptr;
+  }
+
+  template <typename scalar_t>
+  static void run_backward(CeParams<scalar_t>& p, bool prob) {
+    if (prob) {
+      Engine::template backward_rows<scalar_t, true>(p);
+    } else {
+      Engine::template backward_rows<scalar_t, false>(p);
+    }
+  }
+
+  static void check_saved(const char* op, const at::Tensor& grad, const at::Tensor& input, const at::Tensor& target,
+                          const at::Tensor& lse, const at::Tensor& stats, const at::Tensor& target_mass,
+                          int64_t reduction) {
+    const auto batch = ce_batch_shape(input);
+    const int64_t rows = c10::multiply_integers(batch);
+    const auto acc_type = opmath_type(input.scalar_type());
+    auto saved = [&](const at::Tensor& t, int64_t n, const char* name) {
+      TORCH_CHECK(t.scalar_type() == acc_type && t.device() == input.device() && t.numel() == n &&
+                      t.is_contiguous(),
+                  op, ": '", name, "' must be the forward's (", n, " contiguous ", acc_type, " values)");
+    };
+    saved(lse, 2 * rows, "lse");
+    saved(stats, 2, "stats");
+    saved(target_mass, target.sizes() == input.sizes() ? rows : 0, "target_mass");
+    check_like(op, "grad", grad, input);
+    TORCH_CHECK(grad.numel() == (reduction == kReductionNone ? rows : 1), op,
+                ": grad must have the loss's shape");
+  }
+};
+
+}  // namespace fusedloss

@@ -24,6 +24,20 @@ TORCH_LIBRARY(fusedloss, m) {
   m.def(
       "mse_backward(Tensor grad, Tensor input, Tensor target, Tensor? weight, Tensor? loss, Tensor? denominator, "
       "int reduction, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // The margin family. Pair losses take input and target of one shape and dtype.
+  m.def("hinge_embedding(Tensor input, Tensor target, float margin, int reduction) -> Tensor");
+  m.def("hinge_embedding_backward(Tensor grad, Tensor input, Tensor target, float margin, int reduction) -> Tensor");
+  m.def("soft_margin(Tensor input, Tensor target, int reduction) -> Tensor");
+  m.def("soft_margin_backward(Tensor grad, Tensor input, Tensor target, int reduction) -> Tensor");
+  m.def("hinge(Tensor input, Tensor target, float margin, bool squared, int reduction) -> Tensor");
+  m.def(
+      "hinge_backward(Tensor grad, Tensor input, Tensor target, float margin, bool squared, int reduction, "
+      "bool[2] output_mask) -> (Tensor, Tensor)");
+  // multi_margin_loss on (N, C) or (C) input with int64 class indices.
+  m.def("multi_margin(Tensor input, Tensor target, int p, float margin, Tensor? weight, int reduction) -> Tensor");
+  m.def(
+      "multi_margin_backward(Tensor grad, Tensor input, Tensor target, int p, float margin, Tensor? weight, "
+      "int reduction) -> Tensor");
   // cross_entropy (softmax + NLL) with class-index (int64) or probability targets.
   // Returns (loss, lse, stats, target_mass): lse = per row (max, log sum exp(x - max)),
   // stats = [denominator of the mean, sum(weight)], target_mass = sum_c w_c p'_c

@@ -52,3 +52,40 @@ def cross_entropy(
     if reduction == "sum":
         return loss + z.sum()
     return loss + z.sum() / denom
+
+
+def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    return loss
+
+
+def hinge_loss(input, target, margin=1.0, squared=False, reduction="mean"):
+    """Binary (SVM) hinge max(0, margin - target * input), squared for the L2-SVM."""
+    loss = torch.clamp(margin - target * input, min=0)
+    if squared:
+        loss = loss * loss
+    return _reduce(loss, reduction)
+
+
+def soft_margin_loss(input, target, reduction="mean"):
+    """log(1 + exp(-target * input)) as softplus, finite where torch's form overflows."""
+    return _reduce(F.softplus(-target * input).to(input.dtype), reduction)
+
+
+def multi_margin_loss(input, target, p=1, margin=1.0, weight=None, reduction="mean"):
+    """torch's multi_margin_loss as differentiable ops (a NaN margin counts nothing,
+    as in torch's kernels); an empty batch's mean is NaN."""
+    x = input.reshape(1, -1) if input.dim() < 2 else input
+    t = target.reshape(-1, 1)
+    z = margin - x.gather(1, t) + x
+    h = torch.where(z > 0, z if p == 1 else z * z, torch.zeros_like(z))
+    h = h.masked_fill(torch.zeros_like(h, dtype=torch.bool).scatter_(1, t, True), 0)
+    if weight is not None:
+        h = h * weight[t]
+    loss = h.sum(1) / x.shape[1]
+    if input.dim() < 2:
+        loss = loss.reshape(())
+    return _reduce(loss, reduction)

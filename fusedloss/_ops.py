@@ -156,3 +156,46 @@ def _(grad, input, target, weight, lse, stats, target_mass, ignore_index, reduct
 def _(grad, input, target, weight, lse, stats, target_mass, ignore_index, reduction, label_smoothing,
       lse_square_scale, softcap):
     return None
+
+
+@torch.library.register_fake("fusedloss::hinge_embedding")
+def _(input, target, margin, reduction):
+    return _loss_like(input, reduction)
+
+
+@torch.library.register_fake("fusedloss::hinge_embedding_backward")
+def _(grad, input, target, margin, reduction):
+    return input.new_empty(input.shape)
+
+
+@torch.library.register_fake("fusedloss::soft_margin")
+def _(input, target, reduction):
+    return _loss_like(input, reduction)
+
+
+@torch.library.register_fake("fusedloss::soft_margin_backward")
+def _(grad, input, target, reduction):
+    return input.new_empty(input.shape)
+
+
+@torch.library.register_fake("fusedloss::hinge")
+def _(input, target, margin, squared, reduction):
+    return _loss_like(input, reduction)
+
+
+@torch.library.register_fake("fusedloss::hinge_backward")
+def _(grad, input, target, margin, squared, reduction, output_mask):
+    return _grad_like(input, output_mask[0]), _grad_like(input, output_mask[1])
+
+
+@torch.library.register_fake("fusedloss::multi_margin")
+def _(input, target, p, margin, weight, reduction):
+    if reduction != 0:
+        return input.new_empty(())
+    n = input.shape[0] if input.dim() == 2 else 1
+    return input.new_empty((n,) if target.dim() > 0 else ())
+
+
+@torch.library.register_fake("fusedloss::multi_margin_backward")
+def _(grad, input, target, p, margin, weight, reduction):
+    return input.new_empty(input.shape)

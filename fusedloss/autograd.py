@@ -25,7 +25,147 @@ import torch.nn.functional as F
 from . import _composite
 from ._ops import ops
 
-__all__ = ["BCEWithLogitsFunction", "CrossEntropyFunction", "MSEFunction"]
+__all__ = [
+    "BCEWithLogitsFunction",
+    "CrossEntropyFunction",
+    "HingeEmbeddingFunction",
+    "HingeFunction",
+    "MSEFunction",
+    "MultiMarginFunction",
+    "SoftMarginFunction",
+]
+
+
+class HingeEmbeddingFunction(torch.autograd.Function):
+    """torch's hinge_embedding_loss, fused: apply(input, target, margin, reduction).
+
+    input and target have one shape and floating dtype. The target only selects
+    terms, so it gets no gradient (as in torch).
+    """
+
+    @staticmethod
+    def forward(input, target, margin, reduction):
+        return ops.hinge_embedding(input, target, margin, reduction)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, target, margin, reduction = inputs
+        ctx.save_for_backward(input, target)
+        ctx.save_for_forward(input, target)
+        ctx.args = (margin, reduction)
+
+    @staticmethod
+    def backward(ctx, grad):
+        input, target = ctx.saved_tensors
+        margin, reduction = ctx.args
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        if torch.is_grad_enabled():
+            (gx,) = composite_backward(
+                lambda x: F.hinge_embedding_loss(x, target, margin, reduction=_REDUCTION_NAMES[reduction]),
+                (input,), (True,), grad,
+            )
+        else:
+            gx = ops.hinge_embedding_backward(grad, input, target, margin, reduction)
+        return gx, None, None, None
+
+
+class SoftMarginFunction(torch.autograd.Function):
+    """soft_margin_loss in the stable softplus form, fused: apply(input, target, reduction).
+
+    input and target have one shape and floating dtype; only the input gets a
+    gradient (torch has none for the target).
+    """
+
+    @staticmethod
+    def forward(input, target, reduction):
+        return ops.soft_margin(input, target, reduction)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, target, reduction = inputs
+        ctx.save_for_backward(input, target)
+        ctx.save_for_forward(input, target)
+        ctx.reduction = reduction
+
+    @staticmethod
+    def backward(ctx, grad):
+        input, target = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        if torch.is_grad_enabled():
+            (gx,) = composite_backward(
+                lambda x: _composite.soft_margin_loss(x, target, _REDUCTION_NAMES[ctx.reduction]), (input,), (True,), grad
+            )
+        else:
+            gx = ops.soft_margin_backward(grad, input, target, ctx.reduction)
+        return gx, None, None
+
+
+class HingeFunction(torch.autograd.Function):
+    """Binary (SVM) hinge max(0, margin - y x), squared for the L2-SVM, fused:
+    apply(input, target, margin, squared, reduction). Gradients reach input and target."""
+
+    @staticmethod
+    def forward(input, target, margin, squared, reduction):
+        return ops.hinge(input, target, margin, squared, reduction)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, target, margin, squared, reduction = inputs
+        ctx.save_for_backward(input, target)
+        ctx.save_for_forward(input, target)
+        ctx.args = (margin, squared, reduction)
+
+    @staticmethod
+    def backward(ctx, grad):
+        input, target = ctx.saved_tensors
+        margin, squared, reduction = ctx.args
+        needs = ctx.needs_input_grad[:2]
+        if torch.is_grad_enabled():
+            gx, gy = composite_backward(
+                lambda x, y: _composite.hinge_loss(x, y, margin, squared, _REDUCTION_NAMES[reduction]),
+                (input, target), needs, grad,
+            )
+        else:
+            gx, gy = ops.hinge_backward(grad, input, target, margin, squared, reduction, [needs[0], needs[1]])
+            gx, gy = (gx if needs[0] else None, gy if needs[1] else None)
+        return gx, gy, None, None, None
+
+
+class MultiMarginFunction(torch.autograd.Function):
+    """multi_margin_loss, fused: apply(input, target, p, margin, weight, reduction).
+
+    input is (N, C), (C) or 0-d floating; target int64 class indices, one per
+    row; weight (C) of the input's dtype or None. Only the input gets a
+    gradient; second derivatives (which torch lacks) come from the composite.
+    """
+
+    @staticmethod
+    def forward(input, target, p, margin, weight, reduction):
+        return ops.multi_margin(input, target, p, margin, weight, reduction)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, target, p, margin, weight, reduction = inputs
+        ctx.save_for_backward(input, target, weight)
+        ctx.save_for_forward(input, target, weight)
+        ctx.args = (p, margin, reduction)
+
+    @staticmethod
+    def backward(ctx, grad):
+        input, target, weight = ctx.saved_tensors
+        p, margin, reduction = ctx.args
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 6
+        if torch.is_grad_enabled():
+            (gx,) = composite_backward(
+                lambda x: _composite.multi_margin_loss(x, target, p, margin, weight, _REDUCTION_NAMES[reduction]),
+                (input,), (True,), grad,
+            )
+        else:
+            gx = ops.multi_margin_backward(grad, input, target, p, margin, weight, reduction)
+        return gx, None, None, None, None, None
 
 
 def _register_op_autograd():
@@ -73,6 +213,44 @@ def _register_op_autograd():
         return cross_entropy_grads(grad, *ctx.saved_tensors, ctx.args, needs) + (None,) * 6
 
     torch.library.register_autograd("fusedloss::cross_entropy", ce_backward, setup_context=ce_setup)
+
+    def saving_setup(n_saved):
+        def setup(ctx, inputs, output):
+            ctx.save_for_backward(*inputs[:n_saved])
+            ctx.args = tuple(inputs[n_saved:])
+
+        return setup
+
+    def hinge_embedding_backward(ctx, grad):
+        return (ops.hinge_embedding_backward(grad, *ctx.saved_tensors, *ctx.args), None, None, None)
+
+    torch.library.register_autograd(
+        "fusedloss::hinge_embedding", hinge_embedding_backward, setup_context=saving_setup(2)
+    )
+
+    def soft_margin_backward(ctx, grad):
+        return (ops.soft_margin_backward(grad, *ctx.saved_tensors, *ctx.args), None, None)
+
+    torch.library.register_autograd("fusedloss::soft_margin", soft_margin_backward, setup_context=saving_setup(2))
+
+    def hinge_backward(ctx, grad):
+        needs = ctx.needs_input_grad[:2]
+        gx, gy = ops.hinge_backward(grad, *ctx.saved_tensors, *ctx.args, [needs[0], needs[1]])
+        return (gx if needs[0] else None, gy if needs[1] else None, None, None, None)
+
+    torch.library.register_autograd("fusedloss::hinge", hinge_backward, setup_context=saving_setup(2))
+
+    def mm_setup(ctx, inputs, output):
+        input, target, p, margin, weight, reduction = inputs
+        ctx.save_for_backward(input, target, weight)
+        ctx.args = (p, margin, reduction)
+
+    def mm_backward(ctx, grad):
+        input, target, weight = ctx.saved_tensors
+        p, margin, reduction = ctx.args
+        return (ops.multi_margin_backward(grad, input, target, p, margin, weight, reduction),) + (None,) * 5
+
+    torch.library.register_autograd("fusedloss::multi_margin", mm_backward, setup_context=mm_setup)
 
 _REDUCTION_NAMES = {0: "none", 1: "mean", 2: "sum"}
 
@@ -323,10 +501,62 @@ class _CrossEntropyFunctionJvp(CrossEntropyFunction):
         return (torch.zeros_like(loss_like) if out is None else out.to(input.dtype)), None, None, None
 
 
+class _HingeEmbeddingFunctionJvp(HingeEmbeddingFunction):
+    @staticmethod
+    def jvp(ctx, t_input, *_):
+        input, target = ctx.saved_tensors
+        margin, reduction = ctx.args
+        if t_input is None:
+            return torch.zeros_like(input if reduction == 0 else input.new_empty(()))
+        d = ops.hinge_embedding_backward(ones_grad(input, reduction), input, target, margin, reduction)
+        return contract((d,), (t_input,), reduction, input)
+
+
+class _SoftMarginFunctionJvp(SoftMarginFunction):
+    @staticmethod
+    def jvp(ctx, t_input, *_):
+        input, target = ctx.saved_tensors
+        if t_input is None:
+            return torch.zeros_like(input if ctx.reduction == 0 else input.new_empty(()))
+        d = ops.soft_margin_backward(ones_grad(input, ctx.reduction), input, target, ctx.reduction)
+        return contract((d,), (t_input,), ctx.reduction, input)
+
+
+class _HingeFunctionJvp(HingeFunction):
+    @staticmethod
+    def jvp(ctx, t_input, t_target, *_):
+        input, target = ctx.saved_tensors
+        margin, squared, reduction = ctx.args
+        mask = [t_input is not None, t_target is not None]
+        d = ops.hinge_backward(ones_grad(input, reduction), input, target, margin, squared, reduction, mask)
+        return contract(d, (t_input, t_target), reduction, input if reduction == 0 else input.new_empty(()))
+
+
+class _MultiMarginFunctionJvp(MultiMarginFunction):
+    @staticmethod
+    def jvp(ctx, t_input, *_):
+        input, target, weight = ctx.saved_tensors
+        p, margin, reduction = ctx.args
+        n = input.shape[0] if input.dim() == 2 else 1
+        like = input.new_empty(((n,) if target.dim() > 0 else ()) if reduction == 0 else ())
+        if t_input is None:
+            return torch.zeros_like(like)
+        ones = torch.ones(like.shape, dtype=input.dtype, device=input.device)
+        d = ops.multi_margin_backward(ones, input, target, p, margin, weight, reduction)
+        term = d * t_input
+        if reduction != 0:
+            return term.sum().to(input.dtype)
+        return term.reshape(n, -1).sum(dim=-1).reshape(like.shape)
+
+
 _JVP = {
     BCEWithLogitsFunction: _BCEWithLogitsFunctionJvp,
     MSEFunction: _MSEFunctionJvp,
     CrossEntropyFunction: _CrossEntropyFunctionJvp,
+    HingeEmbeddingFunction: _HingeEmbeddingFunctionJvp,
+    SoftMarginFunction: _SoftMarginFunctionJvp,
+    HingeFunction: _HingeFunctionJvp,
+    MultiMarginFunction: _MultiMarginFunctionJvp,
 }
 
 

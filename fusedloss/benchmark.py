@@ -119,6 +119,44 @@ def _ce(shape, dtype, device, label_smoothing=0.0):
     )
 
 
+def _pair(name, shape, dtype, device):
+    """An elementwise margin loss on (input, +-1 target)."""
+    import fusedloss.functional as FF
+    from fusedloss import _composite
+
+    x = torch.randn(shape, dtype=dtype, device=device, requires_grad=True)
+    y = torch.randint(0, 2, shape, device=device).to(dtype) * 2 - 1
+    fused = {
+        "hinge_embedding": lambda: FF.hinge_embedding_loss(x, y),
+        "soft_margin": lambda: FF.soft_margin_loss(x, y),
+        "hinge": lambda: FF.hinge_loss(x, y),
+    }[name]
+    native = {
+        "hinge_embedding": lambda a, b: F.hinge_embedding_loss(a, b),
+        "soft_margin": lambda a, b: F.soft_margin_loss(a, b),
+        # torch has no binary hinge: the composite users write instead
+        "hinge": lambda a, b: _composite.hinge_loss(a, b),
+    }[name]
+    return Problem(fused=fused, native=native, native_args=(x, y), leaves=[x],
+                   bytes=_elementwise_bytes(x.numel(), x.element_size()))
+
+
+def _multi_margin(shape, dtype, device):
+    import fusedloss.functional as FF
+
+    n, c = shape
+    x = torch.randn(shape, dtype=dtype, device=device, requires_grad=True)
+    t = torch.randint(0, c, (n,), device=device)
+    s = x.element_size()
+    return Problem(
+        fused=lambda: FF.multi_margin_loss(x, t),
+        native=lambda a, b: F.multi_margin_loss(a, b),
+        native_args=(x, t),
+        leaves=[x],
+        bytes={"fwd": n * c * s, "bwd": 2 * n * c * s, "full": 3 * n * c * s},
+    )
+
+
 def _sizes(device: str, quick: bool, cpu: list, cpu_quick: list, gpu: list, gpu_quick: list) -> list:
     if device == "cuda":
         return gpu_quick if quick else gpu
@@ -157,12 +195,23 @@ def cases_for(loss: str, device: str, quick: bool) -> list[Case]:
             out.append(Case(loss, "smoothing0.1", (2048, 32000), "fp32",
                             lambda s, d, dev: _ce(s, d, dev, label_smoothing=0.1)))
             out.append(Case(loss, "plain", (2048, 32000), "bf16", _ce))
+    elif loss in ("hinge_embedding", "soft_margin", "hinge"):
+        shapes = _sizes(device, quick, [(4096, 4096), (1024, 1024), (8192, 8192)], [(4096, 4096), (1024, 1024)],
+                        [(16384, 8192), (4096, 4096), (32768, 16384)], [(16384, 8192), (4096, 4096)])
+        for shape in shapes:
+            for dt in (["fp32"] if device == "cpu" else ["fp32", "bf16"]):
+                out.append(Case(loss, "plain", shape, dt, lambda s, d, dev, name=loss: _pair(name, s, d, dev)))
+    elif loss == "multi_margin":
+        shapes = _sizes(device, quick, [(16384, 1000), (4096, 1000), (32768, 1000)], [(16384, 1000), (4096, 1000)],
+                        [(65536, 1000), (16384, 1000), (131072, 1000)], [(65536, 1000), (16384, 1000)])
+        for shape in shapes:
+            out.append(Case(loss, "plain", shape, "fp32", _multi_margin))
     else:
         raise ValueError(f"unknown loss {loss!r}; known: {', '.join(LOSSES)}")
     return out
 
 
-LOSSES = ("bce_with_logits", "mse", "cross_entropy")
+LOSSES = ("bce_with_logits", "mse", "cross_entropy", "hinge_embedding", "soft_margin", "hinge", "multi_margin")
 
 
 # ---------------------------------------------------------------------------

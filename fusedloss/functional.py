@@ -16,9 +16,26 @@ from torch.nn import _reduction as _Reduction
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from . import _checks, _composite, _validation
-from .autograd import BCEWithLogitsFunction, CrossEntropyFunction, MSEFunction, eager_or_compiled
+from .autograd import (
+    BCEWithLogitsFunction,
+    CrossEntropyFunction,
+    HingeEmbeddingFunction,
+    HingeFunction,
+    MSEFunction,
+    MultiMarginFunction,
+    SoftMarginFunction,
+    eager_or_compiled,
+)
 
-__all__ = ["binary_cross_entropy_with_logits", "cross_entropy", "mse_loss"]
+__all__ = [
+    "binary_cross_entropy_with_logits",
+    "cross_entropy",
+    "hinge_embedding_loss",
+    "hinge_loss",
+    "mse_loss",
+    "multi_margin_loss",
+    "soft_margin_loss",
+]
 
 
 def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -309,3 +326,169 @@ def cross_entropy(
         None if softcap is None else float(softcap), inplace,
     )[0]
     return loss
+
+
+def _legacy_reduction(size_average, reduce, reduction) -> int:
+    if size_average is not None or reduce is not None:
+        return _Reduction.legacy_get_enum(size_average, reduce)
+    return _Reduction.get_enum(reduction)
+
+
+_REDUCTION_NAMES = {0: "none", 1: "mean", 2: "sum"}
+
+
+def hinge_embedding_loss(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    margin: float = 1.0,
+    size_average: bool | None = None,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Hinge embedding loss in one fused pass (forward) and one (backward),
+    where torch runs ~9 kernels and saves two masks.
+
+    Same as :func:`torch.nn.functional.hinge_embedding_loss`, including targets
+    outside {-1, 1} (both terms apply), broadcasting of input and target, a
+    negative margin, NaN/inf propagation and the output dtype (the input's). The
+    target gets no gradient, as in torch.
+    """
+    if has_torch_function_variadic(input, target):
+        return handle_torch_function(
+            hinge_embedding_loss, (input, target), input, target, margin=margin,
+            size_average=size_average, reduce=reduce, reduction=reduction,
+        )
+    reduction_enum = _legacy_reduction(size_average, reduce, reduction)
+    # torch's first broadcast is where(target != 1, ...): target is tensor a.
+    _checks.broadcast_shape(target.shape, input.shape)
+    if not (input.is_floating_point() and not target.is_complex() and _checks.same_device(input, target)):
+        return _F.hinge_embedding_loss(input, target, margin, reduction=_REDUCTION_NAMES[reduction_enum])
+    dtype = torch.promote_types(input.dtype, target.dtype) if target.is_floating_point() else input.dtype
+    x, y = torch.broadcast_tensors(input, target)
+    loss = eager_or_compiled(HingeEmbeddingFunction).apply(_cast(x, dtype), _cast(y, dtype).detach(), float(margin), reduction_enum)
+    return _cast(loss, input.dtype)
+
+
+def soft_margin_loss(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    size_average: bool | None = None,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Soft margin loss log(1 + exp(-y x)) in one fused pass per direction.
+
+    Same as :func:`torch.nn.functional.soft_margin_loss` (target broadcast to the
+    input's shape, output in the input's dtype, no gradient for the target).
+
+    Deviation: fusedloss uses the stable form max(z, 0) + log1p(exp(-|z|)),
+    z = -y x, so the loss stays finite where torch's log1p(exp(z)) overflows to
+    inf (z > ~88 in fp32, pytorch#77529), and the gradient -y sigmoid(z) stays
+    finite where torch's z / (1 + z) form gives NaN.
+    """
+    if has_torch_function_variadic(input, target):
+        return handle_torch_function(
+            soft_margin_loss, (input, target), input, target,
+            size_average=size_average, reduce=reduce, reduction=reduction,
+        )
+    reduction_enum = _legacy_reduction(size_average, reduce, reduction)
+    _checks.no_requires_grad("soft_margin_loss", target=target)
+    _checks.inplace_broadcast(input.shape, target.shape)
+    if not (input.is_floating_point() and not target.is_complex() and _checks.same_device(input, target)):
+        return _F.soft_margin_loss(input, target, reduction=_REDUCTION_NAMES[reduction_enum])
+    dtype = torch.promote_types(input.dtype, target.dtype) if target.is_floating_point() else input.dtype
+    loss = eager_or_compiled(SoftMarginFunction).apply(
+        _cast(input, dtype), _cast(target.expand(input.shape), dtype), reduction_enum
+    )
+    return _cast(loss, input.dtype)
+
+
+def hinge_loss(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    margin: float = 1.0,
+    squared: bool = False,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Binary SVM hinge loss ``max(0, margin - target * input)`` (torch has none),
+    squared for the L2-SVM, in one fused pass per direction.
+
+    ``target`` holds labels in {-1, +1} (other values are used as given);
+    input and target broadcast. Equals the composite
+    ``torch.clamp(margin - target * input, min=0)`` (``** 2`` when squared),
+    including its dtype, its gradient (0 at the kink and at NaN, as
+    torch.clamp's) and gradients with respect to both input and target.
+    """
+    if has_torch_function_variadic(input, target):
+        return handle_torch_function(
+            hinge_loss, (input, target), input, target, margin=margin, squared=squared, reduction=reduction
+        )
+    reduction_enum = _Reduction.get_enum(reduction)
+    x, y = torch.broadcast_tensors(input, target)
+    dtype = torch.promote_types(input.dtype, target.dtype)
+    if not (dtype.is_floating_point and _checks.same_device(input, target)):
+        return _composite.hinge_loss(input, target, margin, squared, reduction)
+    return eager_or_compiled(HingeFunction).apply(_cast(x, dtype), _cast(y, dtype), float(margin), bool(squared), reduction_enum)
+
+
+def _multi_margin_supported(input, target, weight) -> bool:
+    if not (input.is_floating_point() and input.dim() <= 2 and _checks.same_device(input, target, weight)):
+        return False
+    if input.dim() == 2 and input.shape[1] == 0 or input.dim() == 1 and input.shape[0] == 0:
+        return False
+    if target.dtype != torch.int64:
+        return False
+    if input.dim() == 2:
+        if target.dim() != 1 or target.shape[0] != input.shape[0]:
+            return False
+    elif target.numel() != 1 or target.dim() > 1:
+        return False
+    if weight is not None:
+        c = input.shape[-1] if input.dim() else 1
+        if weight.shape != (c,) or weight.dtype != input.dtype or (weight.requires_grad and torch.is_grad_enabled()):
+            return False
+    return True
+
+
+def multi_margin_loss(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    p: int = 1,
+    margin: float = 1.0,
+    weight: torch.Tensor | None = None,
+    size_average: bool | None = None,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Multi-class margin loss with rows in parallel: one read of each row
+    forward, one read and one write backward.
+
+    Same as :func:`torch.nn.functional.multi_margin_loss` (p in {1, 2}, margin,
+    class weight applied after the power, division by C, (C) and 0-d inputs,
+    torch's errors). Beyond torch: fp16 and bf16 on the CPU, and second
+    derivatives (torch raises for them).
+
+    Deviations: the mean of an empty batch is NaN (torch returns an unspecified
+    value). On CUDA an out-of-range class index gives NaN for its row instead of
+    a device-side assert; ``fusedloss.set_validation(True)`` raises torch's
+    ``RuntimeError: target out of range`` instead.
+    """
+    if has_torch_function_variadic(input, target, weight):
+        return handle_torch_function(
+            multi_margin_loss, (input, target, weight), input, target, p=p, margin=margin, weight=weight,
+            size_average=size_average, reduce=reduce, reduction=reduction,
+        )
+    reduction_enum = _legacy_reduction(size_average, reduce, reduction)
+    if p != 1 and p != 2:
+        raise ValueError("only p == 1 and p == 2 supported")
+    if weight is not None:
+        if weight.dim() != 1:
+            raise ValueError("weight must be one-dimensional")
+    if not _multi_margin_supported(input, target, weight):
+        # Invalid arguments: torch raises its own error.
+        return _F.multi_margin_loss(input, target, p, margin, weight, reduction=_REDUCTION_NAMES[reduction_enum])
+    if _validation.enabled() and input.device.type != "cpu":
+        c = input.shape[-1] if input.dim() else 1
+        if bool(((target < 0) | (target >= c)).any()):
+            raise RuntimeError("target out of range")
+    return eager_or_compiled(MultiMarginFunction).apply(input, target, int(p), float(margin), weight, reduction_enum)

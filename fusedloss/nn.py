@@ -8,7 +8,15 @@ import torch
 
 from . import functional as F
 
-__all__ = ["BCEWithLogitsLoss", "CrossEntropyLoss", "MSELoss"]
+__all__ = [
+    "BCEWithLogitsLoss",
+    "CrossEntropyLoss",
+    "HingeEmbeddingLoss",
+    "HingeLoss",
+    "MSELoss",
+    "MultiMarginLoss",
+    "SoftMarginLoss",
+]
 
 
 class BCEWithLogitsLoss(torch.nn.BCEWithLogitsLoss):
@@ -76,3 +84,47 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
             softcap=self.softcap,
             inplace_backward=self.inplace_backward,
         )
+
+
+class HingeEmbeddingLoss(torch.nn.HingeEmbeddingLoss):
+    """:class:`torch.nn.HingeEmbeddingLoss`, computed by :func:`fusedloss.functional.hinge_embedding_loss`."""
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.hinge_embedding_loss(input, target, margin=self.margin, reduction=self.reduction)
+
+
+class SoftMarginLoss(torch.nn.SoftMarginLoss):
+    """:class:`torch.nn.SoftMarginLoss`, computed by :func:`fusedloss.functional.soft_margin_loss`
+    (stable for large margins; see its deviation note)."""
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.soft_margin_loss(input, target, reduction=self.reduction)
+
+
+class MultiMarginLoss(torch.nn.MultiMarginLoss):
+    """:class:`torch.nn.MultiMarginLoss`, computed by :func:`fusedloss.functional.multi_margin_loss`."""
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.multi_margin_loss(
+            input, target, p=self.p, margin=self.margin, weight=self.weight, reduction=self.reduction
+        )
+
+
+class HingeLoss(torch.nn.Module):
+    """Binary (SVM) hinge loss ``max(0, margin - target * input)`` with labels in
+    {-1, +1}; ``squared=True`` gives the L2-SVM loss. torch has no such module;
+    see :func:`fusedloss.functional.hinge_loss`."""
+
+    __constants__ = ["margin", "squared", "reduction"]
+
+    def __init__(self, margin: float = 1.0, squared: bool = False, reduction: str = "mean") -> None:
+        super().__init__()
+        self.margin = margin
+        self.squared = squared
+        self.reduction = reduction
+
+    def extra_repr(self) -> str:
+        return f"margin={self.margin}, squared={self.squared}, reduction={self.reduction!r}"
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.hinge_loss(input, target, margin=self.margin, squared=self.squared, reduction=self.reduction)

@@ -50,7 +50,20 @@ def _ce_kdim_module(device):
     return (lambda a: m(a, t)), (x,)
 
 
-CASES = {"bce": _bce, "mse": _mse, "bce_module": _bce_module, "ce": _ce, "ce_prob_extras": _ce_prob_extras,
+def _margins(device):
+    x = make((6, 9), torch.float32, device, requires_grad=True)
+    y = torch.sign(make((6, 9), torch.float32, device))
+    t = torch.randint(0, 9, (6,), device=device)
+    w = make((9,), torch.float32, device, 0.5, 2)
+    return (
+        lambda a: FF.hinge_embedding_loss(a, y, margin=0.5)
+        + FF.soft_margin_loss(a, y, reduction="sum")
+        + FF.hinge_loss(a, y, squared=True)
+        + FF.multi_margin_loss(a, t, p=2, weight=w)
+    ), (x,)
+
+
+CASES = {"margins": _margins, "bce": _bce, "mse": _mse, "bce_module": _bce_module, "ce": _ce, "ce_prob_extras": _ce_prob_extras,
          "ce_kdim_module": _ce_kdim_module}
 
 

@@ -15,7 +15,28 @@ PAIRS = [
     (fusedloss.nn.BCEWithLogitsLoss, torch.nn.BCEWithLogitsLoss),
     (fusedloss.nn.MSELoss, torch.nn.MSELoss),
     (fusedloss.nn.CrossEntropyLoss, torch.nn.CrossEntropyLoss),
+    (fusedloss.nn.HingeEmbeddingLoss, torch.nn.HingeEmbeddingLoss),
+    (fusedloss.nn.SoftMarginLoss, torch.nn.SoftMarginLoss),
+    (fusedloss.nn.MultiMarginLoss, torch.nn.MultiMarginLoss),
 ]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_margin_modules(device):
+    x = make((6, 5), torch.float32, device, requires_grad=True)
+    y = torch.sign(make((6, 5), torch.float32, device))
+    t = torch.tensor([0, 4, 2, 2, 1, 3], device=device)
+    w = make((5,), torch.float32, device, 0.5, 2)
+    pairs = [
+        (fusedloss.nn.HingeEmbeddingLoss(margin=0.3), torch.nn.HingeEmbeddingLoss(margin=0.3), y),
+        (fusedloss.nn.SoftMarginLoss(reduction="sum"), torch.nn.SoftMarginLoss(reduction="sum"), y),
+        (fusedloss.nn.MultiMarginLoss(p=2, weight=w), torch.nn.MultiMarginLoss(p=2, weight=w), t),
+    ]
+    for ours, theirs, target in pairs:
+        assert repr(ours) == repr(theirs)
+        assert_matches_torch("module", x, target, fused=ours, native=theirs)
+    mm = fusedloss.nn.MultiMarginLoss(weight=w)
+    assert dict(mm.named_buffers()).keys() == {"weight"}
 
 
 @pytest.mark.parametrize("ours,theirs", PAIRS)

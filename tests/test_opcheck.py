@@ -17,8 +17,46 @@ def _bce(device, dtype, shape, rg, reduction, weighted):
     return x, y, w, pw
 
 
+def margin_forward_samples(device):
+    for dtype in (torch.float32, torch.bfloat16):
+        for shape in ((4, 7), (0, 3), ()):
+            for reduction in (0, 1, 2):
+                for rg in (False, True):
+                    x = make(shape, dtype, device, requires_grad=rg)
+                    y = torch.sign(make(shape, dtype, device)).requires_grad_(rg)
+                    yield ops.hinge_embedding, (x, y.detach(), 0.5, reduction)
+                    yield ops.soft_margin, (x, y.detach(), reduction)
+                    yield ops.hinge, (x, y, 1.0, rg, reduction)
+        for shape, tshape in (((5, 9), (5,)), ((9,), ()), ((0, 9), (0,))):
+            for reduction in (0, 1, 2):
+                for rg in (False, True):
+                    x = make(shape, dtype, device, requires_grad=rg)
+                    t = torch.randint(0, 9, tshape, device=device)
+                    w = make((9,), dtype, device, 0.5, 2)
+                    yield ops.multi_margin, (x, t, 1 if rg else 2, 0.7, w if rg else None, reduction)
+
+
+def margin_backward_samples(device):
+    for dtype in (torch.float32, torch.float16):
+        for shape in ((4, 7), (0, 3)):
+            for reduction in (0, 1, 2):
+                x = make(shape, dtype, device)
+                y = torch.sign(make(shape, dtype, device))
+                g = make(shape if reduction == 0 else (), dtype, device)
+                yield ops.hinge_embedding_backward, (g, x, y, 0.5, reduction)
+                yield ops.soft_margin_backward, (g, x, y, reduction)
+                for mask in ([True, True], [False, True]):
+                    yield ops.hinge_backward, (g, x, y, 1.0, True, reduction, mask)
+        for reduction in (0, 1, 2):
+            x = make((5, 9), dtype, device)
+            t = torch.randint(0, 9, (5,), device=device)
+            g = make((5,) if reduction == 0 else (), dtype, device)
+            yield ops.multi_margin_backward, (g, x, t, 2, 0.7, make((9,), dtype, device, 0.5, 2), reduction)
+
+
 def forward_samples(device):
     yield from cross_entropy_forward_samples(device)
+    yield from margin_forward_samples(device)
     for dtype in (torch.float32, torch.bfloat16):
         for shape in ((4, 7), (2, 3, 5, 5), (0, 3), ()):
             for reduction in (0, 1, 2):
@@ -77,6 +115,7 @@ def cross_entropy_backward_samples(device):
 
 def backward_samples(device):
     yield from cross_entropy_backward_samples(device)
+    yield from margin_backward_samples(device)
     for dtype in (torch.float32, torch.float16):
         for shape in ((4, 7), (2, 3, 5, 5), (0, 3)):
             for reduction in (0, 1, 2):

@@ -292,15 +292,7 @@ struct CpuRowEngine {
   }
 };
 
-struct CpuElementwise {
-  template <typename scalar_t, typename F>
-  static void forward(const ElementwiseCall& c, const F& f, int64_t reduction, at::Tensor& loss,
-                      at::Tensor* denominator) {
-    cpu::forward<scalar_t>(c, f, reduction, loss, denominator);
-  }
-};
-
-using Ops = CrossEntropyOps<CpuRowEngine, CpuElementwise>;
+using Ops = CrossEntropyOps<CpuRowEngine, Engine>;
 
 }  // namespace
 

@@ -246,4 +246,17 @@ void forward(const ElementwiseCall& c, const F& f, int64_t reduction, at::Tensor
   loss.mutable_data_ptr<scalar_t>()[0] = static_cast<scalar_t>(static_cast<acc_t>(value));
 }
 
+// The CPU engine as the shared host code (elementwise_ops.h, row_sum.h) uses it.
+struct Engine {
+  template <typename scalar_t, typename F>
+  static void forward(const ElementwiseCall& c, const F& f, int64_t reduction, at::Tensor& loss,
+                      at::Tensor* denominator) {
+    cpu::forward<scalar_t>(c, f, reduction, loss, denominator);
+  }
+  template <typename scalar_t, typename F>
+  static void map(const ElementwiseCall& c, const F& f, const std::array<scalar_t*, F::kOut>& out) {
+    cpu::map(c.numel, operands<scalar_t, F::kIn>(c), f, out);
+  }
+};
+
 }  // namespace fusedloss::cpu

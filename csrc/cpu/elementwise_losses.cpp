@@ -1,6 +1,7 @@
 // CPU registrations of the elementwise losses (binary_cross_entropy_with_logits,
-// mse_loss): the shared host code of fusedloss/elementwise_ops.h run by the
-// vectorized OpenMP engine of elementwise.h.
+// mse_loss, hinge_embedding_loss, soft_margin_loss, the binary hinge): the
+// shared host code of fusedloss/elementwise_ops.h run by the vectorized OpenMP
+// engine of elementwise.h.
 
 #include <torch/library.h>
 
@@ -11,19 +12,7 @@
 namespace fusedloss::cpu {
 namespace {
 
-struct CpuEngine {
-  template <typename scalar_t, typename F>
-  static void forward(const ElementwiseCall& c, const F& f, int64_t reduction, at::Tensor& loss,
-                      at::Tensor* denominator) {
-    cpu::forward<scalar_t>(c, f, reduction, loss, denominator);
-  }
-  template <typename scalar_t, typename F>
-  static void map(const ElementwiseCall& c, const F& f, const std::array<scalar_t*, F::kOut>& out) {
-    cpu::map(c.numel, operands<scalar_t, F::kIn>(c), f, out);
-  }
-};
-
-using Ops = ElementwiseOps<CpuEngine>;
+using Ops = ElementwiseOps<Engine>;
 
 }  // namespace
 
@@ -32,6 +21,12 @@ TORCH_LIBRARY_IMPL(fusedloss, CPU, m) {
   m.impl("bce_with_logits_backward", &Ops::bce_with_logits_backward);
   m.impl("mse", &Ops::mse);
   m.impl("mse_backward", &Ops::mse_backward);
+  m.impl("hinge_embedding", &Ops::hinge_embedding);
+  m.impl("hinge_embedding_backward", &Ops::hinge_embedding_backward);
+  m.impl("soft_margin", &Ops::soft_margin);
+  m.impl("soft_margin_backward", &Ops::soft_margin_backward);
+  m.impl("hinge", &Ops::hinge);
+  m.impl("hinge_backward", &Ops::hinge_backward);
 }
 
 }  // namespace fusedloss::cpu

@@ -19,6 +19,7 @@
 #include <fusedloss/elementwise_host.h>
 #include <fusedloss/numerics.h>
 #include <fusedloss/outputs.h>
+#include <fusedloss/row_sum.h>
 
 #include <optional>
 #include <tuple>
@@ -167,38 +168,6 @@ inline void check_cross_entropy(const char* op, const at::Tensor& input, const a
                 op, ": target of shape ", target.sizes(), " does not match the input's batch shape ",
                 at::IntArrayRef(batch));
   }
-}
-
-// Sum of the per-row (loss, weight) pairs: a mean divides by the weight sum.
-template <typename acc_t>
-struct RowSum {
-  static constexpr int kIn = 2;
-  static constexpr int kOut = 2;
-  template <typename V>
-  C10_HOST_DEVICE void operator()(const V* in, V* out) const {
-    out[0] = in[0];
-    out[1] = in[1];
-  }
-};
-
-template <typename acc_t>
-struct Identity {
-  static constexpr int kIn = 1;
-  static constexpr int kOut = 1;
-  template <typename V>
-  C10_HOST_DEVICE void operator()(const V* in, V* out) const {
-    out[0] = in[0];
-  }
-};
-
-// Deterministic device-side sum of `t` (1-D, accumulation dtype) into `out` (0-d view).
-template <typename ElementwiseEngine>
-void sum_into(const at::Tensor& t, at::Tensor out) {
-  ElementwiseCall c(t);
-  c.set(0, t);
-  AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "fusedloss_sum", [&] {
-    ElementwiseEngine::template forward<scalar_t>(c, Identity<scalar_t>{}, kReductionSum, out, nullptr);
-  });
 }
 
 // Saved state of a forward, read by the backward.

@@ -100,4 +100,85 @@ struct MseBackward {
   }
 };
 
+// ---------------------------------------------------------------------------
+// hinge_embedding_loss: operands x, y (, g)
+// ---------------------------------------------------------------------------
+template <typename acc_t>
+struct HingeEmbeddingForward {
+  static constexpr int kIn = 2;
+  static constexpr int kOut = 1;
+  acc_t margin;
+  template <typename V>
+  C10_HOST_DEVICE void operator()(const V* in, V* out) const {
+    out[0] = math::hinge_embedding(in[0], in[1], V(margin));
+  }
+};
+
+template <typename acc_t>
+struct HingeEmbeddingBackward {
+  static constexpr int kIn = 3;
+  static constexpr int kOut = 1;
+  acc_t margin;
+  acc_t scale;
+  template <typename V>
+  C10_HOST_DEVICE void operator()(const V* in, V* out) const {
+    out[0] = math::hinge_embedding_grad(in[0], in[1], V(margin)) * in[2] * V(scale);
+  }
+};
+
+// ---------------------------------------------------------------------------
+// soft_margin_loss: operands x, y (, g)
+// ---------------------------------------------------------------------------
+template <typename acc_t>
+struct SoftMarginForward {
+  static constexpr int kIn = 2;
+  static constexpr int kOut = 1;
+  template <typename V>
+  C10_HOST_DEVICE void operator()(const V* in, V* out) const {
+    out[0] = math::soft_margin(in[0], in[1]);
+  }
+};
+
+template <typename acc_t>
+struct SoftMarginBackward {
+  static constexpr int kIn = 3;
+  static constexpr int kOut = 1;
+  acc_t scale;
+  template <typename V>
+  C10_HOST_DEVICE void operator()(const V* in, V* out) const {
+    out[0] = math::soft_margin_grad(in[0], in[1]) * in[2] * V(scale);
+  }
+};
+
+// ---------------------------------------------------------------------------
+// Binary hinge: operands x, y (, g)
+// ---------------------------------------------------------------------------
+template <typename acc_t>
+struct HingeForward {
+  static constexpr int kIn = 2;
+  static constexpr int kOut = 1;
+  acc_t margin;
+  bool squared;
+  template <typename V>
+  C10_HOST_DEVICE void operator()(const V* in, V* out) const {
+    const V h = math::hinge_residual(in[0], in[1], V(margin));
+    out[0] = squared ? h * h : h;
+  }
+};
+
+template <typename acc_t>
+struct HingeBackward {
+  static constexpr int kIn = 3;
+  static constexpr int kOut = 2;
+  acc_t margin;
+  acc_t scale;
+  bool squared;
+  template <typename V>
+  C10_HOST_DEVICE void operator()(const V* in, V* out) const {
+    const V s = math::hinge_slope(in[0], in[1], V(margin), squared) * in[2] * V(scale);
+    out[0] = math::Ops<V>::neg(in[1]) * s;
+    out[1] = math::Ops<V>::neg(in[0]) * s;
+  }
+};
+
 }  // namespace fusedloss

@@ -109,6 +109,95 @@ struct ElementwiseOps {
     });
     return {grad_input, grad_target, grad_weight};
   }
+
+  // ---- margin losses on (input, target) pairs of one shape and dtype -------
+  // hinge_embedding_loss, soft_margin_loss and the binary hinge share these.
+
+  template <typename MakeForward>
+  static at::Tensor pair_forward(const char* op, const at::Tensor& input, const at::Tensor& target,
+                                 int64_t reduction, MakeForward make) {
+    check_elementwise(op, input, target, reduction);
+    ElementwiseCall c(input);
+    c.set(0, input);
+    c.set(1, target);
+    at::Tensor loss = c.new_loss(reduction);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "margin_loss", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      Engine::template forward<scalar_t>(c, make(acc_t{}), reduction, loss, nullptr);
+    });
+    return loss;
+  }
+
+  // Gradients of a pair loss; make(acc_t{}, scale) builds the backward functor
+  // (out[0] = d/dinput, out[1] = d/dtarget when it has two outputs).
+  template <int kGrads, typename MakeBackward>
+  static std::array<at::Tensor, kGrads> pair_backward(const char* op, const at::Tensor& grad, const at::Tensor& input,
+                                                      const at::Tensor& target, int64_t reduction,
+                                                      std::array<bool, kGrads> mask, MakeBackward make) {
+    check_elementwise(op, input, target, reduction);
+    check_grad(op, grad, input, reduction);
+    ElementwiseCall c(input);
+    c.set(0, input);
+    c.set(1, target);
+    c.set(2, grad);
+    std::array<at::Tensor, kGrads> out;
+    bool any = false;
+    for (int k = 0; k < kGrads; ++k) {
+      out[k] = c.new_grad(mask[k]);
+      any = any || mask[k];
+    }
+    if (c.numel == 0 || !any) return out;
+    const double scale = reduction == kReductionMean ? 1.0 / static_cast<double>(c.numel) : 1.0;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "margin_loss_backward", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      std::array<scalar_t*, kGrads> ptrs;
+      for (int k = 0; k < kGrads; ++k) ptrs[k] = mask[k] ? out[k].template mutable_data_ptr<scalar_t>() : nullptr;
+      Engine::template map<scalar_t>(c, make(acc_t{}, static_cast<acc_t>(scale)), ptrs);
+    });
+    return out;
+  }
+
+  static at::Tensor hinge_embedding(const at::Tensor& input, const at::Tensor& target, double margin,
+                                    int64_t reduction) {
+    return pair_forward("fusedloss::hinge_embedding", input, target, reduction,
+                        [&](auto acc) { return HingeEmbeddingForward<decltype(acc)>{static_cast<decltype(acc)>(margin)}; });
+  }
+
+  static at::Tensor hinge_embedding_backward(const at::Tensor& grad, const at::Tensor& input,
+                                             const at::Tensor& target, double margin, int64_t reduction) {
+    return pair_backward<1>("fusedloss::hinge_embedding_backward", grad, input, target, reduction, {true},
+                            [&](auto acc, auto scale) {
+                              return HingeEmbeddingBackward<decltype(acc)>{static_cast<decltype(acc)>(margin), scale};
+                            })[0];
+  }
+
+  static at::Tensor soft_margin(const at::Tensor& input, const at::Tensor& target, int64_t reduction) {
+    return pair_forward("fusedloss::soft_margin", input, target, reduction,
+                        [&](auto acc) { return SoftMarginForward<decltype(acc)>{}; });
+  }
+
+  static at::Tensor soft_margin_backward(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& target,
+                                         int64_t reduction) {
+    return pair_backward<1>("fusedloss::soft_margin_backward", grad, input, target, reduction, {true},
+                            [&](auto acc, auto scale) { return SoftMarginBackward<decltype(acc)>{scale}; })[0];
+  }
+
+  static at::Tensor hinge(const at::Tensor& input, const at::Tensor& target, double margin, bool squared,
+                          int64_t reduction) {
+    return pair_forward("fusedloss::hinge", input, target, reduction, [&](auto acc) {
+      return HingeForward<decltype(acc)>{static_cast<decltype(acc)>(margin), squared};
+    });
+  }
+
+  static std::tuple<at::Tensor, at::Tensor> hinge_backward(const at::Tensor& grad, const at::Tensor& input,
+                                                           const at::Tensor& target, double margin, bool squared,
+                                                           int64_t reduction, std::array<bool, 2> output_mask) {
+    auto g = pair_backward<2>("fusedloss::hinge_backward", grad, input, target, reduction, output_mask,
+                              [&](auto acc, auto scale) {
+                                return HingeBackward<decltype(acc)>{static_cast<decltype(acc)>(margin), scale, squared};
+                              });
+    return {g[0], g[1]};
+  }
 };
 
 }  // namespace fusedloss

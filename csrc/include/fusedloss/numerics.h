@@ -274,5 +274,70 @@ C10_HOST_DEVICE inline T ce_prob_grad_scale(T lse, T mass, const CeOptions<T>& o
   return o.z_loss != T(0) ? mass + T(2) * o.z_loss * lse : mass;
 }
 
+
+// ---------------------------------------------------------------------------
+// Margin losses
+// ---------------------------------------------------------------------------
+
+// hinge_embedding_loss, as torch's composite: targets other than +-1 take both
+// terms; clamp_min propagates NaN, and its gradient is 0 at the kink and at NaN.
+//   loss = (y != 1 ? max(margin - x, 0) : 0) + (y != -1 ? x : 0)
+//   d/dx = (y != 1 ? -[margin - x > 0] : 0) + (y != -1 ? 1 : 0)
+template <typename V>
+C10_HOST_DEVICE inline V hinge_embedding(V x, V y, V margin) {
+  using O = Ops<V>;
+  return O::where(O::ne(y, V(1)), O::max(margin - x, V(0)), V(0)) + O::where(O::ne(y, V(-1)), x, V(0));
+}
+
+template <typename V>
+C10_HOST_DEVICE inline V hinge_embedding_grad(V x, V y, V margin) {
+  using O = Ops<V>;
+  const V clamp_slope = O::where(O::gt(margin - x, V(0)), V(-1), V(0));
+  return O::where(O::ne(y, V(1)), clamp_slope, V(0)) + O::where(O::ne(y, V(-1)), V(1), V(0));
+}
+
+// soft_margin_loss in the stable softplus form: log(1 + exp(-y x)) without
+// overflow (torch's log1p(exp(.)) is inf beyond -y x ~ 88 in fp32).
+//   d/dx = -y sigmoid(-y x)
+template <typename V>
+C10_HOST_DEVICE inline V soft_margin(V x, V y) {
+  return softplus(Ops<V>::neg(y * x));
+}
+
+template <typename V>
+C10_HOST_DEVICE inline V soft_margin_grad(V x, V y) {
+  return Ops<V>::neg(y) * sigmoid(Ops<V>::neg(y * x));
+}
+
+// Binary (SVM) hinge: h = max(0, margin - y x) (NaN-propagating, as
+// torch.clamp), loss h or h^2. dh/dx = -y [margin - y x > 0], dh/dy = -x [...]
+// (torch.clamp's gradient is 0 at the kink and at NaN).
+template <typename V>
+C10_HOST_DEVICE inline V hinge_residual(V x, V y, V margin) {
+  return Ops<V>::max(margin - y * x, V(0));
+}
+
+// d loss / d (margin - y x): [z > 0], times 2 z when squared.
+template <typename V>
+C10_HOST_DEVICE inline V hinge_slope(V x, V y, V margin, bool squared) {
+  using O = Ops<V>;
+  const V z = margin - y * x;
+  return O::where(O::gt(z, V(0)), squared ? V(2) * z : V(1), V(0));
+}
+
+// multi_margin_loss term of class i against the target class: z = margin - x_t + x_i,
+// counted only where z > 0 (as torch's kernels: a NaN z counts nothing).
+template <typename V>
+C10_HOST_DEVICE inline V multi_margin_term(V z, int64_t p) {
+  using O = Ops<V>;
+  return O::where(O::gt(z, V(0)), p == 1 ? z : z * z, V(0));
+}
+
+template <typename V>
+C10_HOST_DEVICE inline V multi_margin_grad_term(V z, int64_t p) {
+  using O = Ops<V>;
+  return O::where(O::gt(z, V(0)), p == 1 ? V(1) : V(2) * z, V(0));
+}
+
 }  // namespace math
 }  // namespace fusedloss

@@ -1,0 +1,126 @@
+// multi_margin_loss on CUDA: a warp per row (several rows per block) for up to
+// 4096 classes, a 256-thread block per row beyond; every thread sums its
+// classes and the group adds the partial sums in a fixed order. Forward reads
+// each row once; backward reads it once and writes it once (the target class's
+// gradient, minus the sum of the others, is written after the group's sum).
+// torch's CUDA kernel uses one thread for each row's reduction.
+//
+// An out-of-range class index gives the row a NaN loss and NaN gradients and is
+// never dereferenced (fusedloss/_validation.py has the strict mode).
+
+#include <torch/library.h>
+
+#include <fusedloss/multi_margin_host.h>
+
+#include <limits>
+
+#include "common.cuh"
+#include "elementwise.cuh"
+
+namespace fusedloss::cuda {
+namespace {
+
+constexpr int kBlock = 256;
+
+template <int G, typename T>
+__device__ __forceinline__ T group_sum(T x, T* smem) {
+  if constexpr (G == kWarp) {
+    return warp_sum(x);
+  } else {
+    return block_sum(x, smem);
+  }
+}
+
+template <typename scalar_t, int G>
+__global__ void __launch_bounds__(kBlock) mm_forward(const MmParams<scalar_t> m) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int kRows = kBlock / G;
+  __shared__ acc_t smem[kWarp];
+  const int lane = threadIdx.x % G;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kRows + threadIdx.x / G;
+  if (r >= m.N) return;
+  const int64_t t = m.target[r];
+  if (t < 0 || t >= m.C) {
+    if (lane == 0) m.loss_out[r] = std::numeric_limits<acc_t>::quiet_NaN();
+    return;
+  }
+  const scalar_t* x = m.input + r * m.C;
+  const acc_t base = m.margin - static_cast<acc_t>(x[t]);
+  acc_t acc = acc_t(0);
+  for (int64_t c = lane; c < m.C; c += G)
+    if (c != t) acc += math::multi_margin_term(base + static_cast<acc_t>(x[c]), m.p);
+  acc = group_sum<G>(acc, smem);
+  if (lane == 0) m.loss_out[r] = acc * m.row_scale(t);
+}
+
+template <typename scalar_t, int G>
+__global__ void __launch_bounds__(kBlock) mm_backward(const MmParams<scalar_t> m) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int kRows = kBlock / G;
+  __shared__ acc_t smem[kWarp];
+  const int lane = threadIdx.x % G;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kRows + threadIdx.x / G;
+  if (r >= m.N) return;
+  const int64_t t = m.target[r];
+  scalar_t* out = m.grad_input + r * m.C;
+  if (t < 0 || t >= m.C) {
+    for (int64_t c = lane; c < m.C; c += G) out[c] = static_cast<scalar_t>(std::numeric_limits<acc_t>::quiet_NaN());
+    return;
+  }
+  const scalar_t* x = m.input + r * m.C;
+  const acc_t k = static_cast<acc_t>(m.grad[m.grad_per_row ? r : 0]) * m.scale * m.row_scale(t);
+  const acc_t base = m.margin - static_cast<acc_t>(x[t]);
+  acc_t acc = acc_t(0);
+  for (int64_t c = lane; c < m.C; c += G) {
+    if (c == t) continue;
+    const acc_t d = math::multi_margin_grad_term(base + static_cast<acc_t>(x[c]), m.p) * k;
+    out[c] = static_cast<scalar_t>(d);
+    acc += d;
+  }
+  acc = group_sum<G>(acc, smem);
+  if (lane == 0) out[t] = static_cast<scalar_t>(-acc);
+}
+
+struct CudaRowEngine {
+  template <typename scalar_t>
+  static void forward_rows(const MmParams<scalar_t>& m) {
+    launch<scalar_t, true>(m);
+  }
+  template <typename scalar_t>
+  static void backward_rows(const MmParams<scalar_t>& m) {
+    launch<scalar_t, false>(m);
+  }
+
+ private:
+  template <typename scalar_t, bool kForward>
+  static void launch(const MmParams<scalar_t>& m) {
+    const auto stream = c10::cuda::getCurrentCUDAStream();
+    if (m.C <= 4096) {
+      const int64_t blocks = ceil_div(m.N, kBlock / kWarp);
+      if (kForward) {
+        mm_forward<scalar_t, kWarp><<<blocks, kBlock, 0, stream>>>(m);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      } else {
+        mm_backward<scalar_t, kWarp><<<blocks, kBlock, 0, stream>>>(m);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    } else if (kForward) {
+      mm_forward<scalar_t, kBlock><<<m.N, kBlock, 0, stream>>>(m);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else {
+      mm_backward<scalar_t, kBlock><<<m.N, kBlock, 0, stream>>>(m);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  }
+};
+
+using Ops = MultiMarginOps<CudaRowEngine, CudaEngine>;
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedloss, CUDA, m) {
+  m.impl("multi_margin", &Ops::forward);
+  m.impl("multi_margin_backward", &Ops::backward);
+}
+
+}  // namespace fusedloss::cuda

@@ -139,8 +139,10 @@ def cmd_bench(args) -> int:
         copy = B.measure_copy_gbps(device)
         copies[device] = copy
         reps = args.reps or (5 if args.quick else 10)
-        rows = B.run(cases, device, warmup=args.warmup, reps=reps, progress=B.progress_bar)
-        sys.stderr.write("\n")
+        tty = sys.stderr.isatty()
+        rows = B.run(cases, device, warmup=args.warmup, reps=reps, progress=B.progress_bar if tty else None)
+        if tty:
+            sys.stderr.write("\n")
         all_rows += rows
         print(f"\n{B.device_name(device)}, torch {__import__('torch').__version__}, copy {copy:.1f} GB/s "
               f"(read+write); fwd+bwd medians; ratio = fusedloss time / other time")

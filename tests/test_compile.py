@@ -77,6 +77,8 @@ def _grads(out, args):
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_compiled_matches_eager(device, case, backend, dynamic):
+    if device == "cuda" and backend == "inductor" and case not in ("ce", "bce"):
+        pytest.skip("inductor on CUDA: two cases keep the GPU run short; aot_eager covers the rest")
     torch._dynamo.reset()
     fn, args = CASES[case](device)
     compiled = torch.compile(fn, backend=backend, fullgraph=True, dynamic=dynamic)

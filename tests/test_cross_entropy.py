@@ -655,6 +655,7 @@ print("OK" if ok else "FAIL")
 """
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 def test_cuda_bad_targets_give_nan_and_strict_mode_raises():
     r = subprocess.run([sys.executable, "-c", _CUDA_BAD_TARGET], capture_output=True, text=True, cwd=ROOT, timeout=300)

@@ -25,14 +25,19 @@ TORCH_LIBRARY(fusedloss, m) {
       "mse_backward(Tensor grad, Tensor input, Tensor target, Tensor? weight, Tensor? loss, Tensor? denominator, "
       "int reduction, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
   // The margin family. Pair losses take input and target of one shape and dtype.
+  // grad_at_kink: whether the clamp passes its gradient where its argument is
+  // exactly 0 (torch's clamp changed this in 2.14; fusedloss follows the
+  // installed torch).
   m.def("hinge_embedding(Tensor input, Tensor target, float margin, int reduction) -> Tensor");
-  m.def("hinge_embedding_backward(Tensor grad, Tensor input, Tensor target, float margin, int reduction) -> Tensor");
+  m.def(
+      "hinge_embedding_backward(Tensor grad, Tensor input, Tensor target, float margin, int reduction, "
+      "bool grad_at_kink) -> Tensor");
   m.def("soft_margin(Tensor input, Tensor target, int reduction) -> Tensor");
   m.def("soft_margin_backward(Tensor grad, Tensor input, Tensor target, int reduction) -> Tensor");
   m.def("hinge(Tensor input, Tensor target, float margin, bool squared, int reduction) -> Tensor");
   m.def(
       "hinge_backward(Tensor grad, Tensor input, Tensor target, float margin, bool squared, int reduction, "
-      "bool[2] output_mask) -> (Tensor, Tensor)");
+      "bool grad_at_kink, bool[2] output_mask) -> (Tensor, Tensor)");
   // multi_margin_loss on (N, C) or (C) input with int64 class indices.
   m.def("multi_margin(Tensor input, Tensor target, int p, float margin, Tensor? weight, int reduction) -> Tensor");
   m.def(

@@ -51,6 +51,10 @@ def cross_entropy(
         return loss + z
     if reduction == "sum":
         return loss + z.sum()
+    # All targets ignored: torch's mean is NaN already, and ignored samples get
+    # zero gradient; dividing the (zero) z sum by 1 keeps it that way.
+    if isinstance(denom, torch.Tensor):
+        denom = torch.where(denom == 0, torch.ones_like(denom), denom)
     return loss + z.sum() / denom
 
 

@@ -89,6 +89,17 @@ _C, BUILD_INFO = load()
 ops = torch.ops.fusedloss
 
 
+def _clamp_grad_at_bound() -> bool:
+    """Whether the installed torch's clamp passes the gradient where its input
+    equals the bound (torch < 2.14: yes; 2.14: no). The hinge losses follow it."""
+    x = torch.zeros(1, requires_grad=True)
+    (g,) = torch.autograd.grad(torch.clamp_min(x, 0).sum(), x)
+    return bool(g.item() != 0)
+
+
+CLAMP_GRAD_AT_BOUND = _clamp_grad_at_bound()
+
+
 # ---------------------------------------------------------------------------
 # Fake kernels. They mirror the real ones exactly: outputs are contiguous, in
 # the input's dtype, and gradients not asked for are empty (0,) tensors.
@@ -164,7 +175,7 @@ def _(input, target, margin, reduction):
 
 
 @torch.library.register_fake("fusedloss::hinge_embedding_backward")
-def _(grad, input, target, margin, reduction):
+def _(grad, input, target, margin, reduction, grad_at_kink):
     return input.new_empty(input.shape)
 
 
@@ -184,7 +195,7 @@ def _(input, target, margin, squared, reduction):
 
 
 @torch.library.register_fake("fusedloss::hinge_backward")
-def _(grad, input, target, margin, squared, reduction, output_mask):
+def _(grad, input, target, margin, squared, reduction, grad_at_kink, output_mask):
     return _grad_like(input, output_mask[0]), _grad_like(input, output_mask[1])
 
 
@@ -199,3 +210,11 @@ def _(input, target, p, margin, weight, reduction):
 @torch.library.register_fake("fusedloss::multi_margin_backward")
 def _(grad, input, target, p, margin, weight, reduction):
     return input.new_empty(input.shape)
+
+
+# Inside torch.autocast torch runs its losses in fp32; the raw ops do too, so
+# direct op calls and compiled graphs get the same dtypes as fusedloss.functional
+# (which casts before its autograd.Function).
+for _op in ("bce_with_logits", "mse", "cross_entropy", "hinge_embedding", "soft_margin", "multi_margin"):
+    for _device in ("cpu", "cuda"):
+        torch.library.register_autocast(f"fusedloss::{_op}", _device, torch.float32)

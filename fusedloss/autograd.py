@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _composite
-from ._ops import ops
+from ._ops import CLAMP_GRAD_AT_BOUND, ops
 
 __all__ = [
     "BCEWithLogitsFunction",
@@ -66,7 +66,7 @@ class HingeEmbeddingFunction(torch.autograd.Function):
                 (input,), (True,), grad,
             )
         else:
-            gx = ops.hinge_embedding_backward(grad, input, target, margin, reduction)
+            gx = ops.hinge_embedding_backward(grad, input, target, margin, reduction, CLAMP_GRAD_AT_BOUND)
         return gx, None, None, None
 
 
@@ -128,7 +128,9 @@ class HingeFunction(torch.autograd.Function):
                 (input, target), needs, grad,
             )
         else:
-            gx, gy = ops.hinge_backward(grad, input, target, margin, squared, reduction, [needs[0], needs[1]])
+            gx, gy = ops.hinge_backward(
+                grad, input, target, margin, squared, reduction, CLAMP_GRAD_AT_BOUND, [needs[0], needs[1]]
+            )
             gx, gy = (gx if needs[0] else None, gy if needs[1] else None)
         return gx, gy, None, None, None
 
@@ -222,7 +224,12 @@ def _register_op_autograd():
         return setup
 
     def hinge_embedding_backward(ctx, grad):
-        return (ops.hinge_embedding_backward(grad, *ctx.saved_tensors, *ctx.args), None, None, None)
+        return (
+            ops.hinge_embedding_backward(grad, *ctx.saved_tensors, *ctx.args, CLAMP_GRAD_AT_BOUND),
+            None,
+            None,
+            None,
+        )
 
     torch.library.register_autograd(
         "fusedloss::hinge_embedding", hinge_embedding_backward, setup_context=saving_setup(2)
@@ -235,7 +242,7 @@ def _register_op_autograd():
 
     def hinge_backward(ctx, grad):
         needs = ctx.needs_input_grad[:2]
-        gx, gy = ops.hinge_backward(grad, *ctx.saved_tensors, *ctx.args, [needs[0], needs[1]])
+        gx, gy = ops.hinge_backward(grad, *ctx.saved_tensors, *ctx.args, CLAMP_GRAD_AT_BOUND, [needs[0], needs[1]])
         return (gx if needs[0] else None, gy if needs[1] else None, None, None, None)
 
     torch.library.register_autograd("fusedloss::hinge", hinge_backward, setup_context=saving_setup(2))
@@ -508,7 +515,7 @@ class _HingeEmbeddingFunctionJvp(HingeEmbeddingFunction):
         margin, reduction = ctx.args
         if t_input is None:
             return torch.zeros_like(input if reduction == 0 else input.new_empty(()))
-        d = ops.hinge_embedding_backward(ones_grad(input, reduction), input, target, margin, reduction)
+        d = ops.hinge_embedding_backward(ones_grad(input, reduction), input, target, margin, reduction, CLAMP_GRAD_AT_BOUND)
         return contract((d,), (t_input,), reduction, input)
 
 
@@ -528,7 +535,9 @@ class _HingeFunctionJvp(HingeFunction):
         input, target = ctx.saved_tensors
         margin, squared, reduction = ctx.args
         mask = [t_input is not None, t_target is not None]
-        d = ops.hinge_backward(ones_grad(input, reduction), input, target, margin, squared, reduction, mask)
+        d = ops.hinge_backward(
+            ones_grad(input, reduction), input, target, margin, squared, reduction, CLAMP_GRAD_AT_BOUND, mask
+        )
         return contract(d, (t_input, t_target), reduction, input if reduction == 0 else input.new_empty(()))
 
 

@@ -172,14 +172,14 @@ def cases_for(loss: str, device: str, quick: bool) -> list[Case]:
     gpu_dtypes = ["fp32"] if quick else ["fp32", "bf16"]
     if loss == "bce_with_logits":
         shapes = _sizes(device, quick, [(4096, 4096), (1024, 1024), (8192, 8192)], [(4096, 4096), (1024, 1024)],
-                        [(16384, 8192), (4096, 4096), (32768, 16384)], [(16384, 8192)])
+                        [(16384, 8192), (4096, 4096), (32768, 16384)], [(32768, 16384)])
         for shape in shapes:
             for dt in (["fp32"] if device == "cpu" else gpu_dtypes):
                 out.append(Case(loss, "plain", shape, dt, lambda s, d, dev: _bce(s, d, dev)))
                 out.append(Case(loss, "pos_weight", shape, dt, lambda s, d, dev: _bce(s, d, dev, pos_weight=True)))
     elif loss == "mse":
         shapes = _sizes(device, quick, [(4096, 4096), (1024, 1024), (8192, 8192)], [(4096, 4096), (1024, 1024)],
-                        [(16384, 8192), (4096, 4096), (32768, 16384)], [(16384, 8192)])
+                        [(16384, 8192), (4096, 4096), (32768, 16384)], [(32768, 16384)])
         for shape in shapes:
             for dt in (["fp32"] if device == "cpu" else gpu_dtypes):
                 out.append(Case(loss, "plain", shape, dt, _mse))
@@ -201,13 +201,13 @@ def cases_for(loss: str, device: str, quick: bool) -> list[Case]:
             out.append(Case(loss, "plain", (2048, 32000), "bf16", _ce))
     elif loss in ("hinge_embedding", "soft_margin", "hinge"):
         shapes = _sizes(device, quick, [(4096, 4096), (1024, 1024), (8192, 8192)], [(4096, 4096), (1024, 1024)],
-                        [(16384, 8192), (4096, 4096), (32768, 16384)], [(16384, 8192)])
+                        [(16384, 8192), (4096, 4096), (32768, 16384)], [(32768, 16384)])
         for shape in shapes:
             for dt in (["fp32"] if device == "cpu" else gpu_dtypes):
                 out.append(Case(loss, "plain", shape, dt, lambda s, d, dev, name=loss: _pair(name, s, d, dev)))
     elif loss == "multi_margin":
         shapes = _sizes(device, quick, [(16384, 1000), (4096, 1000), (32768, 1000)], [(16384, 1000), (4096, 1000)],
-                        [(65536, 1000), (16384, 1000), (131072, 1000)], [(65536, 1000)])
+                        [(65536, 1000), (16384, 1000), (131072, 1000)], [(131072, 1000)])
         for shape in shapes:
             out.append(Case(loss, "plain", shape, "fp32", _multi_margin))
     else:

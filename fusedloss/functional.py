@@ -42,6 +42,24 @@ def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
+def _autocast_fp32(*tensors):
+    """torch runs its losses in fp32 inside torch.autocast (on the CPU and on
+    CUDA); fusedloss does the same, so that mixed-precision code gets the
+    dtypes, values and gradients it got from torch. fp64 stays fp64, as in
+    autocast."""
+    device = next((t.device.type for t in tensors if isinstance(t, torch.Tensor)), "cpu")
+    try:
+        enabled = torch.is_autocast_enabled(device)
+    except RuntimeError:  # a device type autocast does not know (e.g. meta)
+        return tensors
+    if not enabled:
+        return tensors
+    return tuple(
+        t.float() if isinstance(t, torch.Tensor) and t.dtype in (torch.float16, torch.bfloat16) else t
+        for t in tensors
+    )
+
+
 def binary_cross_entropy_with_logits(
     input: torch.Tensor,
     target: torch.Tensor,
@@ -95,6 +113,7 @@ def binary_cross_entropy_with_logits(
     if weight is not None:
         _checks.inplace_broadcast(input.shape, weight.shape)
 
+    input, target, weight, pos_weight = _autocast_fp32(input, target, weight, pos_weight)
     dtype = torch.promote_types(input.dtype, target.dtype)
     loss = eager_or_compiled(BCEWithLogitsFunction).apply(
         _cast(input, dtype), _cast(target, dtype), _cast(weight, dtype), _cast(pos_weight, dtype), reduction_enum
@@ -113,6 +132,9 @@ def _mse_loss(input, target, size_average, reduce, reduction, weight):
     if size_average is not None or reduce is not None:
         reduction = _Reduction.legacy_get_string(size_average, reduce)
     expanded_input, expanded_target = torch.broadcast_tensors(input, target)
+    input, target, weight, expanded_input, expanded_target = _autocast_fp32(
+        input, target, weight, expanded_input, expanded_target
+    )
 
     if weight is not None:
         if weight.size() != input.size():
@@ -314,6 +336,7 @@ def cross_entropy(
             "inplace_backward=True writes the gradient over the logits, so they cannot be a leaf tensor "
             "(its .grad would alias its data); use it for logits computed by the model"
         )
+    input, target, weight = _autocast_fp32(input, target, weight)
     plan = _cross_entropy_plan(input, target, weight, ignore_index, label_smoothing, inplace_backward)
     if plan is None:
         return _composite.cross_entropy(
@@ -361,6 +384,7 @@ def hinge_embedding_loss(
     reduction_enum = _legacy_reduction(size_average, reduce, reduction)
     # torch's first broadcast is where(target != 1, ...): target is tensor a.
     _checks.broadcast_shape(target.shape, input.shape)
+    input, target = _autocast_fp32(input, target)
     if not (input.is_floating_point() and not target.is_complex() and _checks.same_device(input, target)):
         return _F.hinge_embedding_loss(input, target, margin, reduction=_REDUCTION_NAMES[reduction_enum])
     dtype = torch.promote_types(input.dtype, target.dtype) if target.is_floating_point() else input.dtype
@@ -394,6 +418,7 @@ def soft_margin_loss(
     reduction_enum = _legacy_reduction(size_average, reduce, reduction)
     _checks.no_requires_grad("soft_margin_loss", target=target)
     _checks.inplace_broadcast(input.shape, target.shape)
+    input, target = _autocast_fp32(input, target)
     if not (input.is_floating_point() and not target.is_complex() and _checks.same_device(input, target)):
         return _F.soft_margin_loss(input, target, reduction=_REDUCTION_NAMES[reduction_enum])
     dtype = torch.promote_types(input.dtype, target.dtype) if target.is_floating_point() else input.dtype
@@ -484,6 +509,7 @@ def multi_margin_loss(
     if weight is not None:
         if weight.dim() != 1:
             raise ValueError("weight must be one-dimensional")
+    input, weight = _autocast_fp32(input, weight)
     if not _multi_margin_supported(input, target, weight):
         # Invalid arguments: torch raises its own error.
         return _F.multi_margin_loss(input, target, p, margin, weight, reduction=_REDUCTION_NAMES[reduction_enum])

@@ -43,10 +43,10 @@ def margin_backward_samples(device):
                 x = make(shape, dtype, device)
                 y = torch.sign(make(shape, dtype, device))
                 g = make(shape if reduction == 0 else (), dtype, device)
-                yield ops.hinge_embedding_backward, (g, x, y, 0.5, reduction)
+                yield ops.hinge_embedding_backward, (g, x, y, 0.5, reduction, reduction == 1)
                 yield ops.soft_margin_backward, (g, x, y, reduction)
                 for mask in ([True, True], [False, True]):
-                    yield ops.hinge_backward, (g, x, y, 1.0, True, reduction, mask)
+                    yield ops.hinge_backward, (g, x, y, 1.0, True, reduction, mask[0], mask)
         for reduction in (0, 1, 2):
             x = make((5, 9), dtype, device)
             t = torch.randint(0, 9, (5,), device=device)

@@ -19,6 +19,7 @@ struct Ops<at::vec::Vectorized<T>> {
   using V = at::vec::Vectorized<T>;
   using Mask = V;  // lanes of all ones / all zeros, as at::vec comparisons return
   static V exp(const V& x) { return x.exp(); }  // Sleef, 1 ulp
+  static V exp_fast(const V& x) { return x.exp(); }
   static V log(const V& x) { return x.log(); }
   // Sleef's vector log1p runs ~8x slower than its log on AVX-512. log(1 + x)
   // times x / ((1 + x) - 1) is as accurate (the ratio undoes the rounding of

@@ -142,7 +142,7 @@ __device__ __forceinline__ void finish_row(const CeParams<scalar_t>& p, const Ce
   }
 }
 
-template <typename scalar_t, bool kProb, int G>
+template <typename scalar_t, bool kProb, int G, bool kPlain>
 __global__ void __launch_bounds__(G > kWarp ? G : kRowBlock) ce_forward_rows(const CeParams<scalar_t> p) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int VEC = pack_size<scalar_t>();
@@ -185,14 +185,23 @@ __global__ void __launch_bounds__(G > kWarp ? G : kRowBlock) ce_forward_rows(con
       acc_t pm = neg_inf<acc_t>();
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
-        x[j] = capped(p, pk[u].v[j]);
+        x[j] = kPlain ? static_cast<acc_t>(pk[u].v[j]) : capped(p, pk[u].v[j]);
         pm = math::Ops<acc_t>::max(pm, x[j]);
       }
       math::row_rebase(st, math::Ops<acc_t>::max(st.max, pm));
-      const int64_t c0 = sp.head + k * VEC;
+      if (st.max != neg_inf<acc_t>()) {  // else only -inf logits so far: exp terms are 0
 #pragma unroll
-      for (int j = 0; j < VEC; ++j)
-        math::row_add(st, x[j], with_f ? factor<kProb>(p, o, tbase, c0 + j) : acc_t(0), with_f);
+        for (int j = 0; j < VEC; ++j) st.sum += math::Ops<acc_t>::exp_fast(x[j] - st.max);
+      }
+      if (!kPlain && with_f) {
+        const int64_t c0 = sp.head + k * VEC;
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          const acc_t f = factor<kProb>(p, o, tbase, c0 + j);
+          st.rel += f * (st.max != neg_inf<acc_t>() ? x[j] - st.max : x[j]);
+          st.mass += f;
+        }
+      }
     }
   }
   for (int64_t c = sp.tail + lane; c < C; c += G) push_one<kProb>(p, o, tbase, c, row[c], with_f, st);
@@ -211,16 +220,24 @@ struct RowGrad {
   int64_t t;
   int64_t tbase;
 
+  // Without the target term, which the caller applies to element t only.
   __device__ __forceinline__ acc_t operator()(const CeParams<scalar_t>& p, const CeOptions<acc_t>& o, int64_t c,
                                               acc_t x) const {
-    acc_t v = math::Ops<acc_t>::exp((x - m) - ls) * ga;
+    acc_t v = math::Ops<acc_t>::exp_fast((x - m) - ls) * ga;
     if (kProb) {
       const acc_t w = p.weight != nullptr ? static_cast<acc_t>(p.weight[c]) : acc_t(1);
       v -= m_scale * w * math::ce_smoothed_target(static_cast<acc_t>(p.target_prob[tbase + c * p.tC]), o);
-    } else {
-      if (m_scale != acc_t(0)) v -= m_scale * (p.weight != nullptr ? static_cast<acc_t>(p.weight[c]) : acc_t(1));
-      if (c == t) v -= t_term;
+    } else if (m_scale != acc_t(0)) {
+      v -= m_scale * (p.weight != nullptr ? static_cast<acc_t>(p.weight[c]) : acc_t(1));
     }
+    return v;
+  }
+
+  // The gradient of element c, target term included, in fp32 before rounding.
+  __device__ __forceinline__ acc_t full(const CeParams<scalar_t>& p, const CeOptions<acc_t>& o, int64_t c,
+                                        acc_t x) const {
+    acc_t v = (*this)(p, o, c, x);
+    if (!kProb && c == t) v -= t_term;
     if (p.has_softcap) v *= math::softcap_slope(x, p.inv_softcap);
     return v;
   }
@@ -267,7 +284,9 @@ __device__ __forceinline__ at::opmath_type<scalar_t> target_grad(const CeParams<
   return g * (acc_t(1) - o.smoothing) * w * ((m - x) + ls);
 }
 
-template <typename scalar_t, bool kProb, int G>
+// kPlain: class-index targets without smoothing or softcap, the common
+// training case, compiled without the general path's registers.
+template <typename scalar_t, bool kProb, int G, bool kPlain>
 __global__ void __launch_bounds__(G > kWarp ? G : kRowBlock) ce_backward_rows(const CeParams<scalar_t> p) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int VEC = pack_size<scalar_t>();
@@ -298,7 +317,7 @@ __global__ void __launch_bounds__(G > kWarp ? G : kRowBlock) ce_backward_rows(co
       return;
     }
     const acc_t x = capped(p, row[c]);
-    if (out != nullptr) out[c * p.gC] = static_cast<scalar_t>(rg(p, o, c, x));
+    if (out != nullptr) out[c * p.gC] = static_cast<scalar_t>(rg.full(p, o, c, x));
     if (tout != nullptr) tout[c * p.gtC] = static_cast<scalar_t>(target_grad(p, o, g, rg.m, rg.ls, c, x));
   };
   if (!packed) {
@@ -321,16 +340,35 @@ __global__ void __launch_bounds__(G > kWarp ? G : kRowBlock) ce_backward_rows(co
       if (k >= sp.packs) break;
       const int64_t c0 = sp.head + k * VEC;
       Pack<scalar_t, VEC> go, gt;
+      if (ignored || !valid) {
+        const scalar_t fill = ignored ? scalar_t(0) : static_cast<scalar_t>(nan_value<acc_t>());
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) {
-        if (ignored) {
-          go.v[j] = scalar_t(0);
-        } else if (!valid) {
-          go.v[j] = static_cast<scalar_t>(nan_value<acc_t>());
-        } else {
-          const acc_t x = capped(p, pk[u].v[j]);
-          go.v[j] = static_cast<scalar_t>(rg(p, o, c0 + j, x));
-          if (tout != nullptr) gt.v[j] = static_cast<scalar_t>(target_grad(p, o, g, rg.m, rg.ls, c0 + j, x));
+        for (int j = 0; j < VEC; ++j) go.v[j] = fill;
+      } else if constexpr (kPlain) {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          acc_t v = math::Ops<acc_t>::exp_fast((static_cast<acc_t>(pk[u].v[j]) - rg.m) - rg.ls) * rg.ga;
+          if (c0 + j == rg.t) v -= rg.t_term;  // in fp32, before rounding
+          go.v[j] = static_cast<scalar_t>(v);
+        }
+      } else {
+        acc_t x[VEC], v[VEC];
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          x[j] = capped(p, pk[u].v[j]);
+          v[j] = rg(p, o, c0 + j, x[j]);
+        }
+        // The target term, once per pack, in fp32 before rounding.
+        if (!kProb && rg.t >= c0 && rg.t < c0 + VEC) {
+#pragma unroll
+          for (int j = 0; j < VEC; ++j)
+            if (c0 + j == rg.t) v[j] -= rg.t_term;
+        }
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          if (p.has_softcap) v[j] *= math::softcap_slope(x[j], p.inv_softcap);
+          go.v[j] = static_cast<scalar_t>(v[j]);
+          if (tout != nullptr) gt.v[j] = static_cast<scalar_t>(target_grad(p, o, g, rg.m, rg.ls, c0 + j, x[j]));
         }
       }
       if (out != nullptr) store_pack(out + c0, go);
@@ -382,7 +420,7 @@ __global__ void __launch_bounds__(kRowBlock) ce_backward_strided(const CeParams<
       continue;
     }
     const acc_t x = capped(p, p.input[xbase + c * p.g.sC]);
-    if (out != nullptr) out[c * p.gC] = static_cast<scalar_t>(rg(p, o, c, x));
+    if (out != nullptr) out[c * p.gC] = static_cast<scalar_t>(rg.full(p, o, c, x));
     if (tout != nullptr) tout[c * p.gtC] = static_cast<scalar_t>(target_grad(p, o, g, rg.m, rg.ls, c, x));
   }
 }
@@ -424,11 +462,18 @@ struct CudaRowEngine {
 
   template <typename scalar_t, bool kProb, bool kForward, int G>
   static void launch_rows(const CeParams<scalar_t>& p, int64_t blocks, int threads, cudaStream_t stream) {
-    if (kForward) {
-      ce_forward_rows<scalar_t, kProb, G><<<blocks, threads, 0, stream>>>(p);
+    const bool plain = !kProb && p.opt.smoothing == 0 && !p.has_softcap;
+    if (kForward && plain) {
+      ce_forward_rows<scalar_t, kProb, G, !kProb><<<blocks, threads, 0, stream>>>(p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else if (kForward) {
+      ce_forward_rows<scalar_t, kProb, G, false><<<blocks, threads, 0, stream>>>(p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else if (plain && p.grad_target == nullptr) {
+      ce_backward_rows<scalar_t, kProb, G, !kProb><<<blocks, threads, 0, stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else {
-      ce_backward_rows<scalar_t, kProb, G><<<blocks, threads, 0, stream>>>(p);
+      ce_backward_rows<scalar_t, kProb, G, false><<<blocks, threads, 0, stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   }

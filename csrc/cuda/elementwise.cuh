@@ -16,6 +16,7 @@
 #include <fusedloss/elementwise_host.h>
 
 #include <array>
+#include <climits>
 
 #include "common.cuh"
 
@@ -56,44 +57,52 @@ __device__ __forceinline__ acc_t operand_at(const DeviceOperands<scalar_t, N>& o
   }
 }
 
+template <typename acc_t, int VEC>
+struct Vals {
+  acc_t v[VEC];
+};
+
 // Operand k at elements i .. i+VEC-1 (i a multiple of VEC, all in range).
+// Returned by value: filling an array passed by reference from several
+// switch arms made nvcc keep it in local memory.
 template <int VEC, typename acc_t, typename scalar_t, int N>
-__device__ __forceinline__ void operand_pack(const DeviceOperands<scalar_t, N>& ops, int k, int64_t i,
-                                             acc_t (&v)[VEC]) {
-  switch (ops.kind[k]) {
-    case kAbsent:
+__device__ __forceinline__ Vals<acc_t, VEC> operand_pack(const DeviceOperands<scalar_t, N>& ops, int k, int64_t i) {
+  Vals<acc_t, VEC> out;
+  const int kind = ops.kind[k];
+  if (kind == kContiguous) {
+    const Pack<scalar_t, VEC> p = load_pack<scalar_t, VEC>(ops.data[k] + i);
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) v[j] = acc_t(1);
-      break;
-    case kConstant: {
-      const acc_t c = static_cast<acc_t>(ops.data[k][0]);
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) v[j] = c;
-      break;
-    }
-    case kContiguous: {
-      const Pack<scalar_t, VEC> p = load_pack<scalar_t, VEC>(ops.data[k] + i);
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) v[j] = static_cast<acc_t>(p.v[j]);
-      break;
-    }
-    default: {
-      // One division per pack; the run then advances by counting.
-      const int64_t inner = ops.inner[k];
-      const int64_t period = ops.period[k];
+    for (int j = 0; j < VEC; ++j) out.v[j] = static_cast<acc_t>(p.v[j]);
+  } else if (kind == kBroadcast) {
+    // One division per pack (32-bit when the indices fit: a 64-bit one costs
+    // several times the instructions); the run then advances by counting.
+    const int64_t inner = ops.inner[k];
+    const int64_t period = ops.period[k];
+    int64_t r, p;
+    if (i <= INT32_MAX && inner <= INT32_MAX && period <= INT32_MAX) {
+      const uint32_t ui = static_cast<uint32_t>(i), un = static_cast<uint32_t>(inner);
+      const uint32_t q = inner == 1 ? ui : ui / un;
+      r = static_cast<int64_t>(ui - q * un);
+      p = static_cast<int64_t>(q % static_cast<uint32_t>(period));
+    } else {
       const int64_t q = i / inner;
-      int64_t r = i - q * inner;
-      int64_t p = q % period;
+      r = i - q * inner;
+      p = q % period;
+    }
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) {
-        v[j] = static_cast<acc_t>(ops.data[k][p]);
-        if (++r == inner) {
-          r = 0;
-          if (++p == period) p = 0;
-        }
+    for (int j = 0; j < VEC; ++j) {
+      out.v[j] = static_cast<acc_t>(ops.data[k][p]);
+      if (++r == inner) {
+        r = 0;
+        if (++p == period) p = 0;
       }
     }
+  } else {
+    const acc_t c = kind == kConstant ? static_cast<acc_t>(ops.data[k][0]) : acc_t(1);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) out.v[j] = c;
   }
+  return out;
 }
 
 // Runs f over the block's slice and hands each element's outputs to `sink`
@@ -110,16 +119,16 @@ __device__ __forceinline__ void for_each_element(const DeviceOperands<scalar_t, 
     for (int it = 0; it < kItemsPerThread / VEC; ++it) {
       const int64_t i = base + (static_cast<int64_t>(it) * kThreads + threadIdx.x) * VEC;
       if (i + VEC <= numel) {
-        acc_t in[F::kIn][VEC];
+        Vals<acc_t, VEC> in[F::kIn];
 #pragma unroll
-        for (int k = 0; k < F::kIn; ++k) operand_pack<VEC>(ops, k, i, in[k]);
+        for (int k = 0; k < F::kIn; ++k) in[k] = operand_pack<VEC, acc_t>(ops, k, i);
         acc_t out[F::kOut][VEC];
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
           acc_t x[F::kIn];
           acc_t o[F::kOut];
 #pragma unroll
-          for (int k = 0; k < F::kIn; ++k) x[k] = in[k][j];
+          for (int k = 0; k < F::kIn; ++k) x[k] = in[k].v[j];
           f(x, o);
 #pragma unroll
           for (int k = 0; k < F::kOut; ++k) out[k][j] = o[k];
@@ -155,13 +164,13 @@ __device__ __forceinline__ void for_each_element(const DeviceOperands<scalar_t, 
 template <typename acc_t, int NO, int VEC>
 struct SumSink {
   acc_t acc[NO];
-  __device__ void pack(int64_t, const acc_t (&o)[NO][VEC]) {
+  __device__ __forceinline__ void pack(int64_t, const acc_t (&o)[NO][VEC]) {
 #pragma unroll
     for (int k = 0; k < NO; ++k)
 #pragma unroll
       for (int j = 0; j < VEC; ++j) acc[k] += o[k][j];
   }
-  __device__ void one(int64_t, const acc_t (&o)[NO]) {
+  __device__ __forceinline__ void one(int64_t, const acc_t (&o)[NO]) {
 #pragma unroll
     for (int k = 0; k < NO; ++k) acc[k] += o[k];
   }
@@ -176,7 +185,7 @@ template <typename scalar_t, int NO, int VEC>
 struct StoreSink {
   using acc_t = at::opmath_type<scalar_t>;
   Outputs<scalar_t, NO> out;
-  __device__ void pack(int64_t i, const acc_t (&o)[NO][VEC]) {
+  __device__ __forceinline__ void pack(int64_t i, const acc_t (&o)[NO][VEC]) {
 #pragma unroll
     for (int k = 0; k < NO; ++k) {
       if (out.ptr[k] == nullptr) continue;
@@ -186,7 +195,7 @@ struct StoreSink {
       store_pack(out.ptr[k] + i, p);
     }
   }
-  __device__ void one(int64_t e, const acc_t (&o)[NO]) {
+  __device__ __forceinline__ void one(int64_t e, const acc_t (&o)[NO]) {
 #pragma unroll
     for (int k = 0; k < NO; ++k)
       if (out.ptr[k] != nullptr) out.ptr[k][e] = static_cast<scalar_t>(o[k]);

@@ -31,9 +31,24 @@ __device__ __forceinline__ T group_sum(T x, T* smem) {
   }
 }
 
+constexpr int kUnroll = 4;  // packs in flight per thread
+
+// Elements [0, head) and [tail, C) of a row one by one, [head, tail) in
+// 16-byte packs (rows of odd C are not 16-byte aligned).
+template <typename scalar_t>
+__device__ __forceinline__ void split_row(const scalar_t* row, int64_t C, int64_t* head, int64_t* packs) {
+  constexpr int VEC = pack_size<scalar_t>();
+  const int64_t mis = static_cast<int64_t>(reinterpret_cast<uintptr_t>(row) % 16);
+  int64_t h = mis == 0 ? 0 : (16 - mis) / static_cast<int64_t>(sizeof(scalar_t));
+  if (mis % sizeof(scalar_t) != 0) h = C;
+  *head = h < C ? h : C;
+  *packs = (C - *head) / VEC;
+}
+
 template <typename scalar_t, int G>
 __global__ void __launch_bounds__(kBlock) mm_forward(const MmParams<scalar_t> m) {
   using acc_t = at::opmath_type<scalar_t>;
+  constexpr int VEC = pack_size<scalar_t>();
   constexpr int kRows = kBlock / G;
   __shared__ acc_t smem[kWarp];
   const int lane = threadIdx.x % G;
@@ -46,9 +61,34 @@ __global__ void __launch_bounds__(kBlock) mm_forward(const MmParams<scalar_t> m)
   }
   const scalar_t* x = m.input + r * m.C;
   const acc_t base = m.margin - static_cast<acc_t>(x[t]);
+  int64_t head, packs;
+  split_row(x, m.C, &head, &packs);
+  const int64_t tail = head + packs * VEC;
   acc_t acc = acc_t(0);
-  for (int64_t c = lane; c < m.C; c += G)
+  auto one = [&](int64_t c) {
     if (c != t) acc += math::multi_margin_term(base + static_cast<acc_t>(x[c]), m.p);
+  };
+  for (int64_t c = lane; c < head; c += G) one(c);
+  for (int64_t k0 = lane; k0 < packs; k0 += static_cast<int64_t>(G) * kUnroll) {
+    Pack<scalar_t, VEC> pk[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t k = k0 + static_cast<int64_t>(u) * G;
+      if (k < packs) pk[u] = load_pack<scalar_t, VEC>(x + head + k * VEC);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t k = k0 + static_cast<int64_t>(u) * G;
+      if (k >= packs) break;
+      const int64_t c0 = head + k * VEC;
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        const acc_t term = math::multi_margin_term(base + static_cast<acc_t>(pk[u].v[j]), m.p);
+        acc += c0 + j == t ? acc_t(0) : term;
+      }
+    }
+  }
+  for (int64_t c = tail + lane; c < m.C; c += G) one(c);
   acc = group_sum<G>(acc, smem);
   if (lane == 0) m.loss_out[r] = acc * m.row_scale(t);
 }
@@ -56,6 +96,7 @@ __global__ void __launch_bounds__(kBlock) mm_forward(const MmParams<scalar_t> m)
 template <typename scalar_t, int G>
 __global__ void __launch_bounds__(kBlock) mm_backward(const MmParams<scalar_t> m) {
   using acc_t = at::opmath_type<scalar_t>;
+  constexpr int VEC = pack_size<scalar_t>();
   constexpr int kRows = kBlock / G;
   __shared__ acc_t smem[kWarp];
   const int lane = threadIdx.x % G;
@@ -70,14 +111,47 @@ __global__ void __launch_bounds__(kBlock) mm_backward(const MmParams<scalar_t> m
   const scalar_t* x = m.input + r * m.C;
   const acc_t k = static_cast<acc_t>(m.grad[m.grad_per_row ? r : 0]) * m.scale * m.row_scale(t);
   const acc_t base = m.margin - static_cast<acc_t>(x[t]);
+  int64_t head, packs, out_head, out_packs;
+  split_row(x, m.C, &head, &packs);
+  split_row(out, m.C, &out_head, &out_packs);
+  if (out_head != head) head = packs = 0;  // differently aligned rows: element by element
+  const int64_t tail = head + packs * VEC;
   acc_t acc = acc_t(0);
-  for (int64_t c = lane; c < m.C; c += G) {
-    if (c == t) continue;
+  auto one = [&](int64_t c) {
+    if (c == t) return;
     const acc_t d = math::multi_margin_grad_term(base + static_cast<acc_t>(x[c]), m.p) * k;
     out[c] = static_cast<scalar_t>(d);
     acc += d;
+  };
+  for (int64_t c = lane; c < head; c += G) one(c);
+  for (int64_t k0 = lane; k0 < packs; k0 += static_cast<int64_t>(G) * kUnroll) {
+    Pack<scalar_t, VEC> pk[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t kk = k0 + static_cast<int64_t>(u) * G;
+      if (kk < packs) pk[u] = load_pack<scalar_t, VEC>(x + head + kk * VEC);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t kk = k0 + static_cast<int64_t>(u) * G;
+      if (kk >= packs) break;
+      const int64_t c0 = head + kk * VEC;
+      Pack<scalar_t, VEC> go;
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        const acc_t d = c0 + j == t ? acc_t(0)
+                                    : math::multi_margin_grad_term(base + static_cast<acc_t>(pk[u].v[j]), m.p) * k;
+        go.v[j] = static_cast<scalar_t>(d);
+        acc += d;
+      }
+      store_pack(out + c0, go);  // element t is rewritten below, after the sum
+    }
   }
+  for (int64_t c = tail + lane; c < m.C; c += G) one(c);
   acc = group_sum<G>(acc, smem);
+  // The pack holding t wrote a 0 there; order that store before this one
+  // (block_sum's barrier does it for a block-wide group).
+  if constexpr (G == kWarp) __syncwarp();
   if (lane == 0) out[t] = static_cast<scalar_t>(-acc);
 }
 

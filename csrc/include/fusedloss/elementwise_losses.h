@@ -120,9 +120,10 @@ struct HingeEmbeddingBackward {
   static constexpr int kOut = 1;
   acc_t margin;
   acc_t scale;
+  bool at_kink;
   template <typename V>
   C10_HOST_DEVICE void operator()(const V* in, V* out) const {
-    out[0] = math::hinge_embedding_grad(in[0], in[1], V(margin)) * in[2] * V(scale);
+    out[0] = math::hinge_embedding_grad(in[0], in[1], V(margin), at_kink) * in[2] * V(scale);
   }
 };
 
@@ -173,9 +174,10 @@ struct HingeBackward {
   acc_t margin;
   acc_t scale;
   bool squared;
+  bool at_kink;
   template <typename V>
   C10_HOST_DEVICE void operator()(const V* in, V* out) const {
-    const V s = math::hinge_slope(in[0], in[1], V(margin), squared) * in[2] * V(scale);
+    const V s = math::hinge_slope(in[0], in[1], V(margin), squared, at_kink) * in[2] * V(scale);
     out[0] = math::Ops<V>::neg(in[1]) * s;
     out[1] = math::Ops<V>::neg(in[0]) * s;
   }

@@ -164,10 +164,12 @@ struct ElementwiseOps {
   }
 
   static at::Tensor hinge_embedding_backward(const at::Tensor& grad, const at::Tensor& input,
-                                             const at::Tensor& target, double margin, int64_t reduction) {
+                                             const at::Tensor& target, double margin, int64_t reduction,
+                                             bool grad_at_kink) {
     return pair_backward<1>("fusedloss::hinge_embedding_backward", grad, input, target, reduction, {true},
                             [&](auto acc, auto scale) {
-                              return HingeEmbeddingBackward<decltype(acc)>{static_cast<decltype(acc)>(margin), scale};
+                              return HingeEmbeddingBackward<decltype(acc)>{static_cast<decltype(acc)>(margin), scale,
+                                                                           grad_at_kink};
                             })[0];
   }
 
@@ -191,10 +193,12 @@ struct ElementwiseOps {
 
   static std::tuple<at::Tensor, at::Tensor> hinge_backward(const at::Tensor& grad, const at::Tensor& input,
                                                            const at::Tensor& target, double margin, bool squared,
-                                                           int64_t reduction, std::array<bool, 2> output_mask) {
+                                                           int64_t reduction, bool grad_at_kink,
+                                                           std::array<bool, 2> output_mask) {
     auto g = pair_backward<2>("fusedloss::hinge_backward", grad, input, target, reduction, output_mask,
                               [&](auto acc, auto scale) {
-                                return HingeBackward<decltype(acc)>{static_cast<decltype(acc)>(margin), scale, squared};
+                                return HingeBackward<decltype(acc)>{static_cast<decltype(acc)>(margin), scale, squared,
+                                                                    grad_at_kink};
                               });
     return {g[0], g[1]};
   }

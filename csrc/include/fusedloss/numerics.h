@@ -34,6 +34,9 @@ struct ScalarOps {
   using V = T;
   using Mask = bool;
   C10_HOST_DEVICE static T exp(T x) { return ::exp(x); }
+  // exp for softmax sums and probabilities, where a few ulp do not matter
+  // (see the float specialisation).
+  C10_HOST_DEVICE static T exp_fast(T x) { return ::exp(x); }
   C10_HOST_DEVICE static T log(T x) { return ::log(x); }
   C10_HOST_DEVICE static T log1p(T x) { return ::log1p(x); }
   C10_HOST_DEVICE static T tanh(T x) { return ::tanh(x); }
@@ -55,6 +58,16 @@ template <>
 struct Ops<float> : ScalarOps<float> {
   // The float overloads of the C library (expf, ...) on host and device.
   C10_HOST_DEVICE static float exp(float x) { return ::expf(x); }
+  // On the GPU the multi-function unit's exp2 (__expf: 2 + 1.2 |x| ulp): the
+  // accurate expf costs ~10x the instructions, and cross entropy at vocabulary
+  // sizes is then bound by them rather than by memory.
+  C10_HOST_DEVICE static float exp_fast(float x) {
+#if defined(__CUDA_ARCH__)
+    return __expf(x);
+#else
+    return ::expf(x);
+#endif
+  }
   C10_HOST_DEVICE static float log(float x) { return ::logf(x); }
   C10_HOST_DEVICE static float log1p(float x) { return ::log1pf(x); }
   C10_HOST_DEVICE static float tanh(float x) { return ::tanhf(x); }
@@ -176,7 +189,7 @@ C10_HOST_DEVICE inline void row_rebase(RowState<T>& st, T m) {
   if (st.max != kNegInf) {
     // exp(-inf - -inf) would be NaN: an all -inf prefix has sum 0 and rel
     // made of -inf terms measured from nothing, so it has no reference to move.
-    st.sum = st.sum * Ops<T>::exp(st.max - m);
+    st.sum = st.sum * Ops<T>::exp_fast(st.max - m);
     if (st.mass != T(0)) st.rel = st.rel - (m - st.max) * st.mass;
   }
   st.max = m;
@@ -187,7 +200,7 @@ template <typename T>
 C10_HOST_DEVICE inline void row_add(RowState<T>& st, T x, T f, bool with_f) {
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
   if (st.max != kNegInf) {
-    st.sum = st.sum + Ops<T>::exp(x - st.max);
+    st.sum = st.sum + Ops<T>::exp_fast(x - st.max);
     if (with_f) st.rel = st.rel + f * (x - st.max);
   } else if (with_f) {
     st.rel = st.rel + f * x;  // x is -inf here
@@ -280,7 +293,9 @@ C10_HOST_DEVICE inline T ce_prob_grad_scale(T lse, T mass, const CeOptions<T>& o
 // ---------------------------------------------------------------------------
 
 // hinge_embedding_loss, as torch's composite: targets other than +-1 take both
-// terms; clamp_min propagates NaN, and its gradient is 0 at the kink and at NaN.
+// terms; clamp_min propagates NaN, and its gradient is 0 at NaN and, at the kink
+// margin - x == 0, what the installed torch's clamp gives (`at_kink`: 1 before
+// torch 2.14, 0 since).
 //   loss = (y != 1 ? max(margin - x, 0) : 0) + (y != -1 ? x : 0)
 //   d/dx = (y != 1 ? -[margin - x > 0] : 0) + (y != -1 ? 1 : 0)
 template <typename V>
@@ -289,10 +304,17 @@ C10_HOST_DEVICE inline V hinge_embedding(V x, V y, V margin) {
   return O::where(O::ne(y, V(1)), O::max(margin - x, V(0)), V(0)) + O::where(O::ne(y, V(-1)), x, V(0));
 }
 
+// [z > 0], or [z >= 0] when at_kink: where torch.clamp(z, min=0) passes its gradient.
 template <typename V>
-C10_HOST_DEVICE inline V hinge_embedding_grad(V x, V y, V margin) {
+C10_HOST_DEVICE inline typename Ops<V>::Mask clamp_active(V z, bool at_kink) {
   using O = Ops<V>;
-  const V clamp_slope = O::where(O::gt(margin - x, V(0)), V(-1), V(0));
+  return at_kink ? O::ge(z, V(0)) : O::gt(z, V(0));
+}
+
+template <typename V>
+C10_HOST_DEVICE inline V hinge_embedding_grad(V x, V y, V margin, bool at_kink) {
+  using O = Ops<V>;
+  const V clamp_slope = O::where(clamp_active(margin - x, at_kink), V(-1), V(0));
   return O::where(O::ne(y, V(1)), clamp_slope, V(0)) + O::where(O::ne(y, V(-1)), V(1), V(0));
 }
 
@@ -311,7 +333,7 @@ C10_HOST_DEVICE inline V soft_margin_grad(V x, V y) {
 
 // Binary (SVM) hinge: h = max(0, margin - y x) (NaN-propagating, as
 // torch.clamp), loss h or h^2. dh/dx = -y [margin - y x > 0], dh/dy = -x [...]
-// (torch.clamp's gradient is 0 at the kink and at NaN).
+// (torch.clamp's gradient: 0 at NaN; at the kink, see clamp_active).
 template <typename V>
 C10_HOST_DEVICE inline V hinge_residual(V x, V y, V margin) {
   return Ops<V>::max(margin - y * x, V(0));
@@ -319,10 +341,10 @@ C10_HOST_DEVICE inline V hinge_residual(V x, V y, V margin) {
 
 // d loss / d (margin - y x): [z > 0], times 2 z when squared.
 template <typename V>
-C10_HOST_DEVICE inline V hinge_slope(V x, V y, V margin, bool squared) {
+C10_HOST_DEVICE inline V hinge_slope(V x, V y, V margin, bool squared, bool at_kink) {
   using O = Ops<V>;
   const V z = margin - y * x;
-  return O::where(O::gt(z, V(0)), squared ? V(2) * z : V(1), V(0));
+  return O::where(clamp_active(z, at_kink), squared ? V(2) * z : V(1), V(0));
 }
 
 // multi_margin_loss term of class i against the target class: z = margin - x_t + x_i,

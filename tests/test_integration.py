@@ -1,0 +1,276 @@
+"""fusedloss inside real training machinery: autocast, CUDA graphs and
+reduce-overhead compilation, streams, many Python threads, checkpointing,
+memory exhaustion, tensors beyond 2^31 and 2^32 elements."""
+
+import concurrent.futures
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fusedloss.functional as FF
+from conftest import DEVICES, HAS_CUDA, make
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+
+
+def _loss_pairs(device, dtype=torch.float32, n=37, c=53):
+    """(name, fused fn, native fn, args) for every loss torch has."""
+    x = make((n, c), dtype, device, -3, 3, requires_grad=True)
+    y01 = make((n, c), dtype, device, 0, 1)
+    pm1 = torch.sign(make((n, c), dtype, device))
+    t = torch.randint(0, c, (n,), device=device)
+    return [
+        ("bce", FF.binary_cross_entropy_with_logits, F.binary_cross_entropy_with_logits, (x, y01)),
+        ("mse", FF.mse_loss, F.mse_loss, (x, y01)),
+        ("ce", FF.cross_entropy, F.cross_entropy, (x, t)),
+        ("hinge_embedding", FF.hinge_embedding_loss, F.hinge_embedding_loss, (x, pm1)),
+        ("soft_margin", FF.soft_margin_loss, F.soft_margin_loss, (x, pm1)),
+        ("multi_margin", FF.multi_margin_loss, F.multi_margin_loss, (x, t)),
+    ]
+
+
+# ---------------------------------------------------------------------------
+# Autocast: torch runs these losses in fp32; so does fusedloss
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_dtype_policy_matches_torch(device, dtype):
+    if device == "cpu" and dtype == torch.float16:
+        pytest.skip("CPU autocast runs bf16")
+    for name, fused, native, args in _loss_pairs(device):
+        lowp = tuple(a.detach().to(dtype).requires_grad_(a.requires_grad) if a.is_floating_point() else a for a in args)
+        with torch.autocast(device, dtype):
+            a = fused(*lowp)
+            b = native(*lowp)
+        assert a.dtype == b.dtype == torch.float32, name
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+        ga = torch.autograd.grad(a, lowp[0])[0]
+        gb = torch.autograd.grad(b, lowp[0])[0]
+        assert ga.dtype == gb.dtype == dtype, name
+        torch.testing.assert_close(ga.float(), gb.float(), rtol=2e-2, atol=1e-4, msg=name)
+
+
+def test_autocast_under_compile_matches_eager():
+    torch._dynamo.reset()
+    x = make((8, 30), torch.bfloat16, "cpu", requires_grad=True)
+    t = torch.randint(0, 30, (8,))
+
+    def fn(a):
+        with torch.autocast("cpu", torch.bfloat16):
+            return FF.cross_entropy(a, t, label_smoothing=0.1)
+
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    a, b = fn(x), compiled(x)
+    assert a.dtype == b.dtype == torch.float32
+    torch.testing.assert_close(a, b)
+
+
+# ---------------------------------------------------------------------------
+# Threads: concurrent calls equal serial ones, bit for bit
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_many_threads_match_serial(device):
+    jobs = []
+    for i, dtype in enumerate([torch.float32, torch.bfloat16, torch.float64, torch.float32] * 4):
+        for name, fused, _, args in _loss_pairs(device, dtype, n=17 + i, c=33 + 7 * i):
+            jobs.append((name, fused, args))
+
+    def run(job):
+        name, fused, args = job
+        stream = torch.cuda.Stream() if device == "cuda" else None
+        with torch.cuda.stream(stream) if stream is not None else _null():
+            out = fused(*args)
+            (g,) = torch.autograd.grad(out, args[0])
+        if stream is not None:
+            stream.synchronize()
+        return out.detach().clone(), g.clone()
+
+    serial = [run(j) for j in jobs]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
+        parallel = list(pool.map(run, jobs))
+    for (name, _, _), s, p in zip(jobs, serial, parallel):
+        assert torch.equal(s[0], p[0]) and torch.equal(s[1], p[1]), name
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+# ---------------------------------------------------------------------------
+# Checkpointing and repeated backward
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_checkpoint_and_retain_graph(device):
+    from torch.utils.checkpoint import checkpoint
+
+    lin = torch.nn.Linear(53, 53).to(device)
+    for name, fused, native, args in _loss_pairs(device):
+        h = args[0].detach()
+        ref = torch.autograd.grad(native(lin(h), *args[1:]), lin.weight)[0]
+        got = torch.autograd.grad(checkpoint(lambda a: fused(lin(a), *args[1:]), h, use_reentrant=False), lin.weight)[0]
+        torch.testing.assert_close(got, ref, msg=name)
+        loss = fused(*args)
+        g1 = torch.autograd.grad(loss, args[0], retain_graph=True)[0]
+        g2 = torch.autograd.grad(loss, args[0])[0]
+        assert torch.equal(g1, g2), name
+
+
+# ---------------------------------------------------------------------------
+# CUDA: streams, graphs, reduce-overhead, memory exhaustion, huge tensors
+# ---------------------------------------------------------------------------
+
+
+@needs_cuda
+@pytest.mark.cuda
+def test_non_default_stream():
+    for name, fused, _, args in _loss_pairs("cuda"):
+        ref = fused(*args)
+        (gref,) = torch.autograd.grad(ref, args[0])
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            out = fused(*args)
+            (g,) = torch.autograd.grad(out, args[0])
+        torch.cuda.current_stream().wait_stream(s)
+        torch.cuda.synchronize()
+        assert torch.equal(out, ref) and torch.equal(g, gref), name
+
+
+@needs_cuda
+@pytest.mark.cuda
+def test_cuda_graph_capture_and_replay():
+    for name, fused, native, args in _loss_pairs("cuda"):
+        static = [a.detach().clone().requires_grad_(a.requires_grad) for a in args]
+
+        def step():
+            out = fused(*static)
+            (g,) = torch.autograd.grad(out, static[0])
+            return out, g
+
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):  # warm-up outside the graph
+                step()
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out, g = step()
+        for trial in range(2):
+            fresh = [make(a.shape, a.dtype, "cuda") if a.is_floating_point() else torch.randint(0, a.max().item() + 1, a.shape, device="cuda") for a in args]
+            with torch.no_grad():
+                for st, fr in zip(static, fresh):
+                    st.copy_(fr)
+            graph.replay()
+            torch.cuda.synchronize()
+            eager_x = fresh[0].clone().requires_grad_()
+            ref = fused(eager_x, *fresh[1:])
+            (gref,) = torch.autograd.grad(ref, eager_x)
+            assert torch.equal(out, ref) and torch.equal(g, gref), (name, trial)
+
+
+@needs_cuda
+@pytest.mark.cuda
+def test_compile_reduce_overhead_matches_eager():
+    torch._dynamo.reset()
+    x = make((64, 1000), torch.bfloat16, "cuda", requires_grad=True)
+    t = torch.randint(0, 1000, (64,), device="cuda")
+    fn = torch.compile(lambda a: FF.cross_entropy(a, t, label_smoothing=0.1), mode="reduce-overhead", fullgraph=True)
+    ref = FF.cross_entropy(x, t, label_smoothing=0.1)
+    (gref,) = torch.autograd.grad(ref, x)
+    for _ in range(3):
+        out = fn(x)
+        (g,) = torch.autograd.grad(out, x)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(g, gref)
+
+
+_OOM = r"""
+import torch, fusedloss.functional as FF
+torch.cuda.set_per_process_memory_fraction(0.02)
+free = int(torch.cuda.get_device_properties(0).total_memory * 0.02)
+base = torch.cuda.memory_allocated()
+n = free // (2 * 32000) + 1024   # logits + gradient exceed the budget
+ok = False
+try:
+    x = torch.randn(n, 32000, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    FF.cross_entropy(x, torch.zeros(n, dtype=torch.long, device="cuda")).backward()
+except torch.OutOfMemoryError:
+    ok = True
+x = None
+torch.cuda.synchronize()
+ok = ok and torch.cuda.memory_allocated() == base
+y = torch.randn(64, 1000, device="cuda", requires_grad=True)
+FF.cross_entropy(y, torch.zeros(64, dtype=torch.long, device="cuda")).backward()
+ok = ok and bool(torch.isfinite(y.grad).all())
+print("OK" if ok else "FAIL")
+"""
+
+
+@needs_cuda
+@pytest.mark.cuda
+def test_out_of_memory_is_catchable_and_recoverable():
+    r = subprocess.run([sys.executable, "-c", _OOM], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.stdout.strip().endswith("OK"), r.stdout + r.stderr
+
+
+def _last_rows_match(x, t, out, grad, rows=4):
+    """Loss and gradient of the last rows against torch on just those rows."""
+    tail = x[-rows:].detach().float().requires_grad_()
+    ref = F.cross_entropy(tail, t[-rows:], reduction="none")
+    (gref,) = torch.autograd.grad(ref.sum(), tail)
+    torch.testing.assert_close(out[-rows:].float(), ref, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(grad[-rows:].float(), gref, rtol=2e-2, atol=2e-3)
+
+
+@needs_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("rows,classes", [(42731, 50257), (48 * 2047, 50000)])  # > 2^31 and > 2^32 elements
+def test_cuda_beyond_2_31_and_2_32_elements(rows, classes):
+    need = rows * classes * 2 * 2 + (1 << 30)
+    if torch.cuda.get_device_properties(0).total_memory < need * 1.2:
+        pytest.skip("not enough GPU memory")
+    torch.cuda.empty_cache()
+    x = torch.empty(rows, classes, device="cuda", dtype=torch.bfloat16).uniform_(-4, 4).requires_grad_()
+    t = torch.randint(0, classes, (rows,), device="cuda")
+    out = FF.cross_entropy(x, t, reduction="none")
+    (g,) = torch.autograd.grad(out.sum(), x)
+    _last_rows_match(x, t, out, g)
+    mean = FF.cross_entropy(x, t)
+    torch.testing.assert_close(mean.float(), out.float().mean(), rtol=1e-2, atol=1e-2)
+    del g, out
+    # an elementwise loss past 2^31 elements, checked on its last elements
+    flat = x.detach().view(-1)
+    y = torch.rand_like(flat)
+    bce = FF.binary_cross_entropy_with_logits(flat, y, reduction="none")
+    torch.testing.assert_close(
+        bce[-1000:].float(), F.binary_cross_entropy_with_logits(flat[-1000:].float(), y[-1000:].float(), reduction="none"),
+        rtol=2e-2, atol=2e-2,
+    )
+
+
+def test_cpu_beyond_2_31_elements():
+    # The largest CPU case that fits CI comfortably: bf16 logits of 2^31 + 4096
+    # elements (4.3 GB), loss and gradient of the last rows checked.
+    rows, classes = 2**31 // 65536 + 1, 65536
+    x = torch.empty(rows, classes, dtype=torch.bfloat16).uniform_(-4, 4).requires_grad_()
+    assert x.numel() > 2**31
+    t = torch.randint(0, classes, (rows,))
+    out = FF.cross_entropy(x, t, reduction="none")
+    (g,) = torch.autograd.grad(out[-8:].sum(), x)
+    _last_rows_match(x, t, out, g)

@@ -50,7 +50,12 @@ def test_autocast_dtype_policy_matches_torch(device, dtype):
             a = fused(*lowp)
             b = native(*lowp)
         assert a.dtype == b.dtype == torch.float32, name
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+        # Both compute from the same low-precision inputs in fp32 (torch's CUDA
+        # kernels may keep some intermediates lower): fusedloss's error against a
+        # float64 run may be at most twice torch's.
+        exact = native(*[t.double() if t.is_floating_point() else t for t in lowp])
+        err_a, err_b = (a.double() - exact).abs().item(), (b.double() - exact).abs().item()
+        assert err_a <= 2 * err_b + 1e-5 * abs(exact.item()) + 1e-6, (name, err_a, err_b)
         ga = torch.autograd.grad(a, lowp[0])[0]
         gb = torch.autograd.grad(b, lowp[0])[0]
         assert ga.dtype == gb.dtype == dtype, name

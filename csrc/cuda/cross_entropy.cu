@@ -2,7 +2,7 @@
 //
 // Rows whose classes are contiguous (class stride 1: (N, C) logits, also
 // channels-last maps) go to row kernels: a group of G threads per row (a warp
-// for C <= 2048, 256 threads up to 16384, 1024 beyond), 16-byte packs with the
+// for C <= 2048, 256 threads up to 16384, 512 beyond), 16-byte packs with the
 // unaligned head and tail of each row (storage offsets, odd C) done element by
 // element, U packs in flight per thread. Forward: one read of the row, an online
 // max/sum-exp per thread (one exp per logit), merged across the group with the
@@ -33,7 +33,21 @@ namespace {
 using math::CeOptions;
 
 constexpr int kRowBlock = 256;      // threads per block for warp-per-row and strided kernels
-constexpr int kUnroll = 4;          // packs in flight per thread
+// Packs in flight per thread: four 16-byte loads for fp32, two for the
+// 16-bit types, whose 8-element packs cost twice the registers once widened.
+template <typename scalar_t>
+constexpr int unroll() {
+  return sizeof(scalar_t) == 2 ? 2 : 4;
+}
+
+// Plain block-wide groups keep 1536 threads per SM in up to six blocks (at most
+// 42 registers each), so that while one block computes others wait on memory
+// (measured on an H200: a lone 1024-thread block per SM left the forward at
+// 55% of copy bandwidth).
+template <int G>
+constexpr int min_blocks() {
+  return G > kWarp ? 1536 / G : 1;
+}
 
 template <typename T>
 __device__ __forceinline__ T neg_inf() {
@@ -143,7 +157,8 @@ __device__ __forceinline__ void finish_row(const CeParams<scalar_t>& p, const Ce
 }
 
 template <typename scalar_t, bool kProb, int G, bool kPlain>
-__global__ void __launch_bounds__(G > kWarp ? G : kRowBlock) ce_forward_rows(const CeParams<scalar_t> p) {
+__global__ void __launch_bounds__(G > kWarp ? G : kRowBlock, kPlain ? min_blocks<G>() : 1)
+    ce_forward_rows(const CeParams<scalar_t> p) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int VEC = pack_size<scalar_t>();
   constexpr int kRowsPerBlock = G > kWarp ? 1 : kRowBlock / kWarp;
@@ -170,6 +185,7 @@ __global__ void __launch_bounds__(G > kWarp ? G : kRowBlock) ce_forward_rows(con
   RowState<acc_t> st = math::row_state_empty<acc_t>();
   const RowSplit sp = split_row(row, C);
   for (int64_t c = lane; c < sp.head; c += G) push_one<kProb>(p, o, tbase, c, row[c], with_f, st);
+  constexpr int kUnroll = unroll<scalar_t>();
   for (int64_t k0 = lane; k0 < sp.packs; k0 += static_cast<int64_t>(G) * kUnroll) {
     Pack<scalar_t, VEC> pk[kUnroll];
 #pragma unroll
@@ -287,7 +303,8 @@ __device__ __forceinline__ at::opmath_type<scalar_t> target_grad(const CeParams<
 // kPlain: class-index targets without smoothing or softcap, the common
 // training case, compiled without the general path's registers.
 template <typename scalar_t, bool kProb, int G, bool kPlain>
-__global__ void __launch_bounds__(G > kWarp ? G : kRowBlock) ce_backward_rows(const CeParams<scalar_t> p) {
+__global__ void __launch_bounds__(G > kWarp ? G : kRowBlock, kPlain ? min_blocks<G>() : 1)
+    ce_backward_rows(const CeParams<scalar_t> p) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int VEC = pack_size<scalar_t>();
   constexpr int kRowsPerBlock = G > kWarp ? 1 : kRowBlock / kWarp;
@@ -325,6 +342,7 @@ __global__ void __launch_bounds__(G > kWarp ? G : kRowBlock) ce_backward_rows(co
     return;
   }
   for (int64_t c = lane; c < sp.head; c += G) one(c);
+  constexpr int kUnroll = unroll<scalar_t>();
   for (int64_t k0 = lane; k0 < sp.packs; k0 += static_cast<int64_t>(G) * kUnroll) {
     Pack<scalar_t, VEC> pk[kUnroll];
     if (!ignored) {
@@ -456,7 +474,7 @@ struct CudaRowEngine {
     } else if (p.g.C <= 16384) {
       launch_rows<scalar_t, kProb, kForward, 256>(p, rows, 256, stream);
     } else {
-      launch_rows<scalar_t, kProb, kForward, 1024>(p, rows, 1024, stream);
+      launch_rows<scalar_t, kProb, kForward, 512>(p, rows, 512, stream);
     }
   }
 

@@ -12,7 +12,9 @@
 # OUTDIR holds at most 8 files: summary.txt, env.txt, build.log, tests.log,
 # sanitizer.log, bench.csv, bench.json, bench.png.
 # Environment: PYTHON (default python3), SKIP_BUILD=1, SKIP_TESTS=1,
-# SKIP_SANITIZER=1, SKIP_BENCH=1, PYTEST_ARGS (extra pytest arguments).
+# SKIP_SANITIZER=1, SKIP_BENCH=1, PYTEST_K (a pytest -k expression to run a
+# subset of the CUDA tests), FUSEDLOSS_GIT_SHA (recorded in the CSV when the
+# tree has no .git).
 set -uo pipefail
 
 if [ $# -lt 1 ] || [ "$1" = "-h" ] || [ "$1" = "--help" ]; then
@@ -46,7 +48,8 @@ step() {  # step NAME LOGFILE COMMAND...: run, time, record pass/fail
   echo "== nvcc"; nvcc --version 2>&1 || true
   echo "== compute-sanitizer"; command -v compute-sanitizer || echo "not found"
 } > "$OUTDIR/env.txt"
-say "GPU check of fusedloss $(git rev-parse --short HEAD 2>/dev/null || echo '?') on $("$PY" -c 'import torch; print(torch.cuda.get_device_name())' 2>/dev/null)"
+export FUSEDLOSS_GIT_SHA=${FUSEDLOSS_GIT_SHA:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+say "GPU check of fusedloss $FUSEDLOSS_GIT_SHA on $("$PY" -c 'import torch; print(torch.cuda.get_device_name())' 2>/dev/null)"
 
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
   export MAX_JOBS=${MAX_JOBS:-$(nproc)}
@@ -57,8 +60,9 @@ fi
 "$PY" -m fusedloss info >> "$OUTDIR/env.txt" 2>&1
 
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  # shellcheck disable=SC2086
-  step tests "$OUTDIR/tests.log" "$PY" -m pytest -q -m cuda -p no:cacheprovider -rfE --tb=short ${PYTEST_ARGS:-} tests
+  k_args=()
+  [ -n "${PYTEST_K:-}" ] && k_args=(-k "$PYTEST_K")
+  step tests "$OUTDIR/tests.log" "$PY" -m pytest -q -m cuda -p no:cacheprovider -rfE --tb=short "${k_args[@]}" tests
   grep -E "passed|failed" "$OUTDIR/tests.log" | tail -1 | tee -a "$SUMMARY"
 fi
 

@@ -304,6 +304,8 @@ def measure_copy_gbps(device: str, nbytes: int | None = None, reps: int = 10) ->
 
 
 def git_sha() -> str:
+    if os.environ.get("FUSEDLOSS_GIT_SHA"):  # a copy of the tree without .git (e.g. a GPU machine)
+        return os.environ["FUSEDLOSS_GIT_SHA"]
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
@@ -352,6 +354,10 @@ def run(
                 fn = lambda: compiled(*problem.native_args)  # noqa: E731
             for mode in modes:
                 if device == "cuda":
+                    # The baseline holds the inputs only: no gradient left over
+                    # from the previous mode.
+                    for t in problem.leaves:
+                        t.grad = None
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
                     base = torch.cuda.memory_allocated()
@@ -458,8 +464,15 @@ def plot(rows: list[dict], path: str, copy_gbps: float | None = None) -> None:
         raise RuntimeError("--plot needs matplotlib: pip install matplotlib") from e
     lines = [ln for ln in summary(rows, copy_gbps) if ln["mode"] == "full"]
     losses = sorted({ln["loss"] for ln in lines})
-    fig, axes = plt.subplots(2, len(losses), figsize=(4.5 * len(losses), 7), squeeze=False)
-    for j, loss in enumerate(losses):
+    cols = min(4, len(losses))
+    grid_rows = (len(losses) + cols - 1) // cols
+    fig, grid = plt.subplots(2 * grid_rows, cols, figsize=(4.5 * cols, 6.5 * grid_rows), squeeze=False)
+    for spare in range(len(losses), grid_rows * cols):
+        grid[2 * (spare // cols)][spare % cols].axis("off")
+        grid[2 * (spare // cols) + 1][spare % cols].axis("off")
+    for n, loss in enumerate(losses):
+        j = n % cols
+        axes = grid[2 * (n // cols) : 2 * (n // cols) + 2]
         series = {}
         for ln in lines:
             if ln["loss"] == loss:
@@ -485,7 +498,8 @@ def plot(rows: list[dict], path: str, copy_gbps: float | None = None) -> None:
             axes[1][j].axhline(copy_gbps, color="gray", ls=":", label=f"copy {copy_gbps:.0f} GB/s")
         axes[1][j].legend(fontsize=7)
     dev = rows[0]["device"] if rows else ""
-    fig.suptitle(f"fusedloss vs torch {torch.__version__} on {dev}")
+    version = rows[0]["torch"] if rows else torch.__version__
+    fig.suptitle(f"fusedloss vs torch {version} on {dev} (fwd+bwd)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

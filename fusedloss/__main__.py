@@ -80,16 +80,44 @@ def verify_cases(device: str, quick: bool):
         x = torch.rand(shape, generator=g, dtype=torch.float64) * (hi - lo) + lo
         return x.to(device=device, dtype=dtype).requires_grad_(rg)
 
+    def classes(shape, C, ignore=None):
+        c = torch.randint(0, C, shape, generator=g)
+        if ignore is not None and c.numel():
+            c.view(-1)[::4] = ignore
+        return c.to(device)
+
+    def pm1(shape, dtype):
+        return torch.sign(t(shape, dtype))
+
     for dtype in dtypes:
         dn = str(dtype).replace("torch.", "")
         for shape in shapes:
             sn = "x".join(map(str, shape))
             for red in ("none", "mean", "sum"):
-                yield f"bce_with_logits {dn} {sn} {red}", "binary_cross_entropy_with_logits", (
+                tag = f"{dn} {sn} {red}"
+                yield f"bce_with_logits {tag}", "binary_cross_entropy_with_logits", (
                     t(shape, dtype, rg=True), t(shape, dtype, 0, 1, rg=True)), {"reduction": red}
-                yield f"bce_with_logits+pos_weight {dn} {sn} {red}", "binary_cross_entropy_with_logits", (
+                yield f"bce_with_logits+pos_weight {tag}", "binary_cross_entropy_with_logits", (
                     t(shape, dtype, rg=True), t(shape, dtype, 0, 1)), {"reduction": red, "pos_weight": t(shape[-1:], dtype, 0, 3)}
-                yield f"mse {dn} {sn} {red}", "mse_loss", (t(shape, dtype, rg=True), t(shape, dtype, rg=True)), {"reduction": red}
+                yield f"mse {tag}", "mse_loss", (t(shape, dtype, rg=True), t(shape, dtype, rg=True)), {"reduction": red}
+                yield f"hinge_embedding {tag}", "hinge_embedding_loss", (t(shape, dtype, rg=True), pm1(shape, dtype)), {
+                    "reduction": red, "margin": 0.7}
+                yield f"soft_margin {tag}", "soft_margin_loss", (t(shape, dtype, rg=True), pm1(shape, dtype)), {"reduction": red}
+                yield f"hinge {tag}", "hinge_loss", (t(shape, dtype, rg=True), pm1(shape, dtype).requires_grad_()), {
+                    "reduction": red, "squared": True}
+                if len(shape) >= 2:
+                    C = shape[1]
+                    batch = (shape[0], *shape[2:])
+                    yield f"cross_entropy {tag}", "cross_entropy", (t(shape, dtype, rg=True), classes(batch, C)), {
+                        "reduction": red}
+                    yield f"cross_entropy+weight,ignore,smoothing {tag}", "cross_entropy", (
+                        t(shape, dtype, rg=True), classes(batch, C, ignore=1)), {
+                        "reduction": red, "weight": t((C,), dtype, 0.5, 2), "ignore_index": 1, "label_smoothing": 0.1}
+                    yield f"cross_entropy probabilities {tag}", "cross_entropy", (
+                        t(shape, dtype, rg=True), t(shape, dtype, 0, 1, rg=True)), {"reduction": red}
+                if len(shape) == 2 and dtype in (torch.float32, torch.float64):  # torch's CPU kernel: fp32/fp64
+                    yield f"multi_margin {tag}", "multi_margin_loss", (t(shape, dtype, rg=True), classes(shape[:1], shape[1])), {
+                        "reduction": red, "p": 2, "weight": t((shape[1],), dtype, 0.5, 2)}
 
 
 def cmd_verify(args) -> int:
@@ -97,7 +125,7 @@ def cmd_verify(args) -> int:
 
     failures = 0
     total = 0
-    print(f"{'device':<7}{'case':<52}{'result':<8}{'max |err| loss':>15}{'max |err| grad':>16}")
+    print(f"{'device':<7}{'case':<60}{'result':<8}{'max |err| loss':>15}{'max |err| grad':>16}")
     for device in _devices(args.device):
         for label, name, a, kw in verify_cases(device, args.quick):
             total += 1
@@ -108,7 +136,7 @@ def cmd_verify(args) -> int:
                 ok, rep, err = False, {}, str(e).splitlines()[0]
                 failures += 1
             gerr = max((v for k, v in rep.items() if k.startswith("grad")), default=0.0)
-            print(f"{device:<7}{label:<52}{'PASS' if ok else 'FAIL':<8}{rep.get('loss', float('nan')):>15.3g}{gerr:>16.3g}")
+            print(f"{device:<7}{label:<60}{'PASS' if ok else 'FAIL':<8}{rep.get('loss', float('nan')):>15.3g}{gerr:>16.3g}")
             if err:
                 print(f"       {err}")
     print(f"{total - failures}/{total} passed")

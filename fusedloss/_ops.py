@@ -76,6 +76,12 @@ def load() -> tuple[object, dict]:
     try:
         from . import _C
     except ImportError as e:
+        if not any(name.startswith("_C.") for name in os.listdir(_HERE)):
+            raise ImportError(
+                f"fusedloss's compiled extension is not in {_HERE}. If fusedloss was installed with "
+                "`pip install .` (not -e), this source tree shadows the installed copy: run from another "
+                "directory, or install with `pip install --no-build-isolation -e .`"
+            ) from e
         raise ImportError(
             f"fusedloss's compiled extension failed to load ({e}). Rebuild it against the installed "
             f"torch {torch.__version__}:\n    {rebuild_command()}"

@@ -31,19 +31,30 @@ CSV_COLUMNS = [
     "median_ms", "p20_ms", "p80_ms", "gbps", "peak_mem_mb", "torch", "git_sha",
 ]
 PROVIDERS = ("fusedloss", "torch", "torch.compile")
+OPTIONAL_PROVIDERS = ("liger",)  # Liger-Kernel's cross entropy, on CUDA, when it is installed
 MODES = ("fwd", "bwd", "full")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 
 
 @dataclasses.dataclass
 class Problem:
-    """Inputs and the two implementations of one benchmark case."""
+    """Inputs and the implementations of one benchmark case."""
 
     fused: Callable[[], torch.Tensor]
     native: Callable[..., torch.Tensor]  # same inputs, torch's implementation
     native_args: tuple
     leaves: list  # tensors whose .grad the backward fills
     bytes: dict  # mode -> bytes the fused algorithm must move
+    others: dict = dataclasses.field(default_factory=dict)  # optional provider -> callable
+
+
+def liger_cross_entropy():
+    """Liger-Kernel's fused cross entropy, or None where it is not installed."""
+    try:
+        from liger_kernel.transformers.functional import liger_cross_entropy
+    except Exception:
+        return None
+    return liger_cross_entropy
 
 
 @dataclasses.dataclass
@@ -109,6 +120,10 @@ def _ce(shape, dtype, device, label_smoothing=0.0):
     t = torch.randint(0, c, (n,), device=device)
     s = x.element_size()
     extra = t.numel() * t.element_size()
+    others = {}
+    liger = liger_cross_entropy() if device == "cuda" else None
+    if liger is not None:
+        others["liger"] = lambda: liger(x, t, label_smoothing=label_smoothing)
     return Problem(
         fused=lambda: FF.cross_entropy(x, t, label_smoothing=label_smoothing),
         native=lambda a, b: F.cross_entropy(a, b, label_smoothing=label_smoothing),
@@ -116,6 +131,7 @@ def _ce(shape, dtype, device, label_smoothing=0.0):
         leaves=[x],
         # forward reads the logits; backward reads them again and writes the gradient
         bytes={"fwd": n * c * s + extra, "bwd": 2 * n * c * s + extra, "full": 3 * n * c * s + 2 * extra},
+        others=others,
     )
 
 
@@ -340,12 +356,14 @@ def run(
         dtype = _DTYPES[case.dtype]
         problem = case.build(case.shape, dtype, device)
         compiled = None
-        for provider in providers:
+        for provider in list(providers) + [p for p in problem.others if p not in providers]:
             step += 1
             if progress:
                 progress(step, total, f"{case.loss} {case.case} {'x'.join(map(str, case.shape))} {case.dtype} {provider}")
             if provider == "fusedloss":
                 fn = problem.fused
+            elif provider in problem.others:
+                fn = problem.others[provider]
             elif provider == "torch":
                 fn = lambda: problem.native(*problem.native_args)  # noqa: E731
             else:
@@ -406,7 +424,7 @@ def summary(rows: list[dict], copy_gbps: float | None = None) -> list[dict]:
             continue
         line = {"loss": key[0], "case": key[1], "dtype": key[2], "shape": key[3], "mode": mode,
                 "fusedloss_ms": f["median_ms"], "gbps": f["gbps"]}
-        for other in ("torch", "torch.compile"):
+        for other in ("torch", "torch.compile", "liger"):
             if other in prov:
                 line[f"{other}_ms"] = prov[other]["median_ms"]
                 line[f"ratio_vs_{other}"] = f["median_ms"] / prov[other]["median_ms"]

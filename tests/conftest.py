@@ -1,4 +1,5 @@
 import os
+import tempfile
 
 import pytest
 import torch
@@ -6,6 +7,10 @@ import torch
 import fusedloss  # noqa: F401  (loads the ops before any test module imports them)
 
 HAS_CUDA = torch.cuda.is_available() and fusedloss.build_info()["cuda"]
+
+# Working directory for tests that start a Python subprocess: outside the
+# source tree, so that it imports the installed fusedloss (with -e or without).
+OUTSIDE_SOURCE = tempfile.gettempdir()
 
 # Every parity test runs on each available device: CPU here and in CI, and the
 # same parametrization on CUDA on a GPU machine.

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import fusedloss
+from conftest import OUTSIDE_SOURCE
 from fusedloss import _ops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,7 +36,7 @@ def test_version_mismatch_message():
 def test_import_under_another_torch_raises_importerror():
     # A real import with the running torch pretending to be another version.
     code = "import torch; torch.__version__ = '9.9.9'; import fusedloss"
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=OUTSIDE_SOURCE)
     assert r.returncode != 0
     assert "ImportError" in r.stderr and "9.9.9" in r.stderr and torch.__version__ in r.stderr
     assert "Segmentation" not in r.stderr
@@ -69,7 +70,7 @@ def t(n):
     return time.perf_counter() - s
 print(t(1) / t(2))
 """
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=OUTSIDE_SOURCE)
     assert r.returncode == 0, r.stderr
     assert float(r.stdout.strip()) > 1.3, r.stdout
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import fusedloss
 import fusedloss.functional as FF
-from conftest import DEVICES, FLOAT_DTYPES, HAS_CUDA, REDUCTIONS, make
+from conftest import OUTSIDE_SOURCE, DEVICES, FLOAT_DTYPES, HAS_CUDA, REDUCTIONS, make
 from fusedloss import _composite
 from fusedloss.testing import assert_matches_torch
 
@@ -658,7 +658,7 @@ print("OK" if ok else "FAIL")
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 def test_cuda_bad_targets_give_nan_and_strict_mode_raises():
-    r = subprocess.run([sys.executable, "-c", _CUDA_BAD_TARGET], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    r = subprocess.run([sys.executable, "-c", _CUDA_BAD_TARGET], capture_output=True, text=True, cwd=OUTSIDE_SOURCE, timeout=300)
     assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stdout + r.stderr
 
 

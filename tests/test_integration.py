@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import fusedloss.functional as FF
-from conftest import DEVICES, HAS_CUDA, make
+from conftest import OUTSIDE_SOURCE, DEVICES, HAS_CUDA, make
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
@@ -230,7 +230,7 @@ print("OK" if ok else "FAIL")
 @needs_cuda
 @pytest.mark.cuda
 def test_out_of_memory_is_catchable_and_recoverable():
-    r = subprocess.run([sys.executable, "-c", _OOM], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    r = subprocess.run([sys.executable, "-c", _OOM], capture_output=True, text=True, cwd=OUTSIDE_SOURCE, timeout=300)
     assert r.stdout.strip().endswith("OK"), r.stdout + r.stderr
 
 

@@ -74,7 +74,9 @@ def _toolkit_root_from_nvcc(nvcc):
         try:
             out = subprocess.run(
                 [nvcc, "--dryrun", "-c", src, "-o", os.path.join(tmp, "probe.o")],
-                capture_output=True, text=True, timeout=60,
+                capture_output=True,
+                text=True,
+                timeout=60,
             )
         except (OSError, subprocess.SubprocessError):
             return None

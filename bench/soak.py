@@ -47,8 +47,10 @@ def main() -> int:
             warm_mem = mem()
     end_mem = mem()
     growth = end_mem - (warm_mem if warm_mem is not None else end_mem)
-    print(f"soak: {args.cases} cases on {args.device} in {time.time() - t0:.0f} s, {mismatches} mismatches; "
-          f"memory {warm_mem:.1f} MB after 10% of the cases, {end_mem:.1f} MB at the end ({growth:+.1f} MB)")
+    print(
+        f"soak: {args.cases} cases on {args.device} in {time.time() - t0:.0f} s, {mismatches} mismatches; "
+        f"memory {warm_mem:.1f} MB after 10% of the cases, {end_mem:.1f} MB at the end ({growth:+.1f} MB)"
+    )
     return 1 if mismatches or growth > 64 else 0
 
 

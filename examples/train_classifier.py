@@ -85,12 +85,14 @@ def main():
     print(f"{'step':>5} {'torch loss':>12} {'fusedloss loss':>15} {'|diff|':>10}")
     for i in list(range(0, args.steps, max(1, args.steps // 8))) + [args.steps - 1]:
         print(f"{i:>5} {c_t[i]:>12.6f} {c_f[i]:>15.6f} {abs(c_t[i] - c_f[i]):>10.2e}")
-    worst = max(abs(a - b) / max(abs(a), 1e-12) for a, b in zip(c_t, c_f))
+    worst = max(abs(a - b) / max(abs(a), 1e-12) for a, b in zip(c_t, c_f, strict=True))
     # the first steps include warm-up (allocator, caches): compare the rest
     med_t, med_f = statistics.median(t_t[3:]), statistics.median(t_f[3:])
     print(f"\nloss curves: largest relative difference {worst:.2e} over {args.steps} steps")
-    print(f"median step time on {args.device}: torch {med_t * 1e3:.1f} ms, fusedloss {med_f * 1e3:.1f} ms "
-          f"({med_t / med_f:.2f}x faster)")
+    print(
+        f"median step time on {args.device}: torch {med_t * 1e3:.1f} ms, fusedloss {med_f * 1e3:.1f} ms "
+        f"({med_t / med_f:.2f}x faster)"
+    )
     if args.plot:
         import matplotlib
 

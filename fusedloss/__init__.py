@@ -1,18 +1,19 @@
 """fusedloss: fused single-pass training losses for PyTorch.
 
-    import fusedloss
-    loss = fusedloss.nn.CrossEntropyLoss()(logits, target)     # like torch.nn
-    loss = fusedloss.functional.mse_loss(pred, target)         # like torch.nn.functional
+import fusedloss
+loss = fusedloss.nn.CrossEntropyLoss()(logits, target)     # like torch.nn
+loss = fusedloss.functional.mse_loss(pred, target)         # like torch.nn.functional
 """
 
 from __future__ import annotations
 
 import copy
 
-from ._version import __version__
-from ._ops import BUILD_INFO as _BUILD_INFO, ops  # loads the extension (clear ImportError on mismatch)
 from . import autograd, functional, nn  # noqa: E402
+from ._ops import BUILD_INFO as _BUILD_INFO  # loads the extension (clear ImportError on mismatch)
+from ._ops import ops
 from ._validation import set_validation  # noqa: E402
+from ._version import __version__
 
 __all__ = ["__version__", "autograd", "build_info", "functional", "nn", "ops", "set_validation"]
 

@@ -35,9 +35,7 @@ def inplace_broadcast(out_shape: Sequence[int], other_shape: Sequence[int]) -> N
     """What `out.mul_(other)` raises when other does not broadcast into out's shape."""
     shape = broadcast_shape(out_shape, other_shape)
     if list(shape) != list(out_shape):
-        raise RuntimeError(
-            f"output with shape {list(out_shape)} doesn't match the broadcast shape {list(shape)}"
-        )
+        raise RuntimeError(f"output with shape {list(out_shape)} doesn't match the broadcast shape {list(shape)}")
 
 
 def no_requires_grad(function: str, **tensors: torch.Tensor | None) -> None:

@@ -32,7 +32,9 @@ def cross_entropy(
     torch's own denominator.
     """
     x = input if softcap is None else softcap * torch.tanh(input / softcap)
-    loss = F.cross_entropy(x, target, weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing)
+    loss = F.cross_entropy(
+        x, target, weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing
+    )
     if not lse_square_scale:
         return loss
     class_dim = 0 if x.dim() == 1 else 1

@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 
 from . import _composite
+from .testing import LAYOUTS, make_tensor
 
 LOSSES = (
     "binary_cross_entropy_with_logits",
@@ -22,7 +23,6 @@ LOSSES = (
     "multi_margin_loss",
 )
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
-LAYOUTS = ("contiguous", "transposed", "offset", "strided")
 
 
 @dataclasses.dataclass
@@ -47,20 +47,7 @@ def _uniform(g, shape, lo, hi):
 
 
 def _tensor(g, shape, dtype, device, lo, hi, layout, requires_grad=False):
-    base = _uniform(g, shape, lo, hi)
-    if layout == "transposed" and base.dim() >= 2:
-        t = base.transpose(0, -1).contiguous().to(device=device, dtype=dtype).transpose(0, -1)
-    elif layout == "offset":
-        flat = torch.zeros(base.numel() + 1, dtype=dtype, device=device)
-        flat[1:] = base.reshape(-1).to(device=device, dtype=dtype)
-        t = flat[1:].view(shape)
-    elif layout == "strided":
-        big = torch.zeros(*shape, 2, dtype=dtype, device=device)
-        big[..., 1] = base.to(device=device, dtype=dtype)
-        t = big[..., 1]
-    else:
-        t = base.to(device=device, dtype=dtype)
-    return t.requires_grad_(requires_grad)
+    return make_tensor(shape, dtype, device, lo, hi, layout=layout, requires_grad=requires_grad, generator=g)
 
 
 def _shape(g, min_dims=0, max_dims=3, class_dim=False):
@@ -75,7 +62,13 @@ def draw_case(loss: str, g: torch.Generator, device: str = "cpu") -> Case:
     dtype = _pick(g, DTYPES)
     layout = _pick(g, LAYOUTS)
     reduction = _pick(g, ("none", "mean", "sum"))
-    if loss in ("binary_cross_entropy_with_logits", "mse_loss", "hinge_embedding_loss", "soft_margin_loss", "hinge_loss"):
+    if loss in (
+        "binary_cross_entropy_with_logits",
+        "mse_loss",
+        "hinge_embedding_loss",
+        "soft_margin_loss",
+        "hinge_loss",
+    ):
         shape = _shape(g)
         x = _tensor(g, shape, dtype, device, -6, 6, layout, requires_grad=True)
         if loss == "binary_cross_entropy_with_logits":
@@ -123,8 +116,11 @@ def draw_case(loss: str, g: torch.Generator, device: str = "cpu") -> Case:
         shape = _pick(g, ((rows, C), (C,)))
         x = _tensor(g, shape, dtype, device, -3, 3, layout, requires_grad=True)
         t = torch.randint(0, C, (rows,) if len(shape) == 2 else (), generator=g).to(device)
-        kw = {"reduction": reduction if rows or reduction != "mean" else "sum", "p": int(_pick(g, (1, 2))),
-              "margin": float(_pick(g, (0.0, 1.0, -0.5, 3.0)))}
+        kw = {
+            "reduction": reduction if rows or reduction != "mean" else "sum",
+            "p": int(_pick(g, (1, 2))),
+            "margin": float(_pick(g, (0.0, 1.0, -0.5, 3.0))),
+        }
         if _pick(g, (True, False)):
             kw["weight"] = _tensor(g, (C,), dtype, device, -2, 2, "contiguous")
         return Case(loss, (x, t), kw)

@@ -33,8 +33,7 @@ def read_build_info() -> dict:
             return json.load(f)
     except FileNotFoundError:
         raise ImportError(
-            "fusedloss has not been built (no fusedloss/_build_info.json). Build it with:\n"
-            f"    {rebuild_command()}"
+            f"fusedloss has not been built (no fusedloss/_build_info.json). Build it with:\n    {rebuild_command()}"
         ) from None
 
 
@@ -163,15 +162,40 @@ def _(input, target, weight, ignore_index, reduction, label_smoothing, lse_squar
 
 
 @torch.library.register_fake("fusedloss::cross_entropy_backward")
-def _(grad, input, target, weight, lse, stats, target_mass, ignore_index, reduction, label_smoothing,
-      lse_square_scale, softcap, output_mask):
+def _(
+    grad,
+    input,
+    target,
+    weight,
+    lse,
+    stats,
+    target_mass,
+    ignore_index,
+    reduction,
+    label_smoothing,
+    lse_square_scale,
+    softcap,
+    output_mask,
+):
     prob = target.shape == input.shape
     return _grad_like(input, output_mask[0]), _grad_like(input, output_mask[1] and prob)
 
 
 @torch.library.register_fake("fusedloss::cross_entropy_backward_inplace")
-def _(grad, input, target, weight, lse, stats, target_mass, ignore_index, reduction, label_smoothing,
-      lse_square_scale, softcap):
+def _(
+    grad,
+    input,
+    target,
+    weight,
+    lse,
+    stats,
+    target_mass,
+    ignore_index,
+    reduction,
+    label_smoothing,
+    lse_square_scale,
+    softcap,
+):
     return None
 
 

@@ -63,7 +63,9 @@ class HingeEmbeddingFunction(torch.autograd.Function):
         if torch.is_grad_enabled():
             (gx,) = composite_backward(
                 lambda x: F.hinge_embedding_loss(x, target, margin, reduction=_REDUCTION_NAMES[reduction]),
-                (input,), (True,), grad,
+                (input,),
+                (True,),
+                grad,
             )
         else:
             gx = ops.hinge_embedding_backward(grad, input, target, margin, reduction, CLAMP_GRAD_AT_BOUND)
@@ -95,7 +97,10 @@ class SoftMarginFunction(torch.autograd.Function):
             return None, None, None
         if torch.is_grad_enabled():
             (gx,) = composite_backward(
-                lambda x: _composite.soft_margin_loss(x, target, _REDUCTION_NAMES[ctx.reduction]), (input,), (True,), grad
+                lambda x: _composite.soft_margin_loss(x, target, _REDUCTION_NAMES[ctx.reduction]),
+                (input,),
+                (True,),
+                grad,
             )
         else:
             gx = ops.soft_margin_backward(grad, input, target, ctx.reduction)
@@ -125,7 +130,9 @@ class HingeFunction(torch.autograd.Function):
         if torch.is_grad_enabled():
             gx, gy = composite_backward(
                 lambda x, y: _composite.hinge_loss(x, y, margin, squared, _REDUCTION_NAMES[reduction]),
-                (input, target), needs, grad,
+                (input, target),
+                needs,
+                grad,
             )
         else:
             gx, gy = ops.hinge_backward(
@@ -163,7 +170,9 @@ class MultiMarginFunction(torch.autograd.Function):
         if torch.is_grad_enabled():
             (gx,) = composite_backward(
                 lambda x: _composite.multi_margin_loss(x, target, p, margin, weight, _REDUCTION_NAMES[reduction]),
-                (input,), (True,), grad,
+                (input,),
+                (True,),
+                grad,
             )
         else:
             gx = ops.multi_margin_backward(grad, input, target, p, margin, weight, reduction)
@@ -259,6 +268,7 @@ def _register_op_autograd():
 
     torch.library.register_autograd("fusedloss::multi_margin", mm_backward, setup_context=mm_setup)
 
+
 _REDUCTION_NAMES = {0: "none", 1: "mean", 2: "sum"}
 
 
@@ -270,12 +280,12 @@ def composite_backward(
 ) -> tuple[torch.Tensor | None, ...]:
     """Gradients of loss_fn(*inputs) for the inputs in `needs`, as a differentiable
     graph (the create_graph=True path)."""
-    wanted = [t for t, n in zip(inputs, needs) if n]
+    wanted = [t for t, n in zip(inputs, needs, strict=True) if n]
     with torch.enable_grad():
         loss = loss_fn(*inputs)
         grads = iter(torch.autograd.grad(loss, wanted, grad, create_graph=True, allow_unused=True))
     out = []
-    for t, n in zip(inputs, needs):
+    for t, n in zip(inputs, needs, strict=True):
         if not n:
             out.append(None)
             continue
@@ -289,10 +299,12 @@ def ones_grad(input: torch.Tensor, reduction: int) -> torch.Tensor:
     return torch.ones(input.shape if reduction == 0 else (), dtype=input.dtype, device=input.device)
 
 
-def contract(derivs: Sequence[torch.Tensor], tangents: Sequence[torch.Tensor | None], reduction: int, like: torch.Tensor):
+def contract(
+    derivs: Sequence[torch.Tensor], tangents: Sequence[torch.Tensor | None], reduction: int, like: torch.Tensor
+):
     """Tangent of the loss from its per-element derivatives and input tangents."""
     out = None
-    for d, t in zip(derivs, tangents):
+    for d, t in zip(derivs, tangents, strict=True):
         if t is None:
             continue
         term = d * t
@@ -311,13 +323,15 @@ def bce_with_logits_grads(grad, input, target, weight, pos_weight, reduction, ne
 def mse_grads(grad, input, target, weight, loss, denominator, reduction, needs):
     """(grad_input, grad_target, grad_weight) of the fused loss, None where not needed."""
     gs = ops.mse_backward(grad, input, target, weight, loss, denominator, reduction, [needs[0], needs[1], needs[2]])
-    return tuple(g if n else None for g, n in zip(gs, needs))
+    return tuple(g if n else None for g, n in zip(gs, needs, strict=True))
 
 
 def cross_entropy_grads(grad, input, target, weight, lse, stats, target_mass, args, needs):
     """(grad_input, grad_target) of the fused cross entropy, None where not needed.
     args = (ignore_index, reduction, label_smoothing, lse_square_scale, softcap)."""
-    gx, gt = ops.cross_entropy_backward(grad, input, target, weight, lse, stats, target_mass, *args, [needs[0], needs[1]])
+    gx, gt = ops.cross_entropy_backward(
+        grad, input, target, weight, lse, stats, target_mass, *args, [needs[0], needs[1]]
+    )
     return (gx if needs[0] else None, gt if needs[1] else None)
 
 
@@ -358,6 +372,7 @@ class BCEWithLogitsFunction(torch.autograd.Function):
             gx, gy = bce_with_logits_grads(grad, input, target, weight, pos_weight, ctx.reduction, needs)
         return gx, gy, None, None, None
 
+
 class CrossEntropyFunction(torch.autograd.Function):
     """Softmax + NLL, fused: apply(input, target, weight, ignore_index, reduction,
     label_smoothing, lse_square_scale, softcap, inplace_backward) -> (loss, lse, stats, target_mass).
@@ -374,8 +389,12 @@ class CrossEntropyFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(input, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale, softcap, inplace_backward):
-        return ops.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale, softcap)
+    def forward(
+        input, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale, softcap, inplace_backward
+    ):
+        return ops.cross_entropy(
+            input, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale, softcap
+        )
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -394,14 +413,24 @@ class CrossEntropyFunction(torch.autograd.Function):
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1] and target.shape == input.shape)
         rest = (None,) * 7
         if torch.is_grad_enabled():
-            return composite_backward(
-                lambda x, t: _composite.cross_entropy(
-                    x, t, weight, ignore_index, _REDUCTION_NAMES[reduction], label_smoothing, lse_square_scale, softcap
-                ),
-                (input, target),
-                needs,
-                grad,
-            ) + rest
+            return (
+                composite_backward(
+                    lambda x, t: _composite.cross_entropy(
+                        x,
+                        t,
+                        weight,
+                        ignore_index,
+                        _REDUCTION_NAMES[reduction],
+                        label_smoothing,
+                        lse_square_scale,
+                        softcap,
+                    ),
+                    (input, target),
+                    needs,
+                    grad,
+                )
+                + rest
+            )
         if ctx.inplace and needs[0] and not needs[1]:
             ops.cross_entropy_backward_inplace(grad, input, target, weight, lse, stats, target_mass, *ctx.args)
             # Any other node that saved these logits must now refuse to run.
@@ -453,7 +482,6 @@ class MSEFunction(torch.autograd.Function):
         return mse_grads(grad, input, target, weight, loss, denominator, ctx.reduction, needs) + (None,)
 
 
-
 _register_op_autograd()
 
 
@@ -498,7 +526,7 @@ class _CrossEntropyFunctionJvp(CrossEntropyFunction):
         mask = [t_input is not None, t_target is not None]
         d = ops.cross_entropy_backward(ones, input, target, weight, lse, stats, target_mass, *ctx.args, mask)
         out = None
-        for deriv, tangent in zip(d, (t_input, t_target)):
+        for deriv, tangent in zip(d, (t_input, t_target), strict=True):
             if tangent is None:
                 continue
             term = deriv * tangent
@@ -515,7 +543,9 @@ class _HingeEmbeddingFunctionJvp(HingeEmbeddingFunction):
         margin, reduction = ctx.args
         if t_input is None:
             return torch.zeros_like(input if reduction == 0 else input.new_empty(()))
-        d = ops.hinge_embedding_backward(ones_grad(input, reduction), input, target, margin, reduction, CLAMP_GRAD_AT_BOUND)
+        d = ops.hinge_embedding_backward(
+            ones_grad(input, reduction), input, target, margin, reduction, CLAMP_GRAD_AT_BOUND
+        )
         return contract((d,), (t_input,), reduction, input)
 
 

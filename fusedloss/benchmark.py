@@ -27,8 +27,20 @@ import torch
 import torch.nn.functional as F
 
 CSV_COLUMNS = [
-    "loss", "case", "provider", "mode", "dtype", "shape", "device",
-    "median_ms", "p20_ms", "p80_ms", "gbps", "peak_mem_mb", "torch", "git_sha",
+    "loss",
+    "case",
+    "provider",
+    "mode",
+    "dtype",
+    "shape",
+    "device",
+    "median_ms",
+    "p20_ms",
+    "p80_ms",
+    "gbps",
+    "peak_mem_mb",
+    "torch",
+    "git_sha",
 ]
 PROVIDERS = ("fusedloss", "torch", "torch.compile")
 OPTIONAL_PROVIDERS = ("liger",)  # Liger-Kernel's cross entropy, on CUDA, when it is installed
@@ -153,8 +165,13 @@ def _pair(name, shape, dtype, device):
         # torch has no binary hinge: the composite users write instead
         "hinge": lambda a, b: _composite.hinge_loss(a, b),
     }[name]
-    return Problem(fused=fused, native=native, native_args=(x, y), leaves=[x],
-                   bytes=_elementwise_bytes(x.numel(), x.element_size()))
+    return Problem(
+        fused=fused,
+        native=native,
+        native_args=(x, y),
+        leaves=[x],
+        bytes=_elementwise_bytes(x.numel(), x.element_size()),
+    )
 
 
 def _multi_margin(shape, dtype, device):
@@ -187,17 +204,29 @@ def cases_for(loss: str, device: str, quick: bool) -> list[Case]:
     # for) so that the GPU check script fits its time.
     gpu_dtypes = ["fp32"] if quick else ["fp32", "bf16"]
     if loss == "bce_with_logits":
-        shapes = _sizes(device, quick, [(4096, 4096), (1024, 1024), (8192, 8192)], [(4096, 4096), (1024, 1024)],
-                        [(16384, 8192), (4096, 4096), (32768, 16384)], [(32768, 16384)])
+        shapes = _sizes(
+            device,
+            quick,
+            [(4096, 4096), (1024, 1024), (8192, 8192)],
+            [(4096, 4096), (1024, 1024)],
+            [(16384, 8192), (4096, 4096), (32768, 16384)],
+            [(32768, 16384)],
+        )
         for shape in shapes:
-            for dt in (["fp32"] if device == "cpu" else gpu_dtypes):
+            for dt in ["fp32"] if device == "cpu" else gpu_dtypes:
                 out.append(Case(loss, "plain", shape, dt, lambda s, d, dev: _bce(s, d, dev)))
                 out.append(Case(loss, "pos_weight", shape, dt, lambda s, d, dev: _bce(s, d, dev, pos_weight=True)))
     elif loss == "mse":
-        shapes = _sizes(device, quick, [(4096, 4096), (1024, 1024), (8192, 8192)], [(4096, 4096), (1024, 1024)],
-                        [(16384, 8192), (4096, 4096), (32768, 16384)], [(32768, 16384)])
+        shapes = _sizes(
+            device,
+            quick,
+            [(4096, 4096), (1024, 1024), (8192, 8192)],
+            [(4096, 4096), (1024, 1024)],
+            [(16384, 8192), (4096, 4096), (32768, 16384)],
+            [(32768, 16384)],
+        )
         for shape in shapes:
-            for dt in (["fp32"] if device == "cpu" else gpu_dtypes):
+            for dt in ["fp32"] if device == "cpu" else gpu_dtypes:
                 out.append(Case(loss, "plain", shape, dt, _mse))
     elif loss == "cross_entropy":
         if device == "cuda":
@@ -206,24 +235,40 @@ def cases_for(loss: str, device: str, quick: bool) -> list[Case]:
                 out.append(Case(loss, "plain", shape, "bf16", _ce))
             if not quick:
                 out.append(Case(loss, "plain", (8192, 32000), "fp32", _ce))
-            out.append(Case(loss, "smoothing0.1", (16384, 128256), "bf16",
-                            lambda s, d, dev: _ce(s, d, dev, label_smoothing=0.1)))
+            out.append(
+                Case(
+                    loss, "smoothing0.1", (16384, 128256), "bf16", lambda s, d, dev: _ce(s, d, dev, label_smoothing=0.1)
+                )
+            )
         else:
             shapes = [(2048, 32000), (512, 32000), (4096, 32000)] if not quick else [(2048, 32000), (512, 32000)]
             for shape in shapes:
                 out.append(Case(loss, "plain", shape, "fp32", _ce))
-            out.append(Case(loss, "smoothing0.1", (2048, 32000), "fp32",
-                            lambda s, d, dev: _ce(s, d, dev, label_smoothing=0.1)))
+            out.append(
+                Case(loss, "smoothing0.1", (2048, 32000), "fp32", lambda s, d, dev: _ce(s, d, dev, label_smoothing=0.1))
+            )
             out.append(Case(loss, "plain", (2048, 32000), "bf16", _ce))
     elif loss in ("hinge_embedding", "soft_margin", "hinge"):
-        shapes = _sizes(device, quick, [(4096, 4096), (1024, 1024), (8192, 8192)], [(4096, 4096), (1024, 1024)],
-                        [(16384, 8192), (4096, 4096), (32768, 16384)], [(32768, 16384)])
+        shapes = _sizes(
+            device,
+            quick,
+            [(4096, 4096), (1024, 1024), (8192, 8192)],
+            [(4096, 4096), (1024, 1024)],
+            [(16384, 8192), (4096, 4096), (32768, 16384)],
+            [(32768, 16384)],
+        )
         for shape in shapes:
-            for dt in (["fp32"] if device == "cpu" else gpu_dtypes):
+            for dt in ["fp32"] if device == "cpu" else gpu_dtypes:
                 out.append(Case(loss, "plain", shape, dt, lambda s, d, dev, name=loss: _pair(name, s, d, dev)))
     elif loss == "multi_margin":
-        shapes = _sizes(device, quick, [(16384, 1000), (4096, 1000), (32768, 1000)], [(16384, 1000), (4096, 1000)],
-                        [(65536, 1000), (16384, 1000), (131072, 1000)], [(131072, 1000)])
+        shapes = _sizes(
+            device,
+            quick,
+            [(16384, 1000), (4096, 1000), (32768, 1000)],
+            [(16384, 1000), (4096, 1000)],
+            [(65536, 1000), (16384, 1000), (131072, 1000)],
+            [(131072, 1000)],
+        )
         for shape in shapes:
             out.append(Case(loss, "plain", shape, "fp32", _multi_margin))
     else:
@@ -324,7 +369,9 @@ def git_sha() -> str:
         return os.environ["FUSEDLOSS_GIT_SHA"]
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -359,17 +406,19 @@ def run(
         for provider in list(providers) + [p for p in problem.others if p not in providers]:
             step += 1
             if progress:
-                progress(step, total, f"{case.loss} {case.case} {'x'.join(map(str, case.shape))} {case.dtype} {provider}")
+                progress(
+                    step, total, f"{case.loss} {case.case} {'x'.join(map(str, case.shape))} {case.dtype} {provider}"
+                )
             if provider == "fusedloss":
                 fn = problem.fused
             elif provider in problem.others:
                 fn = problem.others[provider]
             elif provider == "torch":
-                fn = lambda: problem.native(*problem.native_args)  # noqa: E731
+                fn = lambda p=problem: p.native(*p.native_args)
             else:
                 torch._dynamo.reset()
                 compiled = torch.compile(problem.native)
-                fn = lambda: compiled(*problem.native_args)  # noqa: E731
+                fn = lambda c=compiled, p=problem: c(*p.native_args)
             for mode in modes:
                 if device == "cuda":
                     # The baseline holds the inputs only: no gradient left over
@@ -399,7 +448,7 @@ def run(
                         "git_sha": sha,
                     }
                 )
-        del problem, compiled
+        problem = compiled = fn = None  # free this case's tensors before the next
     return rows
 
 
@@ -422,8 +471,15 @@ def summary(rows: list[dict], copy_gbps: float | None = None) -> list[dict]:
         f = prov.get("fusedloss")
         if f is None:
             continue
-        line = {"loss": key[0], "case": key[1], "dtype": key[2], "shape": key[3], "mode": mode,
-                "fusedloss_ms": f["median_ms"], "gbps": f["gbps"]}
+        line = {
+            "loss": key[0],
+            "case": key[1],
+            "dtype": key[2],
+            "shape": key[3],
+            "mode": mode,
+            "fusedloss_ms": f["median_ms"],
+            "gbps": f["gbps"],
+        }
         for other in ("torch", "torch.compile", "liger"):
             if other in prov:
                 line[f"{other}_ms"] = prov[other]["median_ms"]
@@ -435,20 +491,25 @@ def summary(rows: list[dict], copy_gbps: float | None = None) -> list[dict]:
 
 
 def format_table(rows: list[dict], copy_gbps: float | None = None, modes=("full",)) -> str:
-    lines = summary(rows, copy_gbps)
-    head = f"{'loss':<16}{'case':<16}{'dtype':<6}{'shape':<14}{'mode':<5}{'fused ms':>10}{'eager ms':>10}{'compile ms':>11}" \
-           f"{'vs eager':>9}{'vs compile':>11}{'GB/s':>8}"
-    if copy_gbps:
-        head += f"{'of copy':>8}"
+    """The summary as text: one line per case, fusedloss's time, the others'
+    times and the ratios (fusedloss / other), achieved GB/s and share of copy."""
+    lines = [ln for ln in summary(rows, copy_gbps) if ln["mode"] in modes]
+    others = [o for o in ("torch", "torch.compile", "liger") if any(f"{o}_ms" in ln for ln in lines)]
+    label = {"torch": "eager", "torch.compile": "compile", "liger": "liger"}
+    nan = float("nan")
+    cols = [("loss", 16), ("case", 14), ("dtype", 6), ("shape", 14), ("mode", 5)]
+    head = "".join(f"{name:<{w}}" for name, w in cols) + f"{'fused ms':>10}"
+    head += "".join(f"{label[o] + ' ms':>12}" for o in others)
+    head += (
+        "".join(f"{'vs ' + label[o]:>11}" for o in others) + f"{'GB/s':>8}" + (f"{'of copy':>8}" if copy_gbps else "")
+    )
     out = [head, "-" * len(head)]
     for ln in lines:
-        if ln["mode"] not in modes:
-            continue
-        s = (f"{ln['loss']:<16}{ln['case']:<16}{ln['dtype']:<6}{ln['shape']:<14}{ln['mode']:<5}"
-             f"{ln['fusedloss_ms']:>10.3f}{ln.get('torch_ms', float('nan')):>10.3f}{ln.get('torch.compile_ms', float('nan')):>11.3f}"
-             f"{ln.get('ratio_vs_torch', float('nan')):>9.3f}{ln.get('ratio_vs_torch.compile', float('nan')):>11.3f}{ln['gbps']:>8.1f}")
+        s = "".join(f"{ln[name]:<{w}}" for name, w in cols) + f"{ln['fusedloss_ms']:>10.3f}"
+        s += "".join(f"{ln.get(f'{o}_ms', nan):>12.3f}" for o in others)
+        s += "".join(f"{ln.get(f'ratio_vs_{o}', nan):>11.3f}" for o in others) + f"{ln['gbps']:>8.1f}"
         if copy_gbps:
-            s += f"{ln.get('copy_fraction', float('nan')):>8.0%}"
+            s += f"{ln.get('copy_fraction', nan):>8.0%}"
         out.append(s)
     return "\n".join(out)
 
@@ -464,9 +525,15 @@ def write_csv(rows: list[dict], path: str) -> None:
 def write_json(rows: list[dict], path: str, copy_gbps: float | None, device: str) -> None:
     with open(path, "w") as f:
         json.dump(
-            {"device": device_name(device), "torch": torch.__version__, "copy_gbps": copy_gbps,
-             "rows": rows, "summary": summary(rows, copy_gbps)},
-            f, indent=1,
+            {
+                "device": device_name(device),
+                "torch": torch.__version__,
+                "copy_gbps": copy_gbps,
+                "rows": rows,
+                "summary": summary(rows, copy_gbps),
+            },
+            f,
+            indent=1,
         )
 
 

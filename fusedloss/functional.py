@@ -55,8 +55,7 @@ def _autocast_fp32(*tensors):
     if not enabled:
         return tensors
     return tuple(
-        t.float() if isinstance(t, torch.Tensor) and t.dtype in (torch.float16, torch.bfloat16) else t
-        for t in tensors
+        t.float() if isinstance(t, torch.Tensor) and t.dtype in (torch.float16, torch.bfloat16) else t for t in tensors
     )
 
 
@@ -156,7 +155,10 @@ def _mse_loss(input, target, size_average, reduce, reduction, weight):
         # torch divides by the sum of the weight as given, not of its broadcast
         # (the rare, warned path: a target of another shape).
         loss, _ = eager_or_compiled(MSEFunction).apply(
-            _cast(expanded_input, dtype), _cast(expanded_target, dtype), _cast(weight.expand(expanded_input.shape), dtype), 2
+            _cast(expanded_input, dtype),
+            _cast(expanded_target, dtype),
+            _cast(weight.expand(expanded_input.shape), dtype),
+            2,
         )
         return loss / _cast(weight, dtype).sum()
     if weight is not None:
@@ -345,8 +347,15 @@ def cross_entropy(
     x, t, w = plan
     inplace = bool(inplace_backward) and not torch.compiler.is_compiling()
     loss = eager_or_compiled(CrossEntropyFunction).apply(
-        x, t, w, ignore_index, reduction_enum, float(label_smoothing), float(lse_square_scale),
-        None if softcap is None else float(softcap), inplace,
+        x,
+        t,
+        w,
+        ignore_index,
+        reduction_enum,
+        float(label_smoothing),
+        float(lse_square_scale),
+        None if softcap is None else float(softcap),
+        inplace,
     )[0]
     return loss
 
@@ -378,8 +387,14 @@ def hinge_embedding_loss(
     """
     if has_torch_function_variadic(input, target):
         return handle_torch_function(
-            hinge_embedding_loss, (input, target), input, target, margin=margin,
-            size_average=size_average, reduce=reduce, reduction=reduction,
+            hinge_embedding_loss,
+            (input, target),
+            input,
+            target,
+            margin=margin,
+            size_average=size_average,
+            reduce=reduce,
+            reduction=reduction,
         )
     reduction_enum = _legacy_reduction(size_average, reduce, reduction)
     # torch's first broadcast is where(target != 1, ...): target is tensor a.
@@ -389,7 +404,9 @@ def hinge_embedding_loss(
         return _F.hinge_embedding_loss(input, target, margin, reduction=_REDUCTION_NAMES[reduction_enum])
     dtype = torch.promote_types(input.dtype, target.dtype) if target.is_floating_point() else input.dtype
     x, y = torch.broadcast_tensors(input, target)
-    loss = eager_or_compiled(HingeEmbeddingFunction).apply(_cast(x, dtype), _cast(y, dtype).detach(), float(margin), reduction_enum)
+    loss = eager_or_compiled(HingeEmbeddingFunction).apply(
+        _cast(x, dtype), _cast(y, dtype).detach(), float(margin), reduction_enum
+    )
     return _cast(loss, input.dtype)
 
 
@@ -412,8 +429,13 @@ def soft_margin_loss(
     """
     if has_torch_function_variadic(input, target):
         return handle_torch_function(
-            soft_margin_loss, (input, target), input, target,
-            size_average=size_average, reduce=reduce, reduction=reduction,
+            soft_margin_loss,
+            (input, target),
+            input,
+            target,
+            size_average=size_average,
+            reduce=reduce,
+            reduction=reduction,
         )
     reduction_enum = _legacy_reduction(size_average, reduce, reduction)
     _checks.no_requires_grad("soft_margin_loss", target=target)
@@ -453,7 +475,9 @@ def hinge_loss(
     dtype = torch.promote_types(input.dtype, target.dtype)
     if not (dtype.is_floating_point and _checks.same_device(input, target)):
         return _composite.hinge_loss(input, target, margin, squared, reduction)
-    return eager_or_compiled(HingeFunction).apply(_cast(x, dtype), _cast(y, dtype), float(margin), bool(squared), reduction_enum)
+    return eager_or_compiled(HingeFunction).apply(
+        _cast(x, dtype), _cast(y, dtype), float(margin), bool(squared), reduction_enum
+    )
 
 
 def _multi_margin_supported(input, target, weight) -> bool:
@@ -500,8 +524,16 @@ def multi_margin_loss(
     """
     if has_torch_function_variadic(input, target, weight):
         return handle_torch_function(
-            multi_margin_loss, (input, target, weight), input, target, p=p, margin=margin, weight=weight,
-            size_average=size_average, reduce=reduce, reduction=reduction,
+            multi_margin_loss,
+            (input, target, weight),
+            input,
+            target,
+            p=p,
+            margin=margin,
+            weight=weight,
+            size_average=size_average,
+            reduce=reduce,
+            reduction=reduction,
         )
     reduction_enum = _legacy_reduction(size_average, reduce, reduction)
     if p != 1 and p != 2:

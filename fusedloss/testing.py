@@ -29,7 +29,35 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-__all__ = ["assert_matches_torch", "reference", "TOLERANCES"]
+__all__ = ["assert_matches_torch", "make_tensor", "reference", "TOLERANCES"]
+
+LAYOUTS = ("contiguous", "transposed", "offset", "strided")
+
+
+def make_tensor(
+    shape, dtype, device="cpu", low=-3.0, high=3.0, layout="contiguous", requires_grad=False, generator=None
+):
+    """A tensor of uniform values in [low, high) whose memory is laid out as
+    `layout`: "contiguous"; "transposed" (first and last dims swapped in memory);
+    "offset" (storage offset 1, so not 16-byte aligned); "strided" (every other
+    element of a wider buffer). The values do not depend on the layout."""
+    base = torch.rand(shape, dtype=torch.float64, generator=generator) * (high - low) + low
+    if layout == "transposed" and base.dim() >= 2:
+        t = base.transpose(0, -1).contiguous().to(device=device, dtype=dtype).transpose(0, -1)
+    elif layout == "offset":
+        flat = torch.zeros(base.numel() + 1, dtype=dtype, device=device)
+        flat[1:] = base.reshape(-1).to(device=device, dtype=dtype)
+        t = flat[1:].view(shape)
+    elif layout == "strided":
+        big = torch.zeros(*shape, 2, dtype=dtype, device=device)
+        big[..., 1] = base.to(device=device, dtype=dtype)
+        t = big[..., 1]
+    elif layout in LAYOUTS:
+        t = base.to(device=device, dtype=dtype)
+    else:
+        raise ValueError(f"unknown layout {layout!r}; choose from {LAYOUTS}")
+    return t.requires_grad_(requires_grad)
+
 
 # (rtol, atol) against native in the same dtype.
 TOLERANCES = {
@@ -98,7 +126,7 @@ def _run(fn, args, kwargs, grad_out):
     grads = {}
     if leaves and out.requires_grad:
         gs = torch.autograd.grad(out, [a for _, a in leaves], grad_out(out), allow_unused=True)
-        grads = {n: g for (n, _), g in zip(leaves, gs)}
+        grads = {n: g for (n, _), g in zip(leaves, gs, strict=True)}
     return out.detach(), grads
 
 
@@ -106,9 +134,7 @@ def _check_special(name, actual, expected):
     nan_ok = torch.equal(torch.isnan(actual), torch.isnan(expected))
     inf_ok = torch.equal(torch.isinf(actual), torch.isinf(expected))
     if not (nan_ok and inf_ok):
-        raise AssertionError(
-            f"{name}: NaN/inf positions differ from torch\nfusedloss: {actual}\ntorch:     {expected}"
-        )
+        raise AssertionError(f"{name}: NaN/inf positions differ from torch\nfusedloss: {actual}\ntorch:     {expected}")
     if inf_ok and torch.isinf(actual).any():
         both = torch.isinf(actual)
         if not torch.equal(actual[both], expected[both]):
@@ -232,7 +258,10 @@ def assert_matches_torch(
             o_out, o_grads = None, {}
 
     d_rtol, d_atol = TOLERANCES.get(out_dtype, (1e-5, 1e-5))
-    if out_dtype == torch.float32 and max((a.numel() for a in f_args if isinstance(a, torch.Tensor)), default=0) >= 10**6:
+    if (
+        out_dtype == torch.float32
+        and max((a.numel() for a in f_args if isinstance(a, torch.Tensor)), default=0) >= 10**6
+    ):
         d_rtol, d_atol = LARGE_FP32
     rtol = d_rtol if rtol is None else rtol
     atol = d_atol if atol is None else atol
@@ -241,7 +270,8 @@ def assert_matches_torch(
     for key, ng in n_grads.items():
         fg = f_grads.get(key)
         if (fg is None) != (ng is None):
-            raise AssertionError(f"{name} grad {key}: fusedloss {'has no' if fg is None else 'has a'} gradient, torch {'has' if fg is None else 'has none'}")
+            ours, theirs = ("has no", "has one") if fg is None else ("has one", "has none")
+            raise AssertionError(f"{name} grad {key}: fusedloss {ours} gradient, torch {theirs}")
         if ng is None:
             continue
         g_rtol, g_atol = TOLERANCES.get(ng.dtype, (rtol, atol)) if ng.dtype != out_dtype else (rtol, atol)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import fusedloss  # noqa: F401  (loads the ops before any test module imports them)
+from fusedloss.testing import make_tensor
 
 HAS_CUDA = torch.cuda.is_available() and fusedloss.build_info()["cuda"]
 
@@ -37,25 +38,10 @@ def cuda_only():
 
 
 def make(shape, dtype, device, low=-3.0, high=3.0, requires_grad=False, layout="contiguous"):
-    """A random tensor of `shape`; `layout` picks how its memory is arranged
-    (values are the same function of the index in every layout)."""
-    base = torch.empty(shape, dtype=torch.float64).uniform_(low, high)
-    if layout == "contiguous" or base.dim() < 2 and layout == "transposed":
-        t = base.to(device=device, dtype=dtype)
-    elif layout == "transposed":
-        t = base.transpose(0, -1).contiguous().to(device=device, dtype=dtype).transpose(0, -1)
-    elif layout == "offset":
-        flat = torch.empty(base.numel() + 1, dtype=dtype, device=device)
-        flat[1:] = base.reshape(-1).to(device=device, dtype=dtype)
-        t = flat[1:].view(shape)
-    elif layout == "strided":
-        big = torch.zeros(*shape, 2, dtype=dtype, device=device)
-        big[..., 0] = base.to(device=device, dtype=dtype)
-        t = big[..., 0]
-    else:
-        raise ValueError(layout)
+    """A random tensor of `shape` laid out as `layout` (fusedloss.testing.make_tensor)."""
+    t = make_tensor(shape, dtype, device, low, high, layout=layout, requires_grad=requires_grad)
     assert t.shape == tuple(shape)
-    return t.requires_grad_(requires_grad)
+    return t
 
 
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")

@@ -141,7 +141,13 @@ def test_grad_at_zero_with_unit_pos_weight(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(
-    "xdt,ydt", [(torch.float32, torch.float64), (torch.float64, torch.float32), (torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)]
+    "xdt,ydt",
+    [
+        (torch.float32, torch.float64),
+        (torch.float64, torch.float32),
+        (torch.bfloat16, torch.float32),
+        (torch.float32, torch.bfloat16),
+    ],
 )
 def test_mixed_dtypes(device, xdt, ydt):
     # torch's result has the target's dtype.
@@ -189,12 +195,18 @@ def _error_cases(device):
         "pos_weight broadcast": ((x, y), {"pos_weight": r(4)}),
         "pos_weight 2-d broadcast": ((x, y), {"pos_weight": r(5, 4)}),
         "pos_weight grows output": ((x, y), {"pos_weight": r(4, 2, 3)}),
-        "pos_weight per channel of NCHW": ((torch.randn(2, 3, 4, 5, device=device), r(2, 3, 4, 5)), {"pos_weight": r(3)}),
+        "pos_weight per channel of NCHW": (
+            (torch.randn(2, 3, 4, 5, device=device), r(2, 3, 4, 5)),
+            {"pos_weight": r(3)},
+        ),
         "weight requires grad": ((x, y), {"weight": r(3, requires_grad=True)}),
         "pos_weight requires grad": ((x, y), {"pos_weight": r(3, requires_grad=True)}),
         "both require grad": ((x, y), {"weight": r(3, requires_grad=True), "pos_weight": r(3, requires_grad=True)}),
         "integer input": ((torch.ones(2, 3, dtype=torch.long, device=device), y), {}),
-        "integer input and target": ((torch.ones(2, 3, dtype=torch.long, device=device), torch.ones(2, 3, dtype=torch.long, device=device)), {}),
+        "integer input and target": (
+            (torch.ones(2, 3, dtype=torch.long, device=device), torch.ones(2, 3, dtype=torch.long, device=device)),
+            {},
+        ),
         "integer target": ((x, torch.ones(2, 3, dtype=torch.long, device=device)), {}),
         "bool target": ((x, torch.ones(2, 3, dtype=torch.bool, device=device)), {}),
         "target on meta": ((x, torch.rand(2, 3, device="meta")), {}),
@@ -216,9 +228,15 @@ def test_errors_match_torch(device, case):
 def test_gradcheck_and_gradgradcheck(reduction, weighted):
     x = make((3, 4), torch.float64, "cpu", -3, 3, requires_grad=True)
     y = make((3, 4), torch.float64, "cpu", 0, 1, requires_grad=True)
-    kw = {"weight": make((4,), torch.float64, "cpu", 0.5, 2), "pos_weight": make((3, 1), torch.float64, "cpu", 0.5, 3)} if weighted else {}
+    kw = (
+        {"weight": make((4,), torch.float64, "cpu", 0.5, 2), "pos_weight": make((3, 1), torch.float64, "cpu", 0.5, 3)}
+        if weighted
+        else {}
+    )
     fn = lambda a, b: FF.binary_cross_entropy_with_logits(a, b, reduction=reduction, **kw)  # noqa: E731
-    assert torch.autograd.gradcheck(fn, (x, y), check_forward_ad=True, check_batched_grad=True, check_undefined_grad=True)
+    assert torch.autograd.gradcheck(
+        fn, (x, y), check_forward_ad=True, check_batched_grad=True, check_undefined_grad=True
+    )
     assert torch.autograd.gradgradcheck(fn, (x, y), gen_non_contig_grad_outputs=False)
     assert torch.autograd.gradgradcheck(fn, (x, y), gen_non_contig_grad_outputs=True)
 
@@ -233,7 +251,7 @@ def test_double_backward_matches_torch(device):
         loss = fn(x, y, pos_weight=pw)
         gx, gy = torch.autograd.grad(loss, (x, y), create_graph=True)
         results.append(torch.autograd.grad((gx.square().sum() + gy.sum()), (x, y)))
-    for a, b in zip(*results):
+    for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b)
 
 

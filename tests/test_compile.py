@@ -56,15 +56,24 @@ def _margins(device):
     t = torch.randint(0, 9, (6,), device=device)
     w = make((9,), torch.float32, device, 0.5, 2)
     return (
-        lambda a: FF.hinge_embedding_loss(a, y, margin=0.5)
-        + FF.soft_margin_loss(a, y, reduction="sum")
-        + FF.hinge_loss(a, y, squared=True)
-        + FF.multi_margin_loss(a, t, p=2, weight=w)
+        lambda a: (
+            FF.hinge_embedding_loss(a, y, margin=0.5)
+            + FF.soft_margin_loss(a, y, reduction="sum")
+            + FF.hinge_loss(a, y, squared=True)
+            + FF.multi_margin_loss(a, t, p=2, weight=w)
+        )
     ), (x,)
 
 
-CASES = {"margins": _margins, "bce": _bce, "mse": _mse, "bce_module": _bce_module, "ce": _ce, "ce_prob_extras": _ce_prob_extras,
-         "ce_kdim_module": _ce_kdim_module}
+CASES = {
+    "margins": _margins,
+    "bce": _bce,
+    "mse": _mse,
+    "bce_module": _bce_module,
+    "ce": _ce,
+    "ce_prob_extras": _ce_prob_extras,
+    "ce_kdim_module": _ce_kdim_module,
+}
 
 
 def _grads(out, args):
@@ -87,7 +96,7 @@ def test_compiled_matches_eager(device, case, backend, dynamic):
     out = compiled(*args)
     grads = _grads(out, args)
     torch.testing.assert_close(out, eager_out, rtol=1e-6, atol=1e-6)
-    for g, e in zip(grads, eager_grads):
+    for g, e in zip(grads, eager_grads, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-6)
 
 
@@ -104,7 +113,9 @@ def test_no_graph_breaks(case):
 def test_dynamic_shapes_recompile_boundedly():
     torch._dynamo.reset()
     counter = torch._dynamo.testing.CompileCounter()
-    fn = torch.compile(lambda a, b: FF.binary_cross_entropy_with_logits(a, b), backend=counter, dynamic=True, fullgraph=True)
+    fn = torch.compile(
+        lambda a, b: FF.binary_cross_entropy_with_logits(a, b), backend=counter, dynamic=True, fullgraph=True
+    )
     for n, c in [(3, 4), (5, 7), (9, 2), (17, 33), (2, 100)]:
         x = make((n, c), torch.float32, "cpu", requires_grad=True)
         y = make((n, c), torch.float32, "cpu", 0, 1)

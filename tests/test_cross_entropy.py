@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import fusedloss
 import fusedloss.functional as FF
-from conftest import OUTSIDE_SOURCE, DEVICES, FLOAT_DTYPES, HAS_CUDA, REDUCTIONS, make
+from conftest import DEVICES, FLOAT_DTYPES, HAS_CUDA, OUTSIDE_SOURCE, REDUCTIONS, make
 from fusedloss import _composite
 from fusedloss.testing import assert_matches_torch
 
@@ -181,7 +181,9 @@ def test_options_product(device, weight, ignore_index, label_smoothing, reductio
     x = logits((11, C), torch.float32, device)
     t = targets((11,), C, device, ignore=ignore_index)
     w = weight_for(weight, C, torch.float32, device)
-    assert_matches_torch(NAME, x, t, weight=w, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing)
+    assert_matches_torch(
+        NAME, x, t, weight=w, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -272,7 +274,9 @@ def test_unnormalised_and_mixed_dtype_probabilities(device):
     assert_matches_torch(NAME, x, raw, label_smoothing=0.1)
     assert_matches_torch(NAME, x, probs((5, 8), torch.float16, device))
     assert_matches_torch(NAME, logits((5, 8), torch.float16, device), probs((5, 8), torch.float32, device))
-    assert_matches_torch(NAME, x, probs((5, 8), torch.float32, device), weight=make((8,), torch.float64, device, 0.5, 1))
+    assert_matches_torch(
+        NAME, x, probs((5, 8), torch.float32, device), weight=make((8,), torch.float64, device, 0.5, 1)
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -379,7 +383,10 @@ def _error_cases(device):
         "probabilities, label_smoothing 1.5": ((x, torch.rand(2, 3, device=device)), {"label_smoothing": 1.5}),
         "probabilities with ignore_index": ((x, torch.rand(2, 3, device=device)), {"ignore_index": 0}),
         "long target of input shape": ((x, torch.ones(2, 3, dtype=torch.long, device=device)), {}),
-        "spatial mismatch": ((torch.randn(2, 3, 5, device=device), torch.zeros(2, 4, dtype=torch.long, device=device)), {}),
+        "spatial mismatch": (
+            (torch.randn(2, 3, 5, device=device), torch.zeros(2, 4, dtype=torch.long, device=device)),
+            {},
+        ),
         "K-dim input, 1-d target": ((torch.randn(2, 3, 4, device=device), t), {}),
         "1-d input, 1-d target of size 2": ((torch.randn(3, device=device), t), {}),
         "0-d input": ((torch.tensor(1.0, device=device), torch.tensor(0, device=device)), {}),
@@ -493,7 +500,9 @@ def test_retain_graph_and_checkpoint(device):
     lin = torch.nn.Linear(30, 30).to(device)
     h = lin(x.detach())
     ref = torch.autograd.grad(F.cross_entropy(lin(x.detach()), t), lin.weight)[0]
-    got = torch.autograd.grad(checkpoint(lambda a: FF.cross_entropy(lin(a), t), x.detach(), use_reentrant=False), lin.weight)[0]
+    got = torch.autograd.grad(
+        checkpoint(lambda a: FF.cross_entropy(lin(a), t), x.detach(), use_reentrant=False), lin.weight
+    )[0]
     torch.testing.assert_close(got, ref)
     assert h is not None
 
@@ -658,7 +667,9 @@ print("OK" if ok else "FAIL")
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 def test_cuda_bad_targets_give_nan_and_strict_mode_raises():
-    r = subprocess.run([sys.executable, "-c", _CUDA_BAD_TARGET], capture_output=True, text=True, cwd=OUTSIDE_SOURCE, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-c", _CUDA_BAD_TARGET], capture_output=True, text=True, cwd=OUTSIDE_SOURCE, timeout=300
+    )
     assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stdout + r.stderr
 
 

@@ -52,8 +52,9 @@ def _worker(rank, world, port, results):
         for r in range(world):
             m = torch.nn.Linear(12, 7)
             m.load_state_dict(model.state_dict())
-            lr = F.cross_entropy(m(x[r * 8 : (r + 1) * 8]), t[r * 8 : (r + 1) * 8], weight=weight, ignore_index=3,
-                                 label_smoothing=0.1)
+            lr = F.cross_entropy(
+                m(x[r * 8 : (r + 1) * 8]), t[r * 8 : (r + 1) * 8], weight=weight, ignore_index=3, label_smoothing=0.1
+            )
             lr.backward()
             ref += m.weight.grad / world
         results[rank] = {

@@ -59,5 +59,7 @@ def test_gradcheck_and_gradgradcheck(reduction, squared):
     x = make((4, 5), torch.float64, "cpu", -3, 3, requires_grad=True)
     y = make((4, 5), torch.float64, "cpu", -1, 1, requires_grad=True)
     fn = lambda a, b: FF.hinge_loss(a, b, margin=0.5, squared=squared, reduction=reduction)  # noqa: E731
-    assert torch.autograd.gradcheck(fn, (x, y), check_forward_ad=True, check_batched_grad=True, check_undefined_grad=True)
+    assert torch.autograd.gradcheck(
+        fn, (x, y), check_forward_ad=True, check_batched_grad=True, check_undefined_grad=True
+    )
     assert torch.autograd.gradgradcheck(fn, (x, y), gen_non_contig_grad_outputs=True)

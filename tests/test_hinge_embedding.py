@@ -67,7 +67,9 @@ def test_special_values_and_kink(device):
 def test_integer_and_other_dtype_targets(device):
     x = make((6, 4), torch.float16, device, requires_grad=True)
     assert_matches_torch(NAME, x, pm1((6, 4), torch.float32, device))
-    assert_matches_torch(NAME, make((6, 4), torch.float32, device, requires_grad=True), pm1((6, 4), torch.float32, device).long())
+    assert_matches_torch(
+        NAME, make((6, 4), torch.float32, device, requires_grad=True), pm1((6, 4), torch.float32, device).long()
+    )
 
 
 def test_empty_mean_is_nan():

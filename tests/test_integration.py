@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import fusedloss.functional as FF
-from conftest import OUTSIDE_SOURCE, DEVICES, HAS_CUDA, make
+from conftest import DEVICES, HAS_CUDA, OUTSIDE_SOURCE, make
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
@@ -102,7 +102,7 @@ def test_many_threads_match_serial(device):
     serial = [run(j) for j in jobs]
     with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
         parallel = list(pool.map(run, jobs))
-    for (name, _, _), s, p in zip(jobs, serial, parallel):
+    for (name, _, _), s, p in zip(jobs, serial, parallel, strict=True):
         assert torch.equal(s[0], p[0]) and torch.equal(s[1], p[1]), name
 
 
@@ -127,7 +127,9 @@ def test_checkpoint_and_retain_graph(device):
     for name, fused, native, args in _loss_pairs(device):
         h = args[0].detach()
         ref = torch.autograd.grad(native(lin(h), *args[1:]), lin.weight)[0]
-        got = torch.autograd.grad(checkpoint(lambda a: fused(lin(a), *args[1:]), h, use_reentrant=False), lin.weight)[0]
+        got = torch.autograd.grad(
+            checkpoint(lambda a, f=fused, rest=args[1:]: f(lin(a), *rest), h, use_reentrant=False), lin.weight
+        )[0]
         torch.testing.assert_close(got, ref, msg=name)
         loss = fused(*args)
         g1 = torch.autograd.grad(loss, args[0], retain_graph=True)[0]
@@ -159,10 +161,10 @@ def test_non_default_stream():
 @needs_cuda
 @pytest.mark.cuda
 def test_cuda_graph_capture_and_replay():
-    for name, fused, native, args in _loss_pairs("cuda"):
+    for name, fused, _, args in _loss_pairs("cuda"):
         static = [a.detach().clone().requires_grad_(a.requires_grad) for a in args]
 
-        def step():
+        def step(fused=fused, static=static):
             out = fused(*static)
             (g,) = torch.autograd.grad(out, static[0])
             return out, g
@@ -177,9 +179,14 @@ def test_cuda_graph_capture_and_replay():
         with torch.cuda.graph(graph):
             out, g = step()
         for trial in range(2):
-            fresh = [make(a.shape, a.dtype, "cuda") if a.is_floating_point() else torch.randint(0, a.max().item() + 1, a.shape, device="cuda") for a in args]
+            fresh = [
+                make(a.shape, a.dtype, "cuda")
+                if a.is_floating_point()
+                else torch.randint(0, a.max().item() + 1, a.shape, device="cuda")
+                for a in args
+            ]
             with torch.no_grad():
-                for st, fr in zip(static, fresh):
+                for st, fr in zip(static, fresh, strict=True):
                     st.copy_(fr)
             graph.replay()
             torch.cuda.synchronize()
@@ -264,8 +271,10 @@ def test_cuda_beyond_2_31_and_2_32_elements(rows, classes):
     y = torch.rand_like(flat)
     bce = FF.binary_cross_entropy_with_logits(flat, y, reduction="none")
     torch.testing.assert_close(
-        bce[-1000:].float(), F.binary_cross_entropy_with_logits(flat[-1000:].float(), y[-1000:].float(), reduction="none"),
-        rtol=2e-2, atol=2e-2,
+        bce[-1000:].float(),
+        F.binary_cross_entropy_with_logits(flat[-1000:].float(), y[-1000:].float(), reduction="none"),
+        rtol=2e-2,
+        atol=2e-2,
     )
 
 

@@ -93,7 +93,14 @@ def test_weight_empty_mean_is_nan(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(
-    "xdt,ydt", [(torch.float32, torch.float64), (torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16), (torch.int64, torch.float32), (torch.float32, torch.int64)]
+    "xdt,ydt",
+    [
+        (torch.float32, torch.float64),
+        (torch.bfloat16, torch.float32),
+        (torch.float16, torch.bfloat16),
+        (torch.int64, torch.float32),
+        (torch.float32, torch.int64),
+    ],
 )
 def test_mixed_dtypes_promote(device, xdt, ydt):
     x = make((8, 5), torch.float64, device).to(xdt)
@@ -221,4 +228,7 @@ def test_signature_tracks_installed_torch():
     theirs = list(inspect.signature(F.mse_loss).parameters)
     assert ours == theirs
     for name in ours:
-        assert inspect.signature(FF.mse_loss).parameters[name].default == inspect.signature(F.mse_loss).parameters[name].default
+        assert (
+            inspect.signature(FF.mse_loss).parameters[name].default
+            == inspect.signature(F.mse_loss).parameters[name].default
+        )

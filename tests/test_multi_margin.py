@@ -13,7 +13,16 @@ from fusedloss import _composite
 from fusedloss.testing import assert_matches_torch
 
 NAME = "multi_margin_loss"
-SHAPES = [((), ()), ((7,), ()), ((7,), (1,)), ((5, 10), (5,)), ((10, 5), (10,)), ((6, 1), (6,)), ((3, 5000), (3,)), ((300, 33), (300,))]
+SHAPES = [
+    ((), ()),
+    ((7,), ()),
+    ((7,), (1,)),
+    ((5, 10), (5,)),
+    ((10, 5), (10,)),
+    ((6, 1), (6,)),
+    ((3, 5000), (3,)),
+    ((300, 33), (300,)),
+]
 
 
 def classes(tshape, C, device):
@@ -67,9 +76,12 @@ def test_c_equals_one_and_empty_batch(device):
     assert FF.multi_margin_loss(x, torch.zeros(4, dtype=torch.long, device=device)).item() == 0.0
     empty = FF.multi_margin_loss(torch.empty(0, 5, device=device), torch.empty(0, dtype=torch.long, device=device))
     assert torch.isnan(empty)  # defined as NaN (torch returns an unspecified value)
-    assert FF.multi_margin_loss(
-        torch.empty(0, 5, device=device), torch.empty(0, dtype=torch.long, device=device), reduction="sum"
-    ).item() == 0.0
+    assert (
+        FF.multi_margin_loss(
+            torch.empty(0, 5, device=device), torch.empty(0, dtype=torch.long, device=device), reduction="sum"
+        ).item()
+        == 0.0
+    )
 
 
 def _error_cases():

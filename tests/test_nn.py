@@ -99,7 +99,11 @@ def test_mse_module(device, reduction):
     x = make((4, 6), torch.float32, device, requires_grad=True)
     y = make((4, 6), torch.float32, device, requires_grad=True)
     assert_matches_torch(
-        "mse_module", x, y, fused=fusedloss.nn.MSELoss(reduction=reduction), native=torch.nn.MSELoss(reduction=reduction)
+        "mse_module",
+        x,
+        y,
+        fused=fusedloss.nn.MSELoss(reduction=reduction),
+        native=torch.nn.MSELoss(reduction=reduction),
     )
 
 

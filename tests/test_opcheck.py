@@ -110,7 +110,10 @@ def cross_entropy_backward_samples(device):
                         saved = (lse, stats, mass)
                         for mask in ([True, True], [True, False], [False, True]):
                             yield ops.cross_entropy_backward, (g, x, t, w, *saved, opts[0], reduction, *opts[1:], mask)
-                        yield ops.cross_entropy_backward_inplace, (g, x.clone(), t, w, *saved, opts[0], reduction, *opts[1:])
+                        yield (
+                            ops.cross_entropy_backward_inplace,
+                            (g, x.clone(), t, w, *saved, opts[0], reduction, *opts[1:]),
+                        )
 
 
 def backward_samples(device):

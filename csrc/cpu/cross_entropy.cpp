@@ -296,10 +296,6 @@ using Ops = CrossEntropyOps<CpuRowEngine, Engine>;
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fusedloss, CPU, m) {
-  m.impl("cross_entropy", &Ops::forward);
-  m.impl("cross_entropy_backward", &Ops::backward);
-  m.impl("cross_entropy_backward_inplace", &Ops::backward_inplace);
-}
+TORCH_LIBRARY_IMPL(fusedloss, CPU, m) { register_cross_entropy_ops<Ops>(m); }
 
 }  // namespace fusedloss::cpu

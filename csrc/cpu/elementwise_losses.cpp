@@ -16,17 +16,6 @@ using Ops = ElementwiseOps<Engine>;
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fusedloss, CPU, m) {
-  m.impl("bce_with_logits", &Ops::bce_with_logits);
-  m.impl("bce_with_logits_backward", &Ops::bce_with_logits_backward);
-  m.impl("mse", &Ops::mse);
-  m.impl("mse_backward", &Ops::mse_backward);
-  m.impl("hinge_embedding", &Ops::hinge_embedding);
-  m.impl("hinge_embedding_backward", &Ops::hinge_embedding_backward);
-  m.impl("soft_margin", &Ops::soft_margin);
-  m.impl("soft_margin_backward", &Ops::soft_margin_backward);
-  m.impl("hinge", &Ops::hinge);
-  m.impl("hinge_backward", &Ops::hinge_backward);
-}
+TORCH_LIBRARY_IMPL(fusedloss, CPU, m) { register_elementwise_ops<Ops>(m); }
 
 }  // namespace fusedloss::cpu

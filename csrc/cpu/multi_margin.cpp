@@ -113,9 +113,6 @@ using Ops = MultiMarginOps<CpuRowEngine, Engine>;
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fusedloss, CPU, m) {
-  m.impl("multi_margin", &Ops::forward);
-  m.impl("multi_margin_backward", &Ops::backward);
-}
+TORCH_LIBRARY_IMPL(fusedloss, CPU, m) { register_multi_margin_ops<Ops>(m); }
 
 }  // namespace fusedloss::cpu

@@ -29,6 +29,41 @@ __device__ __forceinline__ void store_pack(T* p, const Pack<T, N>& x) {
   *reinterpret_cast<Pack<T, N>*>(p) = x;
 }
 
+template <typename scalar_t>
+constexpr int pack_size() {
+  return 16 / static_cast<int>(sizeof(scalar_t));
+}
+
+// Elements [0, head) and [tail, C) of a row are handled one by one, [head, tail)
+// in 16-byte packs starting aligned (rows of odd C, or with a storage offset,
+// start anywhere).
+struct RowSplit {
+  int64_t head, packs, tail;
+};
+
+template <typename scalar_t>
+__device__ __forceinline__ RowSplit split_row(const scalar_t* row, int64_t C) {
+  constexpr int VEC = pack_size<scalar_t>();
+  const int64_t mis = static_cast<int64_t>(reinterpret_cast<uintptr_t>(row) % 16);
+  int64_t head = mis == 0 ? 0 : (16 - mis) / static_cast<int64_t>(sizeof(scalar_t));
+  if (mis % sizeof(scalar_t) != 0) head = C;  // not even element-aligned: no packs
+  head = head < C ? head : C;
+  const int64_t packs = (C - head) / VEC;
+  return {head, packs, head + packs * VEC};
+}
+
+// Issues the loads of packs k0, k0 + G, ..., k0 + (U - 1) G of an aligned span
+// (those below `packs`) before any is used, so U loads are in flight.
+template <int G, typename scalar_t, int VEC, int U>
+__device__ __forceinline__ void load_packs(const scalar_t* span, int64_t k0, int64_t packs,
+                                           Pack<scalar_t, VEC> (&pk)[U]) {
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int64_t k = k0 + static_cast<int64_t>(u) * G;
+    if (k < packs) pk[u] = load_pack<scalar_t, VEC>(span + k * VEC);
+  }
+}
+
 inline bool aligned_to(const void* p, int bytes) {
   return reinterpret_cast<uintptr_t>(p) % bytes == 0;
 }

@@ -96,23 +96,6 @@ __device__ __forceinline__ at::opmath_type<scalar_t> capped(const CeParams<scala
   return p.has_softcap ? math::softcap_value(x, p.softcap, p.inv_softcap) : x;
 }
 
-// Elements [0, head) and [tail, C) of a row are done one by one, [head, tail)
-// in packs of VEC starting 16-byte aligned.
-struct RowSplit {
-  int64_t head, packs, tail;
-};
-
-template <typename scalar_t>
-__device__ __forceinline__ RowSplit split_row(const scalar_t* row, int64_t C) {
-  constexpr int VEC = pack_size<scalar_t>();
-  const int64_t mis = static_cast<int64_t>(reinterpret_cast<uintptr_t>(row) % 16);
-  int64_t head = mis == 0 ? 0 : (16 - mis) / static_cast<int64_t>(sizeof(scalar_t));
-  if (mis % sizeof(scalar_t) != 0) head = C;  // not even element-aligned: no packs
-  head = head < C ? head : C;
-  const int64_t packs = (C - head) / VEC;
-  return {head, packs, head + packs * VEC};
-}
-
 // The option factor f_c of a logit (numerics.h): w_c p'_c, or w_c.
 template <bool kProb, typename scalar_t>
 __device__ __forceinline__ at::opmath_type<scalar_t> factor(const CeParams<scalar_t>& p,
@@ -188,11 +171,7 @@ __global__ void __launch_bounds__(G > kWarp ? G : kRowBlock, kPlain ? min_blocks
   constexpr int kUnroll = unroll<scalar_t>();
   for (int64_t k0 = lane; k0 < sp.packs; k0 += static_cast<int64_t>(G) * kUnroll) {
     Pack<scalar_t, VEC> pk[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t k = k0 + static_cast<int64_t>(u) * G;
-      if (k < sp.packs) pk[u] = load_pack<scalar_t, VEC>(row + sp.head + k * VEC);
-    }
+    load_packs<G>(row + sp.head, k0, sp.packs, pk);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t k = k0 + static_cast<int64_t>(u) * G;
@@ -345,13 +324,7 @@ __global__ void __launch_bounds__(G > kWarp ? G : kRowBlock, kPlain ? min_blocks
   constexpr int kUnroll = unroll<scalar_t>();
   for (int64_t k0 = lane; k0 < sp.packs; k0 += static_cast<int64_t>(G) * kUnroll) {
     Pack<scalar_t, VEC> pk[kUnroll];
-    if (!ignored) {
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t k = k0 + static_cast<int64_t>(u) * G;
-        if (k < sp.packs) pk[u] = load_pack<scalar_t, VEC>(row + sp.head + k * VEC);
-      }
-    }
+    if (!ignored) load_packs<G>(row + sp.head, k0, sp.packs, pk);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t k = k0 + static_cast<int64_t>(u) * G;
@@ -501,10 +474,6 @@ using Ops = CrossEntropyOps<CudaRowEngine, CudaEngine>;
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fusedloss, CUDA, m) {
-  m.impl("cross_entropy", &Ops::forward);
-  m.impl("cross_entropy_backward", &Ops::backward);
-  m.impl("cross_entropy_backward_inplace", &Ops::backward_inplace);
-}
+TORCH_LIBRARY_IMPL(fusedloss, CUDA, m) { register_cross_entropy_ops<Ops>(m); }
 
 }  // namespace fusedloss::cuda

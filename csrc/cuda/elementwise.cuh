@@ -37,11 +37,6 @@ struct DeviceOperands {
   int kind[N];
 };
 
-template <typename scalar_t>
-constexpr int pack_size() {
-  return 16 / static_cast<int>(sizeof(scalar_t));
-}
-
 // Operand k at element i.
 template <typename acc_t, typename scalar_t, int N>
 __device__ __forceinline__ acc_t operand_at(const DeviceOperands<scalar_t, N>& ops, int k, int64_t i) {

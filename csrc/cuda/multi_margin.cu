@@ -33,18 +33,6 @@ __device__ __forceinline__ T group_sum(T x, T* smem) {
 
 constexpr int kUnroll = 4;  // packs in flight per thread
 
-// Elements [0, head) and [tail, C) of a row one by one, [head, tail) in
-// 16-byte packs (rows of odd C are not 16-byte aligned).
-template <typename scalar_t>
-__device__ __forceinline__ void split_row(const scalar_t* row, int64_t C, int64_t* head, int64_t* packs) {
-  constexpr int VEC = pack_size<scalar_t>();
-  const int64_t mis = static_cast<int64_t>(reinterpret_cast<uintptr_t>(row) % 16);
-  int64_t h = mis == 0 ? 0 : (16 - mis) / static_cast<int64_t>(sizeof(scalar_t));
-  if (mis % sizeof(scalar_t) != 0) h = C;
-  *head = h < C ? h : C;
-  *packs = (C - *head) / VEC;
-}
-
 template <typename scalar_t, int G>
 __global__ void __launch_bounds__(kBlock) mm_forward(const MmParams<scalar_t> m) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -61,9 +49,8 @@ __global__ void __launch_bounds__(kBlock) mm_forward(const MmParams<scalar_t> m)
   }
   const scalar_t* x = m.input + r * m.C;
   const acc_t base = m.margin - static_cast<acc_t>(x[t]);
-  int64_t head, packs;
-  split_row(x, m.C, &head, &packs);
-  const int64_t tail = head + packs * VEC;
+  const RowSplit sp = split_row(x, m.C);
+  const int64_t head = sp.head, packs = sp.packs, tail = sp.tail;
   acc_t acc = acc_t(0);
   auto one = [&](int64_t c) {
     if (c != t) acc += math::multi_margin_term(base + static_cast<acc_t>(x[c]), m.p);
@@ -71,11 +58,7 @@ __global__ void __launch_bounds__(kBlock) mm_forward(const MmParams<scalar_t> m)
   for (int64_t c = lane; c < head; c += G) one(c);
   for (int64_t k0 = lane; k0 < packs; k0 += static_cast<int64_t>(G) * kUnroll) {
     Pack<scalar_t, VEC> pk[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t k = k0 + static_cast<int64_t>(u) * G;
-      if (k < packs) pk[u] = load_pack<scalar_t, VEC>(x + head + k * VEC);
-    }
+    load_packs<G>(x + head, k0, packs, pk);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t k = k0 + static_cast<int64_t>(u) * G;
@@ -111,10 +94,10 @@ __global__ void __launch_bounds__(kBlock) mm_backward(const MmParams<scalar_t> m
   const scalar_t* x = m.input + r * m.C;
   const acc_t k = static_cast<acc_t>(m.grad[m.grad_per_row ? r : 0]) * m.scale * m.row_scale(t);
   const acc_t base = m.margin - static_cast<acc_t>(x[t]);
-  int64_t head, packs, out_head, out_packs;
-  split_row(x, m.C, &head, &packs);
-  split_row(out, m.C, &out_head, &out_packs);
-  if (out_head != head) head = packs = 0;  // differently aligned rows: element by element
+  const RowSplit sp = split_row(x, m.C);
+  const bool aligned_alike = split_row(out, m.C).head == sp.head;
+  // Differently aligned rows: element by element.
+  const int64_t head = aligned_alike ? sp.head : 0, packs = aligned_alike ? sp.packs : 0;
   const int64_t tail = head + packs * VEC;
   acc_t acc = acc_t(0);
   auto one = [&](int64_t c) {
@@ -126,11 +109,7 @@ __global__ void __launch_bounds__(kBlock) mm_backward(const MmParams<scalar_t> m
   for (int64_t c = lane; c < head; c += G) one(c);
   for (int64_t k0 = lane; k0 < packs; k0 += static_cast<int64_t>(G) * kUnroll) {
     Pack<scalar_t, VEC> pk[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t kk = k0 + static_cast<int64_t>(u) * G;
-      if (kk < packs) pk[u] = load_pack<scalar_t, VEC>(x + head + kk * VEC);
-    }
+    load_packs<G>(x + head, k0, packs, pk);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t kk = k0 + static_cast<int64_t>(u) * G;
@@ -192,9 +171,6 @@ using Ops = MultiMarginOps<CudaRowEngine, CudaEngine>;
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fusedloss, CUDA, m) {
-  m.impl("multi_margin", &Ops::forward);
-  m.impl("multi_margin_backward", &Ops::backward);
-}
+TORCH_LIBRARY_IMPL(fusedloss, CUDA, m) { register_multi_margin_ops<Ops>(m); }
 
 }  // namespace fusedloss::cuda

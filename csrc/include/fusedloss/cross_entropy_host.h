@@ -14,6 +14,7 @@
 #include <ATen/ops/empty.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/util/Exception.h>
+#include <torch/library.h>
 
 #include <fusedloss/checks.h>
 #include <fusedloss/elementwise_host.h>
@@ -398,5 +399,12 @@ struct CrossEntropyOps {
                 ": grad must have the loss's shape");
   }
 };
+
+template <typename Ops>
+void register_cross_entropy_ops(torch::Library& m) {
+  m.impl("cross_entropy", &Ops::forward);
+  m.impl("cross_entropy_backward", &Ops::backward);
+  m.impl("cross_entropy_backward_inplace", &Ops::backward_inplace);
+}
 
 }  // namespace fusedloss

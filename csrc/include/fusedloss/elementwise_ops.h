@@ -8,6 +8,7 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <torch/library.h>
 
 #include <fusedloss/dispatch.h>
 #include <fusedloss/elementwise_host.h>
@@ -203,5 +204,20 @@ struct ElementwiseOps {
     return {g[0], g[1]};
   }
 };
+
+// The registrations, the same for every device.
+template <typename Ops>
+void register_elementwise_ops(torch::Library& m) {
+  m.impl("bce_with_logits", &Ops::bce_with_logits);
+  m.impl("bce_with_logits_backward", &Ops::bce_with_logits_backward);
+  m.impl("mse", &Ops::mse);
+  m.impl("mse_backward", &Ops::mse_backward);
+  m.impl("hinge_embedding", &Ops::hinge_embedding);
+  m.impl("hinge_embedding_backward", &Ops::hinge_embedding_backward);
+  m.impl("soft_margin", &Ops::soft_margin);
+  m.impl("soft_margin_backward", &Ops::soft_margin_backward);
+  m.impl("hinge", &Ops::hinge);
+  m.impl("hinge_backward", &Ops::hinge_backward);
+}
 
 }  // namespace fusedloss

@@ -16,6 +16,7 @@
 #include <ATen/ops/empty.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/util/Exception.h>
+#include <torch/library.h>
 
 #include <fusedloss/checks.h>
 #include <fusedloss/numerics.h>
@@ -137,5 +138,11 @@ struct MultiMarginOps {
     m.margin = static_cast<at::opmath_type<scalar_t>>(margin);
   }
 };
+
+template <typename Ops>
+void register_multi_margin_ops(torch::Library& m) {
+  m.impl("multi_margin", &Ops::forward);
+  m.impl("multi_margin_backward", &Ops::backward);
+}
 
 }  // namespace fusedloss

@@ -9,6 +9,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <fusedloss/outputs.h>
+
 #ifndef FUSEDLOSS_TORCH_VERSION
 #error "setup.py defines FUSEDLOSS_TORCH_VERSION: build with pip install --no-build-isolation ."
 #endif
@@ -61,11 +63,28 @@ TORCH_LIBRARY(fusedloss, m) {
       "float lse_square_scale, float? softcap) -> ()");
 }
 
-// A plain Python module whose import loads the library above; it only carries
-// the build's identity, which fusedloss checks against the running torch.
+namespace {
+
+PyObject* empty_cpu_cache(PyObject*, PyObject*) {
+  fusedloss::empty_cpu_cache();
+  Py_RETURN_NONE;
+}
+
+PyObject* cpu_cache_bytes(PyObject*, PyObject*) { return PyLong_FromLongLong(fusedloss::cpu_cache_bytes()); }
+
+PyMethodDef methods[] = {
+    {"empty_cpu_cache", empty_cpu_cache, METH_NOARGS, "Return the cached CPU output buffers to the system."},
+    {"cpu_cache_bytes", cpu_cache_bytes, METH_NOARGS, "Bytes held by the CPU output buffer cache."},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
+// A plain Python module whose import loads the library above. It carries the
+// build's identity, which fusedloss checks against the running torch, and the
+// CPU buffer cache's controls (not ops: they take no tensors).
 extern "C" PyObject* PyInit__C(void) {
   static PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", "fusedloss operators (torch.ops.fusedloss)", -1,
-                            nullptr};
+                            methods};
   PyObject* mod = PyModule_Create(&def);
   if (mod == nullptr) return nullptr;
   PyModule_AddStringConstant(mod, "torch_version", FUSEDLOSS_TORCH_VERSION);

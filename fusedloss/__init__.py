@@ -15,7 +15,17 @@ from ._ops import ops
 from ._validation import set_validation  # noqa: E402
 from ._version import __version__
 
-__all__ = ["__version__", "autograd", "build_info", "functional", "nn", "ops", "set_validation"]
+__all__ = [
+    "__version__",
+    "autograd",
+    "build_info",
+    "cpu_cache_bytes",
+    "empty_cpu_cache",
+    "functional",
+    "nn",
+    "ops",
+    "set_validation",
+]
 
 
 def build_info() -> dict:
@@ -26,3 +36,17 @@ def build_info() -> dict:
     ``cuda_home``, ``openmp``, ``cpu_capability`` (``DEFAULT``/``AVX2``/``AVX512``).
     """
     return copy.deepcopy(_BUILD_INFO)
+
+
+def empty_cpu_cache() -> None:
+    """Return the CPU output buffers fusedloss keeps for reuse to the system.
+
+    Freed CPU losses and gradients of 1 MiB or more are cached (up to
+    FUSEDLOSS_CPU_CACHE_MB, default 1024; 0 disables the cache), because the page
+    faults of a fresh buffer cost more than the fused pass that fills it."""
+    _C.empty_cpu_cache()
+
+
+def cpu_cache_bytes() -> int:
+    """Bytes currently held by the CPU output buffer cache."""
+    return _C.cpu_cache_bytes()

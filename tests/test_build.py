@@ -77,18 +77,18 @@ print(t(1) / t(2))
 
 def test_cpu_buffer_cache_reuses_and_empties():
     ops = torch.ops.fusedloss
-    ops._empty_cpu_cache()
+    fusedloss.empty_cpu_cache()
     x = torch.randn(1 << 20)
     y = torch.rand(1 << 20)
     g = torch.ones(())
     gx, _ = ops.bce_with_logits_backward(g, x, y, None, None, 1, [True, False])
     ptr = gx.data_ptr()
     del gx
-    assert ops._cpu_cache_bytes() >= 4 << 20
+    assert fusedloss.cpu_cache_bytes() >= 4 << 20
     gx2, _ = ops.bce_with_logits_backward(g, x, y, None, None, 1, [True, False])
     assert gx2.data_ptr() == ptr
     expected, _ = ops.bce_with_logits_backward(g, x.clone(), y, None, None, 1, [True, False])
     assert torch.equal(gx2, expected)
     del gx2, expected
-    ops._empty_cpu_cache()
-    assert ops._cpu_cache_bytes() == 0
+    fusedloss.empty_cpu_cache()
+    assert fusedloss.cpu_cache_bytes() == 0

@@ -7,14 +7,13 @@
 // 19 ms, an existing one 2.3 ms). Training frees each step's loss gradient soon
 // after the optimizer step and asks for one of the same size next step, so
 // fusedloss keeps freed output buffers (up to FUSEDLOSS_CPU_CACHE_MB, default
-// 1024; 0 disables) and hands them out again. torch.ops.fusedloss._empty_cpu_cache()
+// 1024; 0 disables) and hands them out again. fusedloss.empty_cpu_cache()
 // returns them to the system. Tensors are ordinary (their storage frees into the
 // cache); nothing else in the process is affected.
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 #include <c10/util/Exception.h>
-#include <torch/library.h>
 
 #include <fusedloss/outputs.h>
 
@@ -100,10 +99,10 @@ BufferPool& pool() {
   return *p;
 }
 
+}  // namespace
+
 void empty_cpu_cache() { pool().clear(); }
 int64_t cpu_cache_bytes() { return pool().cached_bytes(); }
-
-}  // namespace
 
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
   if (!options.device().is_cpu()) return at::empty(sizes, options);
@@ -115,11 +114,6 @@ at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options)
   void* p = pool().take(rounded);
   if (p == nullptr) return at::empty(sizes, options);  // let torch report the OOM
   return at::from_blob(p, sizes, [](void* q) { pool().give(q); }, options);
-}
-
-TORCH_LIBRARY_FRAGMENT(fusedloss, m) {
-  m.def("_empty_cpu_cache() -> ()", &empty_cpu_cache);
-  m.def("_cpu_cache_bytes() -> int", &cpu_cache_bytes);
 }
 
 }  // namespace fusedloss

@@ -10,4 +10,8 @@ namespace fusedloss {
 // recycled: see csrc/cpu/buffer_pool.cpp.
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options);
 
+// The CPU buffer cache: release every cached buffer; bytes cached now.
+void empty_cpu_cache();
+int64_t cpu_cache_bytes();
+
 }  // namespace fusedloss

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import copy
 
-from . import autograd, functional, nn  # noqa: E402
-from ._ops import BUILD_INFO as _BUILD_INFO  # loads the extension (clear ImportError on mismatch)
-from ._ops import ops
-from ._validation import set_validation  # noqa: E402
+# _ops loads the extension first (a clear ImportError on a mismatched build).
+from . import autograd, functional, nn
+from ._ops import _C, ops
+from ._ops import BUILD_INFO as _BUILD_INFO
+from ._validation import set_validation
 from ._version import __version__
 
 __all__ = [

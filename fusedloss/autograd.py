@@ -36,6 +36,219 @@ __all__ = [
 ]
 
 
+_REDUCTION_NAMES = {0: "none", 1: "mean", 2: "sum"}
+
+
+def composite_backward(
+    loss_fn: Callable[..., torch.Tensor],
+    inputs: Sequence[torch.Tensor | None],
+    needs: Sequence[bool],
+    grad: torch.Tensor,
+) -> tuple[torch.Tensor | None, ...]:
+    """Gradients of loss_fn(*inputs) for the inputs in `needs`, as a differentiable
+    graph (the create_graph=True path)."""
+    wanted = [t for t, n in zip(inputs, needs, strict=True) if n]
+    with torch.enable_grad():
+        loss = loss_fn(*inputs)
+        grads = iter(torch.autograd.grad(loss, wanted, grad, create_graph=True, allow_unused=True))
+    out = []
+    for t, n in zip(inputs, needs, strict=True):
+        if not n:
+            out.append(None)
+            continue
+        g = next(grads)
+        out.append(torch.zeros_like(t) if g is None else g)
+    return tuple(out)
+
+
+def ones_grad(input: torch.Tensor, reduction: int) -> torch.Tensor:
+    """grad_output = 1 for the loss's output shape (the derivative itself)."""
+    return torch.ones(input.shape if reduction == 0 else (), dtype=input.dtype, device=input.device)
+
+
+def contract(
+    derivs: Sequence[torch.Tensor], tangents: Sequence[torch.Tensor | None], reduction: int, like: torch.Tensor
+):
+    """Tangent of the loss from its per-element derivatives and input tangents."""
+    out = None
+    for d, t in zip(derivs, tangents, strict=True):
+        if t is None:
+            continue
+        term = d * t
+        out = term if out is None else out + term
+    if out is None:
+        return torch.zeros_like(like)
+    return out if reduction == 0 else out.sum().to(like.dtype)
+
+
+def bce_with_logits_grads(grad, input, target, weight, pos_weight, reduction, needs):
+    """(grad_input, grad_target) of the fused loss, None where not needed."""
+    gx, gy = ops.bce_with_logits_backward(grad, input, target, weight, pos_weight, reduction, [needs[0], needs[1]])
+    return (gx if needs[0] else None, gy if needs[1] else None)
+
+
+def mse_grads(grad, input, target, weight, loss, denominator, reduction, needs):
+    """(grad_input, grad_target, grad_weight) of the fused loss, None where not needed."""
+    gs = ops.mse_backward(grad, input, target, weight, loss, denominator, reduction, [needs[0], needs[1], needs[2]])
+    return tuple(g if n else None for g, n in zip(gs, needs, strict=True))
+
+
+def cross_entropy_grads(grad, input, target, weight, lse, stats, target_mass, args, needs):
+    """(grad_input, grad_target) of the fused cross entropy, None where not needed.
+    args = (ignore_index, reduction, label_smoothing, lse_square_scale, softcap)."""
+    gx, gt = ops.cross_entropy_backward(
+        grad, input, target, weight, lse, stats, target_mass, *args, [needs[0], needs[1]]
+    )
+    return (gx if needs[0] else None, gt if needs[1] else None)
+
+
+class BCEWithLogitsFunction(torch.autograd.Function):
+    """Sigmoid + binary cross entropy, fused: apply(input, target, weight, pos_weight, reduction).
+
+    input and target have one shape and one floating dtype; weight and pos_weight
+    (either may be None) broadcast to that shape and share the dtype. Gradients
+    flow to input and target; weight and pos_weight take none (as in torch).
+    """
+
+    @staticmethod
+    def forward(input, target, weight, pos_weight, reduction):
+        return ops.bce_with_logits(input, target, weight, pos_weight, reduction)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, target, weight, pos_weight, reduction = inputs
+        ctx.save_for_backward(input, target, weight, pos_weight)
+        ctx.save_for_forward(input, target, weight, pos_weight)
+        ctx.reduction = reduction
+
+    @staticmethod
+    def backward(ctx, grad):
+        input, target, weight, pos_weight = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:2]
+        if torch.is_grad_enabled():
+            reduction = _REDUCTION_NAMES[ctx.reduction]
+            gx, gy = composite_backward(
+                lambda x, y: F.binary_cross_entropy_with_logits(
+                    x, y, weight, reduction=reduction, pos_weight=pos_weight
+                ),
+                (input, target),
+                needs,
+                grad,
+            )
+        else:
+            gx, gy = bce_with_logits_grads(grad, input, target, weight, pos_weight, ctx.reduction, needs)
+        return gx, gy, None, None, None
+
+
+class MSEFunction(torch.autograd.Function):
+    """Squared error, fused: apply(input, target, weight, reduction) -> (loss, denominator).
+
+    input, target and weight (or None) have one shape and one floating dtype.
+    With a weight, mean divides by sum(weight) (torch >= 2.13 semantics) and
+    `denominator` is that sum (not differentiable); otherwise it is empty.
+    Gradients flow to input, target and weight.
+    """
+
+    @staticmethod
+    def forward(input, target, weight, reduction):
+        return ops.mse(input, target, weight, reduction)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, target, weight, reduction = inputs
+        loss, denominator = output
+        ctx.mark_non_differentiable(denominator)
+        weighted_mean = weight is not None and reduction == 1
+        saved = (input, target, weight, loss if weighted_mean else None, denominator if weighted_mean else None)
+        ctx.save_for_backward(*saved)
+        ctx.save_for_forward(*saved)
+        ctx.reduction = reduction
+
+    @staticmethod
+    def backward(ctx, grad, _grad_denominator):
+        input, target, weight, loss, denominator = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():
+            reduction = _REDUCTION_NAMES[ctx.reduction]
+
+            def loss_fn(x, y, w):
+                if w is None:
+                    return F.mse_loss(x, y, reduction=reduction)
+                se = (x - y) ** 2 * w
+                if ctx.reduction == 0:
+                    return se
+                return se.sum() / w.sum() if ctx.reduction == 1 else se.sum()
+
+            return composite_backward(loss_fn, (input, target, weight), needs, grad) + (None,)
+        return mse_grads(grad, input, target, weight, loss, denominator, ctx.reduction, needs) + (None,)
+
+
+class CrossEntropyFunction(torch.autograd.Function):
+    """Softmax + NLL, fused: apply(input, target, weight, ignore_index, reduction,
+    label_smoothing, lse_square_scale, softcap, inplace_backward) -> (loss, lse, stats, target_mass).
+
+    input is (C), (N, C) or (N, C, d1, ...); target holds int64 class indices of
+    the batch shape, or probabilities of the input's shape and dtype; weight is
+    (C) of the input's dtype or None. Only ``loss`` is differentiable; the other
+    outputs are the O(N) state the backward reads (per-row log-sum-exp in fp32,
+    the mean's denominator and sum(weight), and per-row target mass for
+    probability targets). Gradients reach input, and the target when it holds
+    probabilities. With inplace_backward=True the input's gradient is written
+    over the input (its version counter is bumped, so any other use of those
+    logits in the graph fails loudly instead of reading gradients).
+    """
+
+    @staticmethod
+    def forward(
+        input, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale, softcap, inplace_backward
+    ):
+        return ops.cross_entropy(
+            input, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale, softcap
+        )
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale, softcap, inplace = inputs
+        _, lse, stats, target_mass = output
+        ctx.mark_non_differentiable(lse, stats, target_mass)
+        ctx.save_for_backward(input, target, weight, lse, stats, target_mass)
+        ctx.save_for_forward(input, target, weight, lse, stats, target_mass)
+        ctx.args = (ignore_index, reduction, label_smoothing, lse_square_scale, softcap)
+        ctx.inplace = inplace
+
+    @staticmethod
+    def backward(ctx, grad, *_):
+        input, target, weight, lse, stats, target_mass = ctx.saved_tensors
+        ignore_index, reduction, label_smoothing, lse_square_scale, softcap = ctx.args
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1] and target.shape == input.shape)
+        rest = (None,) * 7
+        if torch.is_grad_enabled():
+            return (
+                composite_backward(
+                    lambda x, t: _composite.cross_entropy(
+                        x,
+                        t,
+                        weight,
+                        ignore_index,
+                        _REDUCTION_NAMES[reduction],
+                        label_smoothing,
+                        lse_square_scale,
+                        softcap,
+                    ),
+                    (input, target),
+                    needs,
+                    grad,
+                )
+                + rest
+            )
+        if ctx.inplace and needs[0] and not needs[1]:
+            ops.cross_entropy_backward_inplace(grad, input, target, weight, lse, stats, target_mass, *ctx.args)
+            # Any other node that saved these logits must now refuse to run.
+            torch.autograd.graph.increment_version(input)
+            return (input.detach(), None) + rest
+        return cross_entropy_grads(grad, input, target, weight, lse, stats, target_mass, ctx.args, needs) + rest
+
+
 class HingeEmbeddingFunction(torch.autograd.Function):
     """torch's hinge_embedding_loss, fused: apply(input, target, margin, reduction).
 
@@ -269,225 +482,14 @@ def _register_op_autograd():
     torch.library.register_autograd("fusedloss::multi_margin", mm_backward, setup_context=mm_setup)
 
 
-_REDUCTION_NAMES = {0: "none", 1: "mean", 2: "sum"}
-
-
-def composite_backward(
-    loss_fn: Callable[..., torch.Tensor],
-    inputs: Sequence[torch.Tensor | None],
-    needs: Sequence[bool],
-    grad: torch.Tensor,
-) -> tuple[torch.Tensor | None, ...]:
-    """Gradients of loss_fn(*inputs) for the inputs in `needs`, as a differentiable
-    graph (the create_graph=True path)."""
-    wanted = [t for t, n in zip(inputs, needs, strict=True) if n]
-    with torch.enable_grad():
-        loss = loss_fn(*inputs)
-        grads = iter(torch.autograd.grad(loss, wanted, grad, create_graph=True, allow_unused=True))
-    out = []
-    for t, n in zip(inputs, needs, strict=True):
-        if not n:
-            out.append(None)
-            continue
-        g = next(grads)
-        out.append(torch.zeros_like(t) if g is None else g)
-    return tuple(out)
-
-
-def ones_grad(input: torch.Tensor, reduction: int) -> torch.Tensor:
-    """grad_output = 1 for the loss's output shape (the derivative itself)."""
-    return torch.ones(input.shape if reduction == 0 else (), dtype=input.dtype, device=input.device)
-
-
-def contract(
-    derivs: Sequence[torch.Tensor], tangents: Sequence[torch.Tensor | None], reduction: int, like: torch.Tensor
-):
-    """Tangent of the loss from its per-element derivatives and input tangents."""
-    out = None
-    for d, t in zip(derivs, tangents, strict=True):
-        if t is None:
-            continue
-        term = d * t
-        out = term if out is None else out + term
-    if out is None:
-        return torch.zeros_like(like)
-    return out if reduction == 0 else out.sum().to(like.dtype)
-
-
-def bce_with_logits_grads(grad, input, target, weight, pos_weight, reduction, needs):
-    """(grad_input, grad_target) of the fused loss, None where not needed."""
-    gx, gy = ops.bce_with_logits_backward(grad, input, target, weight, pos_weight, reduction, [needs[0], needs[1]])
-    return (gx if needs[0] else None, gy if needs[1] else None)
-
-
-def mse_grads(grad, input, target, weight, loss, denominator, reduction, needs):
-    """(grad_input, grad_target, grad_weight) of the fused loss, None where not needed."""
-    gs = ops.mse_backward(grad, input, target, weight, loss, denominator, reduction, [needs[0], needs[1], needs[2]])
-    return tuple(g if n else None for g, n in zip(gs, needs, strict=True))
-
-
-def cross_entropy_grads(grad, input, target, weight, lse, stats, target_mass, args, needs):
-    """(grad_input, grad_target) of the fused cross entropy, None where not needed.
-    args = (ignore_index, reduction, label_smoothing, lse_square_scale, softcap)."""
-    gx, gt = ops.cross_entropy_backward(
-        grad, input, target, weight, lse, stats, target_mass, *args, [needs[0], needs[1]]
-    )
-    return (gx if needs[0] else None, gt if needs[1] else None)
-
-
-class BCEWithLogitsFunction(torch.autograd.Function):
-    """Sigmoid + binary cross entropy, fused: apply(input, target, weight, pos_weight, reduction).
-
-    input and target have one shape and one floating dtype; weight and pos_weight
-    (either may be None) broadcast to that shape and share the dtype. Gradients
-    flow to input and target; weight and pos_weight take none (as in torch).
-    """
-
-    @staticmethod
-    def forward(input, target, weight, pos_weight, reduction):
-        return ops.bce_with_logits(input, target, weight, pos_weight, reduction)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        input, target, weight, pos_weight, reduction = inputs
-        ctx.save_for_backward(input, target, weight, pos_weight)
-        ctx.save_for_forward(input, target, weight, pos_weight)
-        ctx.reduction = reduction
-
-    @staticmethod
-    def backward(ctx, grad):
-        input, target, weight, pos_weight = ctx.saved_tensors
-        needs = ctx.needs_input_grad[:2]
-        if torch.is_grad_enabled():
-            reduction = _REDUCTION_NAMES[ctx.reduction]
-            gx, gy = composite_backward(
-                lambda x, y: F.binary_cross_entropy_with_logits(
-                    x, y, weight, reduction=reduction, pos_weight=pos_weight
-                ),
-                (input, target),
-                needs,
-                grad,
-            )
-        else:
-            gx, gy = bce_with_logits_grads(grad, input, target, weight, pos_weight, ctx.reduction, needs)
-        return gx, gy, None, None, None
-
-
-class CrossEntropyFunction(torch.autograd.Function):
-    """Softmax + NLL, fused: apply(input, target, weight, ignore_index, reduction,
-    label_smoothing, lse_square_scale, softcap, inplace_backward) -> (loss, lse, stats, target_mass).
-
-    input is (C), (N, C) or (N, C, d1, ...); target holds int64 class indices of
-    the batch shape, or probabilities of the input's shape and dtype; weight is
-    (C) of the input's dtype or None. Only ``loss`` is differentiable; the other
-    outputs are the O(N) state the backward reads (per-row log-sum-exp in fp32,
-    the mean's denominator and sum(weight), and per-row target mass for
-    probability targets). Gradients reach input, and the target when it holds
-    probabilities. With inplace_backward=True the input's gradient is written
-    over the input (its version counter is bumped, so any other use of those
-    logits in the graph fails loudly instead of reading gradients).
-    """
-
-    @staticmethod
-    def forward(
-        input, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale, softcap, inplace_backward
-    ):
-        return ops.cross_entropy(
-            input, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale, softcap
-        )
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        input, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale, softcap, inplace = inputs
-        _, lse, stats, target_mass = output
-        ctx.mark_non_differentiable(lse, stats, target_mass)
-        ctx.save_for_backward(input, target, weight, lse, stats, target_mass)
-        ctx.save_for_forward(input, target, weight, lse, stats, target_mass)
-        ctx.args = (ignore_index, reduction, label_smoothing, lse_square_scale, softcap)
-        ctx.inplace = inplace
-
-    @staticmethod
-    def backward(ctx, grad, *_):
-        input, target, weight, lse, stats, target_mass = ctx.saved_tensors
-        ignore_index, reduction, label_smoothing, lse_square_scale, softcap = ctx.args
-        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1] and target.shape == input.shape)
-        rest = (None,) * 7
-        if torch.is_grad_enabled():
-            return (
-                composite_backward(
-                    lambda x, t: _composite.cross_entropy(
-                        x,
-                        t,
-                        weight,
-                        ignore_index,
-                        _REDUCTION_NAMES[reduction],
-                        label_smoothing,
-                        lse_square_scale,
-                        softcap,
-                    ),
-                    (input, target),
-                    needs,
-                    grad,
-                )
-                + rest
-            )
-        if ctx.inplace and needs[0] and not needs[1]:
-            ops.cross_entropy_backward_inplace(grad, input, target, weight, lse, stats, target_mass, *ctx.args)
-            # Any other node that saved these logits must now refuse to run.
-            torch.autograd.graph.increment_version(input)
-            return (input.detach(), None) + rest
-        return cross_entropy_grads(grad, input, target, weight, lse, stats, target_mass, ctx.args, needs) + rest
-
-
-class MSEFunction(torch.autograd.Function):
-    """Squared error, fused: apply(input, target, weight, reduction) -> (loss, denominator).
-
-    input, target and weight (or None) have one shape and one floating dtype.
-    With a weight, mean divides by sum(weight) (torch >= 2.13 semantics) and
-    `denominator` is that sum (not differentiable); otherwise it is empty.
-    Gradients flow to input, target and weight.
-    """
-
-    @staticmethod
-    def forward(input, target, weight, reduction):
-        return ops.mse(input, target, weight, reduction)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        input, target, weight, reduction = inputs
-        loss, denominator = output
-        ctx.mark_non_differentiable(denominator)
-        weighted_mean = weight is not None and reduction == 1
-        saved = (input, target, weight, loss if weighted_mean else None, denominator if weighted_mean else None)
-        ctx.save_for_backward(*saved)
-        ctx.save_for_forward(*saved)
-        ctx.reduction = reduction
-
-    @staticmethod
-    def backward(ctx, grad, _grad_denominator):
-        input, target, weight, loss, denominator = ctx.saved_tensors
-        needs = ctx.needs_input_grad[:3]
-        if torch.is_grad_enabled():
-            reduction = _REDUCTION_NAMES[ctx.reduction]
-
-            def loss_fn(x, y, w):
-                if w is None:
-                    return F.mse_loss(x, y, reduction=reduction)
-                se = (x - y) ** 2 * w
-                if ctx.reduction == 0:
-                    return se
-                return se.sum() / w.sum() if ctx.reduction == 1 else se.sum()
-
-            return composite_backward(loss_fn, (input, target, weight), needs, grad) + (None,)
-        return mse_grads(grad, input, target, weight, loss, denominator, ctx.reduction, needs) + (None,)
-
-
 _register_op_autograd()
 
 
 # Forward-mode AD. Dynamo cannot trace an autograd.Function that defines jvp,
 # so the public classes above leave it out and fusedloss.functional uses these
-# subclasses outside torch.compile (see `eager_or_compiled`).
+# subclasses outside torch.compile (see `eager_or_compiled`). Each tangent is
+# the fused backward op's derivative (grad_output = 1) contracted with the
+# input tangents.
 
 
 class _BCEWithLogitsFunctionJvp(BCEWithLogitsFunction):

@@ -176,9 +176,5 @@ def test_every_op_is_sampled():
     sampled = {op._qualified_op_name for op, _ in forward_samples("cpu")} | {
         op._qualified_op_name for op, _ in backward_samples("cpu")
     }
-    defined = {
-        name
-        for name in dir(ops)
-        if isinstance(getattr(ops, name), torch._ops.OpOverloadPacket)
-    }
+    defined = {name for name in dir(ops) if isinstance(getattr(ops, name), torch._ops.OpOverloadPacket)}
     assert defined <= {s.split("::")[-1] for s in sampled}, defined - {s.split("::")[-1] for s in sampled}

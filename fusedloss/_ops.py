@@ -162,40 +162,14 @@ def _(input, target, weight, ignore_index, reduction, label_smoothing, lse_squar
 
 
 @torch.library.register_fake("fusedloss::cross_entropy_backward")
-def _(
-    grad,
-    input,
-    target,
-    weight,
-    lse,
-    stats,
-    target_mass,
-    ignore_index,
-    reduction,
-    label_smoothing,
-    lse_square_scale,
-    softcap,
-    output_mask,
-):
+def _(grad, input, target, *saved_and_options):
+    output_mask = saved_and_options[-1]
     prob = target.shape == input.shape
     return _grad_like(input, output_mask[0]), _grad_like(input, output_mask[1] and prob)
 
 
 @torch.library.register_fake("fusedloss::cross_entropy_backward_inplace")
-def _(
-    grad,
-    input,
-    target,
-    weight,
-    lse,
-    stats,
-    target_mass,
-    ignore_index,
-    reduction,
-    label_smoothing,
-    lse_square_scale,
-    softcap,
-):
+def _(grad, input, *rest):
     return None
 
 

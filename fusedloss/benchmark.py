@@ -196,6 +196,15 @@ def _sizes(device: str, quick: bool, cpu: list, cpu_quick: list, gpu: list, gpu_
     return cpu_quick if quick else cpu
 
 
+# Elementwise losses: CPU sizes, CPU --quick, GPU sizes, GPU --quick.
+ELEMENTWISE_SIZES = (
+    [(4096, 4096), (1024, 1024), (8192, 8192)],
+    [(4096, 4096), (1024, 1024)],
+    [(16384, 8192), (4096, 4096), (32768, 16384)],
+    [(32768, 16384)],
+)
+
+
 def cases_for(loss: str, device: str, quick: bool) -> list[Case]:
     """The benchmark cases of one loss on one device. The first CPU case of each
     loss is the size the project's speed targets are stated for."""
@@ -204,27 +213,13 @@ def cases_for(loss: str, device: str, quick: bool) -> list[Case]:
     # for) so that the GPU check script fits its time.
     gpu_dtypes = ["fp32"] if quick else ["fp32", "bf16"]
     if loss == "bce_with_logits":
-        shapes = _sizes(
-            device,
-            quick,
-            [(4096, 4096), (1024, 1024), (8192, 8192)],
-            [(4096, 4096), (1024, 1024)],
-            [(16384, 8192), (4096, 4096), (32768, 16384)],
-            [(32768, 16384)],
-        )
+        shapes = _sizes(device, quick, *ELEMENTWISE_SIZES)
         for shape in shapes:
             for dt in ["fp32"] if device == "cpu" else gpu_dtypes:
                 out.append(Case(loss, "plain", shape, dt, lambda s, d, dev: _bce(s, d, dev)))
                 out.append(Case(loss, "pos_weight", shape, dt, lambda s, d, dev: _bce(s, d, dev, pos_weight=True)))
     elif loss == "mse":
-        shapes = _sizes(
-            device,
-            quick,
-            [(4096, 4096), (1024, 1024), (8192, 8192)],
-            [(4096, 4096), (1024, 1024)],
-            [(16384, 8192), (4096, 4096), (32768, 16384)],
-            [(32768, 16384)],
-        )
+        shapes = _sizes(device, quick, *ELEMENTWISE_SIZES)
         for shape in shapes:
             for dt in ["fp32"] if device == "cpu" else gpu_dtypes:
                 out.append(Case(loss, "plain", shape, dt, _mse))
@@ -249,14 +244,7 @@ def cases_for(loss: str, device: str, quick: bool) -> list[Case]:
             )
             out.append(Case(loss, "plain", (2048, 32000), "bf16", _ce))
     elif loss in ("hinge_embedding", "soft_margin", "hinge"):
-        shapes = _sizes(
-            device,
-            quick,
-            [(4096, 4096), (1024, 1024), (8192, 8192)],
-            [(4096, 4096), (1024, 1024)],
-            [(16384, 8192), (4096, 4096), (32768, 16384)],
-            [(32768, 16384)],
-        )
+        shapes = _sizes(device, quick, *ELEMENTWISE_SIZES)
         for shape in shapes:
             for dt in ["fp32"] if device == "cpu" else gpu_dtypes:
                 out.append(Case(loss, "plain", shape, dt, lambda s, d, dev, name=loss: _pair(name, s, d, dev)))

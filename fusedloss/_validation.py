@@ -26,6 +26,16 @@ def enabled() -> bool:
     return _enabled
 
 
+def wanted(input: torch.Tensor) -> bool:
+    """Strict mode is on and the call runs off the CPU (the CPU always checks)."""
+    return _enabled and input.device.type != "cpu"
+
+
+def check_multi_margin_targets(target: torch.Tensor, num_classes: int) -> None:
+    if bool(((target < 0) | (target >= num_classes)).any()):  # the device sync strict mode pays for
+        raise RuntimeError("target out of range")
+
+
 def check_class_indices(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
     t = target.long()
     bad = (t != ignore_index) & ((t < 0) | (t >= num_classes))

@@ -17,6 +17,7 @@ from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from . import _checks, _composite, _validation
 from .autograd import (
+    _REDUCTION_NAMES,
     BCEWithLogitsFunction,
     CrossEntropyFunction,
     HingeEmbeddingFunction,
@@ -40,6 +41,12 @@ __all__ = [
 
 def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
+def _legacy_reduction(size_average, reduce, reduction) -> int:
+    if size_average is not None or reduce is not None:
+        return _Reduction.legacy_get_enum(size_average, reduce)
+    return _Reduction.get_enum(reduction)
 
 
 def _autocast_fp32(*tensors):
@@ -92,10 +99,7 @@ def binary_cross_entropy_with_logits(
             reduction=reduction,
             pos_weight=pos_weight,
         )
-    if size_average is not None or reduce is not None:
-        reduction_enum = _Reduction.legacy_get_enum(size_average, reduce)
-    else:
-        reduction_enum = _Reduction.get_enum(reduction)
+    reduction_enum = _legacy_reduction(size_average, reduce, reduction)
     if not (target.size() == input.size()):
         raise ValueError(f"Target size ({target.size()}) must be the same as input size ({input.size()})")
     _checks.no_requires_grad("binary_cross_entropy_with_logits", weight=weight, pos_weight=pos_weight)
@@ -265,7 +269,7 @@ def _cross_entropy_plan(input, target, weight, ignore_index, label_smoothing, in
         return None
     if weight is not None and (weight.dtype != input.dtype or (weight.requires_grad and torch.is_grad_enabled())):
         return None
-    if _validation.enabled() and input.device.type != "cpu":
+    if _validation.wanted(input):
         _validation.check_class_indices(target, c, ignore_index)
     return input, target if target.dtype == torch.int64 else target.long(), weight
 
@@ -328,9 +332,7 @@ def cross_entropy(
             softcap=softcap,
             inplace_backward=inplace_backward,
         )
-    if size_average is not None or reduce is not None:
-        reduction = _Reduction.legacy_get_string(size_average, reduce)
-    reduction_enum = _Reduction.get_enum(reduction)
+    reduction_enum = _legacy_reduction(size_average, reduce, reduction)
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap must be a positive number or None, got {softcap}")
     if inplace_backward and input.requires_grad and input.is_leaf:
@@ -342,7 +344,14 @@ def cross_entropy(
     plan = _cross_entropy_plan(input, target, weight, ignore_index, label_smoothing, inplace_backward)
     if plan is None:
         return _composite.cross_entropy(
-            input, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale, softcap
+            input,
+            target,
+            weight,
+            ignore_index,
+            _REDUCTION_NAMES[reduction_enum],
+            label_smoothing,
+            lse_square_scale,
+            softcap,
         )
     x, t, w = plan
     inplace = bool(inplace_backward) and not torch.compiler.is_compiling()
@@ -358,15 +367,6 @@ def cross_entropy(
         inplace,
     )[0]
     return loss
-
-
-def _legacy_reduction(size_average, reduce, reduction) -> int:
-    if size_average is not None or reduce is not None:
-        return _Reduction.legacy_get_enum(size_average, reduce)
-    return _Reduction.get_enum(reduction)
-
-
-_REDUCTION_NAMES = {0: "none", 1: "mean", 2: "sum"}
 
 
 def hinge_embedding_loss(
@@ -545,8 +545,6 @@ def multi_margin_loss(
     if not _multi_margin_supported(input, target, weight):
         # Invalid arguments: torch raises its own error.
         return _F.multi_margin_loss(input, target, p, margin, weight, reduction=_REDUCTION_NAMES[reduction_enum])
-    if _validation.enabled() and input.device.type != "cpu":
-        c = input.shape[-1] if input.dim() else 1
-        if bool(((target < 0) | (target >= c)).any()):
-            raise RuntimeError("target out of range")
+    if _validation.wanted(input):
+        _validation.check_multi_margin_targets(target, input.shape[-1] if input.dim() else 1)
     return eager_or_compiled(MultiMarginFunction).apply(input, target, int(p), float(margin), weight, reduction_enum)

@@ -158,10 +158,7 @@ struct CpuRowEngine {
         if (!kProb) {
           t = p.target_index[r];
           if (t == o.ignore_index) {
-            p.lse_out[2 * r] = acc_t(0);
-            p.lse_out[2 * r + 1] = acc_t(0);
-            p.loss_out[r] = acc_t(0);
-            p.weight_out[r] = acc_t(0);
+            p.store_ignored_row(r);
             continue;
           }
           if (t < 0 || t >= C) {
@@ -176,17 +173,10 @@ struct CpuRowEngine {
         if (kProb) load_target_row(p, r, w, o, buf.p.data());
         const bool with_f = kProb || o.smoothing > acc_t(0);
         const math::RowState<acc_t> st = row_state(x, kProb ? buf.p.data() : w, with_f, C);
-        const acc_t ls = math::Ops<acc_t>::log(st.sum);
-        p.lse_out[2 * r] = st.max;
-        p.lse_out[2 * r + 1] = ls;
         if (kProb) {
-          p.target_mass_out[r] = st.mass;
-          p.loss_out[r] = math::ce_prob_loss(st.max, ls, st.mass, st.rel, o);
-          p.weight_out[r] = acc_t(1);
+          p.store_prob_row(r, st, o);
         } else {
-          const acc_t w_t = w != nullptr ? w[t] : acc_t(1);
-          p.loss_out[r] = math::ce_index_loss(st.max, ls, st.rel, x[t], w_t, o);
-          p.weight_out[r] = w_t;
+          p.store_index_row(r, st, x[t], w != nullptr ? w[t] : acc_t(1), o);
         }
       }
     });
@@ -227,26 +217,16 @@ struct CpuRowEngine {
                                   p.softcap, p.inv_softcap);
         if (kProb) load_target_row(p, r, w, o, buf.p.data());
         if (gout != nullptr) {
-          // g (q_c a - m_c) with m_c = w_c p'_c (probabilities) or eps/C w_c (indices).
-          acc_t a;
-          const acc_t* f = nullptr;  // m_c / m_scale: w_c p'_c, or w_c (null: 1)
-          acc_t m_scale = acc_t(0);
-          if (kProb) {
-            a = math::ce_prob_grad_scale(lse, p.target_mass[r], o);
-            f = buf.p.data();
-            m_scale = gv;
-          } else {
-            const acc_t w_t = w != nullptr ? w[t] : acc_t(1);
-            a = math::ce_index_grad_scale(lse, w_t, o);
-            f = w;
-            m_scale = gv * o.smoothing / acc_t(C);
-          }
-          const Vec<acc_t> va(a * gv), vm(m), vls(ls), vms(m_scale);
+          const math::CeGradCoefs<acc_t> k =
+              kProb ? math::ce_prob_grad_coefs(gv, lse, p.target_mass[r], o)
+                    : math::ce_index_grad_coefs(gv, lse, w != nullptr ? w[t] : acc_t(1), o);
+          const acc_t* f = kProb ? buf.p.data() : w;  // f_c: w_c p'_c, or w_c (null: 1)
+          const Vec<acc_t> va(k.ga), vm(m), vls(ls), vms(k.m_scale);
           auto grad_vec = [&](int64_t c, int64_t cnt) {
             const bool full = cnt == Vec<acc_t>::size();
             const Vec<acc_t> vx = full ? Vec<acc_t>::loadu(x + c) : Vec<acc_t>::loadu(x + c, cnt);
             Vec<acc_t> v = ((vx - vm) - vls).exp() * va;
-            if (m_scale != acc_t(0)) {
+            if (k.m_scale != acc_t(0)) {
               const Vec<acc_t> vf = f == nullptr ? Vec<acc_t>(acc_t(1))
                                                  : (full ? Vec<acc_t>::loadu(f + c) : Vec<acc_t>::loadu(f + c, cnt));
               v = v - vf * vms;
@@ -263,17 +243,16 @@ struct CpuRowEngine {
           if (c < C) grad_vec(c, C - c);
           if (!kProb) {
             // The target term, in the accumulation type before any rounding.
-            const acc_t w_t = w != nullptr ? w[t] : acc_t(1);
-            acc_t d = (acc_t(1) - o.smoothing) * w_t * gv;
+            acc_t d = k.t_term;
             if (p.has_softcap) d = d * math::softcap_slope(x[t], p.inv_softcap);
             g_row[t] -= d;
           }
           if (!direct_out) store_row(gout, p.gC, g_row, C);
         }
         if (p.grad_target != nullptr) {
-          // d loss / d p_c = g (1 - eps) w_c (lse - x_c)
-          const acc_t s = gv * (acc_t(1) - o.smoothing);
-          for (int64_t c = 0; c < C; ++c) buf.out2[c] = s * (w != nullptr ? w[c] : acc_t(1)) * ((m - x[c]) + ls);
+          for (int64_t c = 0; c < C; ++c) {
+            buf.out2[c] = math::ce_target_grad(gv, w != nullptr ? w[c] : acc_t(1), m, ls, x[c], o);
+          }
           store_row(p.grad_target + p.offset(r, p.gtN, p.gtS), p.gtC, buf.out2.data(), C);
         }
       }

@@ -73,7 +73,7 @@ struct CpuRowEngine {
         const int64_t t = m.target[r];
         const acc_t* x = row(m, r, buf.data());
         acc_t* g = kDirect ? reinterpret_cast<acc_t*>(m.grad_input + r * m.C) : out.data();
-        const acc_t k = static_cast<acc_t>(m.grad[m.grad_per_row ? r : 0]) * m.scale * m.row_scale(t);
+        const acc_t k = m.row_grad_scale(r, t);
         const Vec<acc_t> base(m.margin - x[t]), vk(k);
         Vec<acc_t> acc(acc_t(0));
         for (int64_t c = 0; c < m.C; c += Vec<acc_t>::size()) {

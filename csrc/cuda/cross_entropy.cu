@@ -121,21 +121,15 @@ template <bool kProb, typename scalar_t>
 __device__ __forceinline__ void finish_row(const CeParams<scalar_t>& p, const CeOptions<at::opmath_type<scalar_t>>& o,
                                            int64_t r, int64_t t, int64_t xbase, const RowState<at::opmath_type<scalar_t>>& st) {
   using acc_t = at::opmath_type<scalar_t>;
-  const acc_t ls = math::Ops<acc_t>::log(st.sum);
-  p.lse_out[2 * r] = st.max;
-  p.lse_out[2 * r + 1] = ls;
   if (kProb) {
-    p.target_mass_out[r] = st.mass;
-    p.loss_out[r] = math::ce_prob_loss(st.max, ls, st.mass, st.rel, o);
-    p.weight_out[r] = acc_t(1);
+    p.store_prob_row(r, st, o);
   } else if (t < 0 || t >= p.g.C) {
-    p.loss_out[r] = nan_value<acc_t>();  // out-of-range class index: visible, never dereferenced
-    p.weight_out[r] = acc_t(0);
+    // Out-of-range class index: a NaN logit gives the row a NaN loss that
+    // shows, weight 0, and the target is never dereferenced.
+    p.store_index_row(r, st, nan_value<acc_t>(), acc_t(0), o);
   } else {
     const acc_t w_t = p.weight != nullptr ? static_cast<acc_t>(p.weight[t]) : acc_t(1);
-    const acc_t x_t = capped(p, p.input[xbase + t * p.g.sC]);
-    p.loss_out[r] = math::ce_index_loss(st.max, ls, st.rel, x_t, w_t, o);
-    p.weight_out[r] = w_t;
+    p.store_index_row(r, st, capped(p, p.input[xbase + t * p.g.sC]), w_t, o);
   }
 }
 
@@ -153,12 +147,7 @@ __global__ void __launch_bounds__(G > kWarp ? G : kRowBlock, kPlain ? min_blocks
   const int64_t C = p.g.C;
   const int64_t t = kProb ? 0 : p.target_index[r];
   if (!kProb && t == o.ignore_index) {
-    if (lane == 0) {
-      p.lse_out[2 * r] = acc_t(0);
-      p.lse_out[2 * r + 1] = acc_t(0);
-      p.loss_out[r] = acc_t(0);
-      p.weight_out[r] = acc_t(0);
-    }
+    if (lane == 0) p.store_ignored_row(r);
     return;
   }
   const int64_t xbase = p.offset(r, p.g.sN, p.g.sS);
@@ -208,22 +197,20 @@ __global__ void __launch_bounds__(G > kWarp ? G : kRowBlock, kPlain ? min_blocks
 template <bool kProb, typename scalar_t>
 struct RowGrad {
   using acc_t = at::opmath_type<scalar_t>;
-  acc_t ga;      // g * a
-  acc_t m, ls;   // the row's max and log(sum exp(x - max))
-  acc_t m_scale;  // g (probabilities) or g eps / C (indices)
-  acc_t t_term;   // (1 - eps) w_t g
+  math::CeGradCoefs<acc_t> k;
+  acc_t m, ls;  // the row's max and log(sum exp(x - max))
   int64_t t;
   int64_t tbase;
 
   // Without the target term, which the caller applies to element t only.
   __device__ __forceinline__ acc_t operator()(const CeParams<scalar_t>& p, const CeOptions<acc_t>& o, int64_t c,
                                               acc_t x) const {
-    acc_t v = math::Ops<acc_t>::exp_fast((x - m) - ls) * ga;
+    acc_t v = math::Ops<acc_t>::exp_fast((x - m) - ls) * k.ga;
     if (kProb) {
       const acc_t w = p.weight != nullptr ? static_cast<acc_t>(p.weight[c]) : acc_t(1);
-      v -= m_scale * w * math::ce_smoothed_target(static_cast<acc_t>(p.target_prob[tbase + c * p.tC]), o);
-    } else if (m_scale != acc_t(0)) {
-      v -= m_scale * (p.weight != nullptr ? static_cast<acc_t>(p.weight[c]) : acc_t(1));
+      v -= k.m_scale * w * math::ce_smoothed_target(static_cast<acc_t>(p.target_prob[tbase + c * p.tC]), o);
+    } else if (k.m_scale != acc_t(0)) {
+      v -= k.m_scale * (p.weight != nullptr ? static_cast<acc_t>(p.weight[c]) : acc_t(1));
     }
     return v;
   }
@@ -232,7 +219,7 @@ struct RowGrad {
   __device__ __forceinline__ acc_t full(const CeParams<scalar_t>& p, const CeOptions<acc_t>& o, int64_t c,
                                         acc_t x) const {
     acc_t v = (*this)(p, o, c, x);
-    if (!kProb && c == t) v -= t_term;
+    if (!kProb && c == t) v -= k.t_term;
     if (p.has_softcap) v *= math::softcap_slope(x, p.inv_softcap);
     return v;
   }
@@ -249,9 +236,7 @@ __device__ __forceinline__ bool prepare_row_grad(const CeParams<scalar_t>& p, co
   const acc_t lse = rg.m + rg.ls;
   rg.tbase = kProb ? p.offset(r, p.tN, p.tS) : 0;
   if (kProb) {
-    rg.ga = g * math::ce_prob_grad_scale(lse, p.target_mass[r], o);
-    rg.m_scale = g;
-    rg.t_term = acc_t(0);
+    rg.k = math::ce_prob_grad_coefs(g, lse, p.target_mass[r], o);
     rg.t = -1;
     return true;
   }
@@ -262,9 +247,7 @@ __device__ __forceinline__ bool prepare_row_grad(const CeParams<scalar_t>& p, co
   }
   if (rg.t < 0 || rg.t >= p.g.C) return false;
   const acc_t w_t = p.weight != nullptr ? static_cast<acc_t>(p.weight[rg.t]) : acc_t(1);
-  rg.ga = g * math::ce_index_grad_scale(lse, w_t, o);
-  rg.m_scale = g * o.smoothing / acc_t(o.num_classes);
-  rg.t_term = (acc_t(1) - o.smoothing) * w_t * g;
+  rg.k = math::ce_index_grad_coefs(g, lse, w_t, o);
   return true;
 }
 
@@ -275,8 +258,7 @@ __device__ __forceinline__ at::opmath_type<scalar_t> target_grad(const CeParams<
                                                                  at::opmath_type<scalar_t> ls, int64_t c,
                                                                  at::opmath_type<scalar_t> x) {
   using acc_t = at::opmath_type<scalar_t>;
-  const acc_t w = p.weight != nullptr ? static_cast<acc_t>(p.weight[c]) : acc_t(1);
-  return g * (acc_t(1) - o.smoothing) * w * ((m - x) + ls);
+  return math::ce_target_grad(g, p.weight != nullptr ? static_cast<acc_t>(p.weight[c]) : acc_t(1), m, ls, x, o);
 }
 
 // kPlain: class-index targets without smoothing or softcap, the common
@@ -338,8 +320,8 @@ __global__ void __launch_bounds__(G > kWarp ? G : kRowBlock, kPlain ? min_blocks
       } else if constexpr (kPlain) {
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
-          acc_t v = math::Ops<acc_t>::exp_fast((static_cast<acc_t>(pk[u].v[j]) - rg.m) - rg.ls) * rg.ga;
-          if (c0 + j == rg.t) v -= rg.t_term;  // in fp32, before rounding
+          acc_t v = math::Ops<acc_t>::exp_fast((static_cast<acc_t>(pk[u].v[j]) - rg.m) - rg.ls) * rg.k.ga;
+          if (c0 + j == rg.t) v -= rg.k.t_term;  // in fp32, before rounding
           go.v[j] = static_cast<scalar_t>(v);
         }
       } else {
@@ -353,7 +335,7 @@ __global__ void __launch_bounds__(G > kWarp ? G : kRowBlock, kPlain ? min_blocks
         if (!kProb && rg.t >= c0 && rg.t < c0 + VEC) {
 #pragma unroll
           for (int j = 0; j < VEC; ++j)
-            if (c0 + j == rg.t) v[j] -= rg.t_term;
+            if (c0 + j == rg.t) v[j] -= rg.k.t_term;
         }
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
@@ -378,10 +360,7 @@ __global__ void __launch_bounds__(kRowBlock) ce_forward_strided(const CeParams<s
   const CeOptions<acc_t> o = p.options();
   const int64_t t = kProb ? 0 : p.target_index[r];
   if (!kProb && t == o.ignore_index) {
-    p.lse_out[2 * r] = acc_t(0);
-    p.lse_out[2 * r + 1] = acc_t(0);
-    p.loss_out[r] = acc_t(0);
-    p.weight_out[r] = acc_t(0);
+    p.store_ignored_row(r);
     return;
   }
   const int64_t xbase = p.offset(r, p.g.sN, p.g.sS);

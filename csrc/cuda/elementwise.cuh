@@ -100,6 +100,19 @@ __device__ __forceinline__ Vals<acc_t, VEC> operand_pack(const DeviceOperands<sc
   return out;
 }
 
+// f on element e alone (tails, unaligned data), its outputs handed to `sink`.
+template <typename scalar_t, typename F, typename Sink>
+__device__ __forceinline__ void apply_one(const DeviceOperands<scalar_t, F::kIn>& ops, const F& f, int64_t e,
+                                          Sink& sink) {
+  using acc_t = at::opmath_type<scalar_t>;
+  acc_t x[F::kIn];
+  acc_t o[F::kOut];
+#pragma unroll
+  for (int k = 0; k < F::kIn; ++k) x[k] = operand_at<acc_t>(ops, k, e);
+  f(x, o);
+  sink.one(e, o);
+}
+
 // Runs f over the block's slice and hands each element's outputs to `sink`
 // (element index, outputs). vec_ok: every contiguous operand and output is
 // 16-byte aligned, so packs can be used.
@@ -130,28 +143,14 @@ __device__ __forceinline__ void for_each_element(const DeviceOperands<scalar_t, 
         }
         sink.pack(i, out);
       } else {
-        for (int64_t e = i; e < numel; ++e) {
-          acc_t x[F::kIn];
-          acc_t o[F::kOut];
-#pragma unroll
-          for (int k = 0; k < F::kIn; ++k) x[k] = operand_at<acc_t>(ops, k, e);
-          f(x, o);
-          sink.one(e, o);
-        }
+        for (int64_t e = i; e < numel; ++e) apply_one(ops, f, e, sink);
       }
     }
   } else {
 #pragma unroll 4
     for (int it = 0; it < kItemsPerThread; ++it) {
       const int64_t e = base + static_cast<int64_t>(it) * kThreads + threadIdx.x;
-      if (e < numel) {
-        acc_t x[F::kIn];
-        acc_t o[F::kOut];
-#pragma unroll
-        for (int k = 0; k < F::kIn; ++k) x[k] = operand_at<acc_t>(ops, k, e);
-        f(x, o);
-        sink.one(e, o);
-      }
+      if (e < numel) apply_one(ops, f, e, sink);
     }
   }
 }

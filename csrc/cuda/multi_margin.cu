@@ -92,7 +92,7 @@ __global__ void __launch_bounds__(kBlock) mm_backward(const MmParams<scalar_t> m
     return;
   }
   const scalar_t* x = m.input + r * m.C;
-  const acc_t k = static_cast<acc_t>(m.grad[m.grad_per_row ? r : 0]) * m.scale * m.row_scale(t);
+  const acc_t k = m.row_grad_scale(r, t);
   const acc_t base = m.margin - static_cast<acc_t>(x[t]);
   const RowSplit sp = split_row(x, m.C);
   const bool aligned_alike = split_row(out, m.C).head == sp.head;

@@ -137,6 +137,37 @@ struct CeParams {
     if (denominator != nullptr) gv = gv / *denominator;
     return gv;
   }
+
+  // Forward outputs of a row, from its merged state. An ignored row adds
+  // nothing to the loss or the mean's denominator.
+  C10_HOST_DEVICE void store_ignored_row(int64_t row) const {
+    lse_out[2 * row] = acc_t(0);
+    lse_out[2 * row + 1] = acc_t(0);
+    loss_out[row] = acc_t(0);
+    weight_out[row] = acc_t(0);
+  }
+  // x_t and w_t: the target's (capped) logit and class weight.
+  C10_HOST_DEVICE void store_index_row(int64_t row, const math::RowState<acc_t>& st, acc_t x_t, acc_t w_t,
+                                       const math::CeOptions<acc_t>& o) const {
+    const acc_t ls = store_lse(row, st);
+    loss_out[row] = math::ce_index_loss(st.max, ls, st.rel, x_t, w_t, o);
+    weight_out[row] = w_t;
+  }
+  C10_HOST_DEVICE void store_prob_row(int64_t row, const math::RowState<acc_t>& st,
+                                      const math::CeOptions<acc_t>& o) const {
+    const acc_t ls = store_lse(row, st);
+    target_mass_out[row] = st.mass;
+    loss_out[row] = math::ce_prob_loss(st.max, ls, st.mass, st.rel, o);
+    weight_out[row] = acc_t(1);
+  }
+
+ private:
+  C10_HOST_DEVICE acc_t store_lse(int64_t row, const math::RowState<acc_t>& st) const {
+    const acc_t ls = math::Ops<acc_t>::log(st.sum);
+    lse_out[2 * row] = st.max;
+    lse_out[2 * row + 1] = ls;
+    return ls;
+  }
 };
 
 // The raw op's arguments: Python validates with torch's messages first; these
@@ -234,7 +265,7 @@ struct CrossEntropyOps {
       at::Tensor acc_loss = at::empty({}, acc_opts);
       at::Tensor denominator = stats.select(0, 0);
       AT_DISPATCH_FLOATING_TYPES(acc_type, "cross_entropy_sum", [&] {
-        ElementwiseEngine::template forward<scalar_t>(c, RowSum<scalar_t>{}, reduction, acc_loss,
+        ElementwiseEngine::template forward<scalar_t>(c, Sums<scalar_t, 2>{}, reduction, acc_loss,
                                                       reduction == kReductionMean ? &denominator : nullptr);
       });
       if (reduction != kReductionMean) denominator.fill_(1);

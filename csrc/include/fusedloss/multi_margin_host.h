@@ -47,6 +47,10 @@ struct MmParams {
     const acc_t w = weight != nullptr ? static_cast<acc_t>(weight[t]) : acc_t(1);
     return w / static_cast<acc_t>(C);
   }
+  // Row r's backward coefficient: its grad_output times scale and w_t / C.
+  C10_HOST_DEVICE acc_t row_grad_scale(int64_t r, int64_t t) const {
+    return static_cast<acc_t>(grad[grad_per_row ? r : 0]) * scale * row_scale(t);
+  }
 };
 
 inline void check_multi_margin(const char* op, const at::Tensor& input, const at::Tensor& target, int64_t p,

@@ -287,6 +287,32 @@ C10_HOST_DEVICE inline T ce_prob_grad_scale(T lse, T mass, const CeOptions<T>& o
   return o.z_loss != T(0) ? mass + T(2) * o.z_loss * lse : mass;
 }
 
+// A row's gradient coefficients, g already divided by the mean's denominator:
+//   d loss / d x_c = ga q_c - m_scale f_c - [c == t] t_term
+// with f_c = w_c p'_c (probabilities) or w_c (class indices; 1 when unweighted).
+template <typename T>
+struct CeGradCoefs {
+  T ga;       // g a
+  T m_scale;  // g (probabilities) or g eps / C (class indices)
+  T t_term;   // (1 - eps) w_t g (class indices), 0 for probabilities
+};
+
+template <typename T>
+C10_HOST_DEVICE inline CeGradCoefs<T> ce_index_grad_coefs(T g, T lse, T w_t, const CeOptions<T>& o) {
+  return {g * ce_index_grad_scale(lse, w_t, o), g * o.smoothing / T(o.num_classes), (T(1) - o.smoothing) * w_t * g};
+}
+
+template <typename T>
+C10_HOST_DEVICE inline CeGradCoefs<T> ce_prob_grad_coefs(T g, T lse, T mass, const CeOptions<T>& o) {
+  return {g * ce_prob_grad_scale(lse, mass, o), g, T(0)};
+}
+
+// d loss / d p_c of a probability target: g (1 - eps) w_c (lse - x_c).
+template <typename T>
+C10_HOST_DEVICE inline T ce_target_grad(T g, T w_c, T m, T ls, T x, const CeOptions<T>& o) {
+  return g * (T(1) - o.smoothing) * w_c * ((m - x) + ls);
+}
+
 
 // ---------------------------------------------------------------------------
 // Margin losses

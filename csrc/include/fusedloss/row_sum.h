@@ -10,25 +10,16 @@
 
 namespace fusedloss {
 
-// Sum of the per-row (loss, weight) pairs: a mean divides by the weight sum.
-template <typename acc_t>
-struct RowSum {
-  static constexpr int kIn = 2;
-  static constexpr int kOut = 2;
+// Passes N operands through, so that the engine's reduction sums each of
+// them: (loss, weight) pairs of rows (a mean divides by the weight sum), or
+// one vector.
+template <typename acc_t, int N>
+struct Sums {
+  static constexpr int kIn = N;
+  static constexpr int kOut = N;
   template <typename V>
   C10_HOST_DEVICE void operator()(const V* in, V* out) const {
-    out[0] = in[0];
-    out[1] = in[1];
-  }
-};
-
-template <typename acc_t>
-struct Identity {
-  static constexpr int kIn = 1;
-  static constexpr int kOut = 1;
-  template <typename V>
-  C10_HOST_DEVICE void operator()(const V* in, V* out) const {
-    out[0] = in[0];
+    for (int k = 0; k < N; ++k) out[k] = in[k];
   }
 };
 
@@ -39,7 +30,7 @@ void sum_into(const at::Tensor& t, at::Tensor out, int64_t reduction = kReductio
   ElementwiseCall c(t);
   c.set(0, t);
   AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "fusedloss_sum", [&] {
-    ElementwiseEngine::template forward<scalar_t>(c, Identity<scalar_t>{}, reduction, out, nullptr);
+    ElementwiseEngine::template forward<scalar_t>(c, Sums<scalar_t, 1>{}, reduction, out, nullptr);
   });
 }
 

@@ -191,7 +191,7 @@ def main():
         cxx_flags = [f for f in cxx_flags if not f.startswith("-DCPU_CAPABILITY_")]
     link_flags = ["-fopenmp"]
 
-    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     define_macros = []
     ext_kwargs = {}

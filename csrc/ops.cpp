@@ -1,57 +1,114 @@
 // The fusedloss operator library: every schema, in one place. CPU and CUDA
 // kernels register their implementations from csrc/cpu and csrc/cuda with
-// TORCH_LIBRARY_IMPL, so the dispatcher picks the device; fake (meta) kernels
-// for torch.compile live in fusedloss/_ops.py.
+// TORCH_LIBRARY_IMPL, so the dispatcher picks the device; the autograd and
+// autocast kernels live in csrc/autograd.cpp, the composites in
+// csrc/composite.cpp, and the fake (meta) kernels for torch.compile in
+// fusedloss/_ops.py.
 //
 // Reductions are at::Reduction codes: 0 none, 1 mean, 2 sum. Backward ops take
 // an output_mask and return an empty tensor for every gradient not asked for.
 
 #include <Python.h>
+
+#include <string>
 #include <torch/library.h>
 
 #include <fusedloss/outputs.h>
+
+namespace fusedloss {
+bool probe_clamp_grad_at_bound();  // csrc/autograd.cpp
+}  // namespace fusedloss
 
 #ifndef FUSEDLOSS_TORCH_VERSION
 #error "setup.py defines FUSEDLOSS_TORCH_VERSION: build with pip install --no-build-isolation ."
 #endif
 
 TORCH_LIBRARY(fusedloss, m) {
+  // Every loss has three kinds of ops:
+  //  * the loss itself, e.g. bce_with_logits: what fusedloss.functional calls.
+  //    It is differentiable by a C++ autograd kernel (csrc/autograd.cpp), and
+  //    its Autocast kernels read fp16/bf16 inputs as they are and return the
+  //    loss in fp32, as torch's fp32 autocast policy for losses does.
+  //  * its backward (and for losses that save state, a `_forward` op that
+  //    returns that state): CPU and CUDA kernels, no autograd of their own.
+  //  * `<loss>_composite`: the same loss written with torch's own ops
+  //    (csrc/composite.cpp), for second derivatives, forward-mode AD, vmap and
+  //    the argument combinations the kernels do not take.
+  // out_dtype: the loss's dtype, computed in fp32 (fp64) and rounded once into
+  // it (default: torch's dtype for the loss). Gradients keep each input's dtype.
+
   // binary_cross_entropy_with_logits
-  m.def("bce_with_logits(Tensor input, Tensor target, Tensor? weight, Tensor? pos_weight, int reduction) -> Tensor");
+  m.def(
+      "bce_with_logits(Tensor input, Tensor target, Tensor? weight=None, Tensor? pos_weight=None, int reduction=1, "
+      "ScalarType? out_dtype=None) -> Tensor");
   m.def(
       "bce_with_logits_backward(Tensor grad, Tensor input, Tensor target, Tensor? weight, Tensor? pos_weight, "
       "int reduction, bool[2] output_mask) -> (Tensor, Tensor)");
-  // mse_loss; the second output is sum(weight) for a weighted mean, else empty
-  m.def("mse(Tensor input, Tensor target, Tensor? weight, int reduction) -> (Tensor, Tensor)");
+  m.def(
+      "bce_with_logits_composite(Tensor input, Tensor target, Tensor? weight=None, Tensor? pos_weight=None, "
+      "int reduction=1, ScalarType? out_dtype=None) -> Tensor");
+  // mse_loss with an optional weight of the input's shape (a weighted mean
+  // divides by sum(weight)); mse_forward's second output is that sum, else empty.
+  m.def("mse(Tensor input, Tensor target, Tensor? weight=None, int reduction=1, ScalarType? out_dtype=None) -> Tensor");
+  m.def(
+      "mse_forward(Tensor input, Tensor target, Tensor? weight, int reduction, ScalarType? out_dtype) -> "
+      "(Tensor, Tensor)");
   m.def(
       "mse_backward(Tensor grad, Tensor input, Tensor target, Tensor? weight, Tensor? loss, Tensor? denominator, "
       "int reduction, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
-  // The margin family. Pair losses take input and target of one shape and dtype.
+  m.def(
+      "mse_composite(Tensor input, Tensor target, Tensor? weight=None, int reduction=1, "
+      "ScalarType? out_dtype=None) -> Tensor");
+  // The margin family. Pair losses take input and target of one shape.
   // grad_at_kink: whether the clamp passes its gradient where its argument is
   // exactly 0 (torch's clamp changed this in 2.14; fusedloss follows the
   // installed torch).
-  m.def("hinge_embedding(Tensor input, Tensor target, float margin, int reduction) -> Tensor");
+  m.def(
+      "hinge_embedding(Tensor input, Tensor target, float margin=1.0, int reduction=1, "
+      "ScalarType? out_dtype=None) -> Tensor");
   m.def(
       "hinge_embedding_backward(Tensor grad, Tensor input, Tensor target, float margin, int reduction, "
       "bool grad_at_kink) -> Tensor");
-  m.def("soft_margin(Tensor input, Tensor target, int reduction) -> Tensor");
+  m.def(
+      "hinge_embedding_composite(Tensor input, Tensor target, float margin=1.0, int reduction=1, "
+      "ScalarType? out_dtype=None) -> Tensor");
+  m.def("soft_margin(Tensor input, Tensor target, int reduction=1, ScalarType? out_dtype=None) -> Tensor");
   m.def("soft_margin_backward(Tensor grad, Tensor input, Tensor target, int reduction) -> Tensor");
-  m.def("hinge(Tensor input, Tensor target, float margin, bool squared, int reduction) -> Tensor");
+  m.def("soft_margin_composite(Tensor input, Tensor target, int reduction=1, ScalarType? out_dtype=None) -> Tensor");
+  m.def(
+      "hinge(Tensor input, Tensor target, float margin=1.0, bool squared=False, int reduction=1, "
+      "ScalarType? out_dtype=None) -> Tensor");
   m.def(
       "hinge_backward(Tensor grad, Tensor input, Tensor target, float margin, bool squared, int reduction, "
       "bool grad_at_kink, bool[2] output_mask) -> (Tensor, Tensor)");
-  // multi_margin_loss on (N, C) or (C) input with int64 class indices.
-  m.def("multi_margin(Tensor input, Tensor target, int p, float margin, Tensor? weight, int reduction) -> Tensor");
+  m.def(
+      "hinge_composite(Tensor input, Tensor target, float margin=1.0, bool squared=False, int reduction=1, "
+      "ScalarType? out_dtype=None) -> Tensor");
+  // multi_margin_loss on (N, C), (C) or 0-d input with int64 class indices.
+  m.def(
+      "multi_margin(Tensor input, Tensor target, int p=1, float margin=1.0, Tensor? weight=None, int reduction=1, "
+      "ScalarType? out_dtype=None) -> Tensor");
   m.def(
       "multi_margin_backward(Tensor grad, Tensor input, Tensor target, int p, float margin, Tensor? weight, "
       "int reduction) -> Tensor");
-  // cross_entropy (softmax + NLL) with class-index (int64) or probability targets.
-  // Returns (loss, lse, stats, target_mass): lse = per row (max, log sum exp(x - max)),
-  // stats = [denominator of the mean, sum(weight)], target_mass = sum_c w_c p'_c
-  // per row for probability targets (empty otherwise). The backward reads them.
   m.def(
-      "cross_entropy(Tensor input, Tensor target, Tensor? weight, int ignore_index, int reduction, "
-      "float label_smoothing, float lse_square_scale, float? softcap) -> (Tensor, Tensor, Tensor, Tensor)");
+      "multi_margin_composite(Tensor input, Tensor target, int p=1, float margin=1.0, Tensor? weight=None, "
+      "int reduction=1, ScalarType? out_dtype=None) -> Tensor");
+  // cross_entropy (softmax + NLL) with class-index (int64/uint8) or probability
+  // targets. cross_entropy_forward returns (loss, lse, stats, target_mass):
+  // lse = per row (max, log sum exp(x - max)), stats = [denominator of the
+  // mean, sum(weight)], target_mass = sum_c w_c p'_c per row for probability
+  // targets (empty otherwise). The backward reads them. inplace_backward: the
+  // logits' gradient is written over the logits (fusedloss.functional documents
+  // when that is allowed).
+  m.def(
+      "cross_entropy(Tensor input, Tensor target, Tensor? weight=None, int ignore_index=-100, int reduction=1, "
+      "float label_smoothing=0.0, float lse_square_scale=0.0, float? softcap=None, bool inplace_backward=False, "
+      "ScalarType? out_dtype=None) -> Tensor");
+  m.def(
+      "cross_entropy_forward(Tensor input, Tensor target, Tensor? weight, int ignore_index, int reduction, "
+      "float label_smoothing, float lse_square_scale, float? softcap, ScalarType? out_dtype) -> "
+      "(Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "cross_entropy_backward(Tensor grad, Tensor input, Tensor target, Tensor? weight, Tensor lse, Tensor stats, "
       "Tensor target_mass, int ignore_index, int reduction, float label_smoothing, float lse_square_scale, "
@@ -61,6 +118,10 @@ TORCH_LIBRARY(fusedloss, m) {
       "cross_entropy_backward_inplace(Tensor grad, Tensor(a!) input, Tensor target, Tensor? weight, Tensor lse, "
       "Tensor stats, Tensor target_mass, int ignore_index, int reduction, float label_smoothing, "
       "float lse_square_scale, float? softcap) -> ()");
+  m.def(
+      "cross_entropy_composite(Tensor input, Tensor target, Tensor? weight=None, int ignore_index=-100, "
+      "int reduction=1, float label_smoothing=0.0, float lse_square_scale=0.0, float? softcap=None, "
+      "bool inplace_backward=False, ScalarType? out_dtype=None) -> Tensor");
 }
 
 namespace {
@@ -72,9 +133,29 @@ PyObject* empty_cpu_cache(PyObject*, PyObject*) {
 
 PyObject* cpu_cache_bytes(PyObject*, PyObject*) { return PyLong_FromLongLong(fusedloss::cpu_cache_bytes()); }
 
+PyObject* clamp_grad_at_bound(PyObject*, PyObject*) {
+  bool at_bound = false;
+  std::string error;
+  // The probe runs the autograd engine, which must not hold the GIL.
+  Py_BEGIN_ALLOW_THREADS;
+  try {
+    at_bound = fusedloss::probe_clamp_grad_at_bound();
+  } catch (const std::exception& e) {
+    error = e.what();
+  }
+  Py_END_ALLOW_THREADS;
+  if (!error.empty()) {
+    PyErr_SetString(PyExc_RuntimeError, error.c_str());
+    return nullptr;
+  }
+  return PyBool_FromLong(at_bound);
+}
+
 PyMethodDef methods[] = {
     {"empty_cpu_cache", empty_cpu_cache, METH_NOARGS, "Return the cached CPU output buffers to the system."},
     {"cpu_cache_bytes", cpu_cache_bytes, METH_NOARGS, "Bytes held by the CPU output buffer cache."},
+    {"clamp_grad_at_bound", clamp_grad_at_bound, METH_NOARGS,
+     "Whether the installed torch's clamp passes its gradient at the bound (probed once)."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

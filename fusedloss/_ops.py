@@ -94,67 +94,137 @@ _C, BUILD_INFO = load()
 ops = torch.ops.fusedloss
 
 
-def _clamp_grad_at_bound() -> bool:
-    """Whether the installed torch's clamp passes the gradient where its input
-    equals the bound (torch < 2.14: yes; 2.14: no). The hinge losses follow it."""
-    x = torch.zeros(1, requires_grad=True)
-    (g,) = torch.autograd.grad(torch.clamp_min(x, 0).sum(), x)
-    return bool(g.item() != 0)
-
-
-CLAMP_GRAD_AT_BOUND = _clamp_grad_at_bound()
+# Whether the installed torch's clamp passes the gradient where its input
+# equals the bound (torch < 2.14: yes; 2.14: no). The hinge losses follow it;
+# the extension probes it once, here, at import.
+CLAMP_GRAD_AT_BOUND = _C.clamp_grad_at_bound()
 
 
 # ---------------------------------------------------------------------------
-# Fake kernels. They mirror the real ones exactly: outputs are contiguous, in
-# the input's dtype, and gradients not asked for are empty (0,) tensors.
+# Fake kernels. They mirror the real ones exactly: outputs are contiguous, the
+# loss has torch's dtype for it (or out_dtype), each gradient its input's dtype,
+# and gradients not asked for are empty (0,) tensors. Arguments the schema gives
+# defaults have the same defaults here: calls from C++ leave trailing defaults out.
+# The public losses mse and cross_entropy need none: their
+# CompositeExplicitAutograd kernels call the `_forward` ops below; the
+# `_composite` ops decompose into torch's ops.
 # ---------------------------------------------------------------------------
 
 
-def _loss_like(input: torch.Tensor, reduction: int) -> torch.Tensor:
-    return input.new_empty(input.shape if reduction == 0 else ())
+def _acc(*tensors) -> torch.dtype:
+    """The accumulation dtype of a call: fp64 if any operand is fp64, else fp32."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def _grad_like(input: torch.Tensor, wanted: bool) -> torch.Tensor:
-    return input.new_empty(input.shape if wanted else (0,))
+def _loss(input: torch.Tensor, reduction: int, dtype: torch.dtype) -> torch.Tensor:
+    return input.new_empty(input.shape if reduction == 0 else (), dtype=dtype)
 
 
-def _opmath_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def _grad(like: torch.Tensor, wanted: bool, dtype: torch.dtype | None = None) -> torch.Tensor:
+    return like.new_empty(like.shape if wanted else (0,), dtype=dtype or like.dtype)
+
+
+def _promote(*tensors) -> torch.dtype:
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        if t is not None:
+            dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
 
 
 @torch.library.register_fake("fusedloss::bce_with_logits")
-def _(input, target, weight, pos_weight, reduction):
-    return _loss_like(input, reduction)
+def _(input, target, weight=None, pos_weight=None, reduction=1, out_dtype=None):
+    return _loss(input, reduction, out_dtype or target.dtype)
 
 
 @torch.library.register_fake("fusedloss::bce_with_logits_backward")
 def _(grad, input, target, weight, pos_weight, reduction, output_mask):
-    return _grad_like(input, output_mask[0]), _grad_like(input, output_mask[1])
+    return _grad(input, output_mask[0]), _grad(target, output_mask[1])
 
 
-@torch.library.register_fake("fusedloss::mse")
-def _(input, target, weight, reduction):
+@torch.library.register_fake("fusedloss::mse_forward")
+def _(input, target, weight, reduction, out_dtype):
     denom_shape = () if (weight is not None and reduction == 1) else (0,)
-    return _loss_like(input, reduction), input.new_empty(denom_shape, dtype=_opmath_dtype(input.dtype))
+    loss = _loss(input, reduction, out_dtype or _promote(input, target, weight))
+    return loss, input.new_empty(denom_shape, dtype=_acc(input, target, weight))
 
 
 @torch.library.register_fake("fusedloss::mse_backward")
 def _(grad, input, target, weight, loss, denominator, reduction, output_mask):
+    want_weight = output_mask[2] and weight is not None
     return (
-        _grad_like(input, output_mask[0]),
-        _grad_like(input, output_mask[1]),
-        _grad_like(input, output_mask[2] and weight is not None),
+        _grad(input, output_mask[0]),
+        _grad(target, output_mask[1]),
+        _grad(weight, True) if want_weight else _grad(input, False),
     )
 
 
-@torch.library.register_fake("fusedloss::cross_entropy")
-def _(input, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale, softcap):
-    batch = () if input.dim() == 1 else (input.shape[0], *input.shape[2:])
-    acc = _opmath_dtype(input.dtype)
+def _margin_target_grad_dtype(input, target):
+    return target.dtype if target.is_floating_point() else input.dtype
+
+
+@torch.library.register_fake("fusedloss::hinge_embedding")
+def _(input, target, margin=1.0, reduction=1, out_dtype=None):
+    return _loss(input, reduction, out_dtype or input.dtype)
+
+
+@torch.library.register_fake("fusedloss::hinge_embedding_backward")
+def _(grad, input, target, margin, reduction, grad_at_kink):
+    return input.new_empty(input.shape)
+
+
+@torch.library.register_fake("fusedloss::soft_margin")
+def _(input, target, reduction=1, out_dtype=None):
+    return _loss(input, reduction, out_dtype or input.dtype)
+
+
+@torch.library.register_fake("fusedloss::soft_margin_backward")
+def _(grad, input, target, reduction):
+    return input.new_empty(input.shape)
+
+
+@torch.library.register_fake("fusedloss::hinge")
+def _(input, target, margin=1.0, squared=False, reduction=1, out_dtype=None):
+    return _loss(input, reduction, out_dtype or _promote(input, target))
+
+
+@torch.library.register_fake("fusedloss::hinge_backward")
+def _(grad, input, target, margin, squared, reduction, grad_at_kink, output_mask):
+    return _grad(input, output_mask[0]), _grad(input, output_mask[1], _margin_target_grad_dtype(input, target))
+
+
+@torch.library.register_fake("fusedloss::multi_margin")
+def _(input, target, p=1, margin=1.0, weight=None, reduction=1, out_dtype=None):
+    dtype = out_dtype or input.dtype
+    if reduction != 0:
+        return input.new_empty((), dtype=dtype)
+    n = input.shape[0] if input.dim() == 2 else 1
+    return input.new_empty((n,) if target.dim() > 0 else (), dtype=dtype)
+
+
+@torch.library.register_fake("fusedloss::multi_margin_backward")
+def _(grad, input, target, p, margin, weight, reduction):
+    return input.new_empty(input.shape)
+
+
+def _ce_compute_dtype(input, target, weight) -> torch.dtype:
+    """csrc: ce_compute_dtype (fp64 probability targets or weights promote the logits)."""
     prob = target.shape == input.shape
+    if input.dtype == torch.float64 or (
+        prob and (target.dtype == torch.float64 or (weight is not None and weight.dtype == torch.float64))
+    ):
+        return torch.float64
+    return input.dtype
+
+
+@torch.library.register_fake("fusedloss::cross_entropy_forward")
+def _(input, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale, softcap, out_dtype):
+    batch = () if input.dim() == 1 else (input.shape[0], *input.shape[2:])
+    acc = _acc(input.new_empty((), dtype=_ce_compute_dtype(input, target, weight)))
+    prob = target.shape == input.shape
+    dtype = out_dtype or (_promote(input, target, weight) if prob else input.dtype)
     return (
-        input.new_empty(batch if reduction == 0 else ()),
+        input.new_empty(batch if reduction == 0 else (), dtype=dtype),
         input.new_empty((*batch, 2), dtype=acc),
         input.new_empty((2,), dtype=acc),
         input.new_empty(batch if prob else (0,), dtype=acc),
@@ -165,60 +235,9 @@ def _(input, target, weight, ignore_index, reduction, label_smoothing, lse_squar
 def _(grad, input, target, *saved_and_options):
     output_mask = saved_and_options[-1]
     prob = target.shape == input.shape
-    return _grad_like(input, output_mask[0]), _grad_like(input, output_mask[1] and prob)
+    return _grad(input, output_mask[0]), _grad(target, output_mask[1] and prob)
 
 
 @torch.library.register_fake("fusedloss::cross_entropy_backward_inplace")
 def _(grad, input, *rest):
     return None
-
-
-@torch.library.register_fake("fusedloss::hinge_embedding")
-def _(input, target, margin, reduction):
-    return _loss_like(input, reduction)
-
-
-@torch.library.register_fake("fusedloss::hinge_embedding_backward")
-def _(grad, input, target, margin, reduction, grad_at_kink):
-    return input.new_empty(input.shape)
-
-
-@torch.library.register_fake("fusedloss::soft_margin")
-def _(input, target, reduction):
-    return _loss_like(input, reduction)
-
-
-@torch.library.register_fake("fusedloss::soft_margin_backward")
-def _(grad, input, target, reduction):
-    return input.new_empty(input.shape)
-
-
-@torch.library.register_fake("fusedloss::hinge")
-def _(input, target, margin, squared, reduction):
-    return _loss_like(input, reduction)
-
-
-@torch.library.register_fake("fusedloss::hinge_backward")
-def _(grad, input, target, margin, squared, reduction, grad_at_kink, output_mask):
-    return _grad_like(input, output_mask[0]), _grad_like(input, output_mask[1])
-
-
-@torch.library.register_fake("fusedloss::multi_margin")
-def _(input, target, p, margin, weight, reduction):
-    if reduction != 0:
-        return input.new_empty(())
-    n = input.shape[0] if input.dim() == 2 else 1
-    return input.new_empty((n,) if target.dim() > 0 else ())
-
-
-@torch.library.register_fake("fusedloss::multi_margin_backward")
-def _(grad, input, target, p, margin, weight, reduction):
-    return input.new_empty(input.shape)
-
-
-# Inside torch.autocast torch runs its losses in fp32; the raw ops do too, so
-# direct op calls and compiled graphs get the same dtypes as fusedloss.functional
-# (which casts before its autograd.Function).
-for _op in ("bce_with_logits", "mse", "cross_entropy", "hinge_embedding", "soft_margin", "multi_margin"):
-    for _device in ("cpu", "cuda"):
-        torch.library.register_autocast(f"fusedloss::{_op}", _device, torch.float32)

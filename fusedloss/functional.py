@@ -3,6 +3,26 @@
 Every function has torch's name, signature, defaults, output dtype and shape,
 and raises torch's exception type and message for bad input. Deviations from
 torch are listed in each docstring.
+
+How a call runs: the Python checks torch itself makes in Python (its
+ValueErrors and warnings), then one call of the loss op
+(``torch.ops.fusedloss.<loss>``), whose C++ autograd kernel records the fused
+backward. If the op refuses the arguments (invalid input, or a combination the
+kernels do not take), the call is computed by the loss's composite (torch's
+own ATen ops, fusedloss/_composite.py), which raises torch's error for invalid
+input or returns torch's result. The same composite runs under torch.func
+transforms (vmap, grad), which the fused kernels have no batching rules for.
+Nothing here calls a ``torch.nn.functional`` function, so patching torch with
+fusedloss (``fusedloss.patch_torch()``) cannot recurse.
+
+Extras beyond torch are keyword-only. Every loss takes ``out_dtype``: the dtype
+of the returned loss, computed in fp32 registers (fp64 for fp64 inputs) and
+rounded once into it, e.g. ``out_dtype=torch.float32`` for an fp32 loss of
+bf16 logits without an fp32 copy of them; gradients keep each input's dtype.
+
+Inside ``torch.autocast``, the losses torch runs in fp32 return an fp32 loss
+as torch does, but read fp16/bf16 inputs as they are (no fp32 copies); each
+gradient comes back in its input's dtype, rounded once from fp32.
 """
 
 from __future__ import annotations
@@ -11,22 +31,11 @@ import inspect
 import warnings
 
 import torch
-import torch.nn.functional as _F
 from torch.nn import _reduction as _Reduction
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
-from . import _checks, _composite, _validation
-from .autograd import (
-    _REDUCTION_NAMES,
-    BCEWithLogitsFunction,
-    CrossEntropyFunction,
-    HingeEmbeddingFunction,
-    HingeFunction,
-    MSEFunction,
-    MultiMarginFunction,
-    SoftMarginFunction,
-    eager_or_compiled,
-)
+from . import _validation
+from ._ops import BUILD_INFO, ops, rebuild_command
 
 __all__ = [
     "binary_cross_entropy_with_logits",
@@ -38,32 +47,56 @@ __all__ = [
     "soft_margin_loss",
 ]
 
+_REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+_REDUCTION_NAMES = {0: "none", 1: "mean", 2: "sum"}
 
-def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    return t if t is None or t.dtype == dtype else t.to(dtype)
+# What an op raises for arguments it does not take.
+_REFUSALS = (RuntimeError, ValueError, IndexError, TypeError, NotImplementedError)
+
+_is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
-def _legacy_reduction(size_average, reduce, reduction) -> int:
+def _reduction_enum(size_average, reduce, reduction) -> int:
     if size_average is not None or reduce is not None:
         return _Reduction.legacy_get_enum(size_average, reduce)
-    return _Reduction.get_enum(reduction)
+    enum = _REDUCTIONS.get(reduction) if isinstance(reduction, str) else None
+    return _Reduction.get_enum(reduction) if enum is None else enum
 
 
-def _autocast_fp32(*tensors):
-    """torch runs its losses in fp32 inside torch.autocast (on the CPU and on
-    CUDA); fusedloss does the same, so that mixed-precision code gets the
-    dtypes, values and gradients it got from torch. fp64 stays fp64, as in
-    autocast."""
-    device = next((t.device.type for t in tensors if isinstance(t, torch.Tensor)), "cpu")
+def _transformed(*tensors) -> bool:
+    """Whether a torch.func transform (vmap, grad, jvp) wraps any of the tensors."""
+    if torch.compiler.is_compiling():
+        return False
+    return any(t is not None and _is_functorch_wrapped(t) for t in tensors)
+
+
+def _autocast(t: torch.Tensor) -> bool:
     try:
-        enabled = torch.is_autocast_enabled(device)
+        return torch.is_autocast_enabled(t.device.type)
     except RuntimeError:  # a device type autocast does not know (e.g. meta)
-        return tensors
-    if not enabled:
-        return tensors
-    return tuple(
-        t.float() if isinstance(t, torch.Tensor) and t.dtype in (torch.float16, torch.bfloat16) else t for t in tensors
-    )
+        return False
+
+
+_warned_no_kernels = False
+
+
+def _on_refusal(error: BaseException, input: torch.Tensor, name: str) -> None:
+    """A CUDA tensor on a build without CUDA kernels runs torch's loss, once with
+    a warning that says how to get the fused kernels; training never stops."""
+    global _warned_no_kernels
+    if (
+        isinstance(error, NotImplementedError)
+        and input.device.type == "cuda"
+        and not BUILD_INFO.get("cuda")
+        and not _warned_no_kernels
+    ):
+        _warned_no_kernels = True
+        warnings.warn(
+            f"fusedloss was built without CUDA kernels, so {name} on CUDA tensors runs torch's own "
+            f"implementation (unfused). Rebuild fusedloss with nvcc available to get them:\n    {rebuild_command()}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def binary_cross_entropy_with_logits(
@@ -74,6 +107,8 @@ def binary_cross_entropy_with_logits(
     reduce: bool | None = None,
     reduction: str = "mean",
     pos_weight: torch.Tensor | None = None,
+    *,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Sigmoid + binary cross entropy in one fused pass (forward) and one (backward).
 
@@ -81,11 +116,13 @@ def binary_cross_entropy_with_logits(
     ``weight`` and ``pos_weight`` broadcast against the target (a 1-D
     ``pos_weight`` along the last dim), ``mean`` divides by the element count,
     the output has the target's dtype, and gradients reach ``input`` and
-    ``target``. Computed in fp32 (fp64 for double) and rounded once.
+    ``target``. Computed in fp32 (fp64 if any argument is fp64) and rounded
+    once; every argument is read in its own dtype. ``out_dtype``: see the module
+    docstring.
 
     Deviation: with mixed input/target dtypes torch rounds intermediates to the
-    target's dtype; fusedloss computes in the wider dtype and rounds only the
-    result (differences are within one unit of the output dtype).
+    target's dtype; fusedloss computes in fp32/fp64 and rounds only the result
+    (differences are within one unit of the output dtype).
     """
     if has_torch_function_variadic(input, target, weight, pos_weight):
         return handle_torch_function(
@@ -98,33 +135,29 @@ def binary_cross_entropy_with_logits(
             reduce=reduce,
             reduction=reduction,
             pos_weight=pos_weight,
+            out_dtype=out_dtype,
         )
-    reduction_enum = _legacy_reduction(size_average, reduce, reduction)
+    red = _reduction_enum(size_average, reduce, reduction)
     if not (target.size() == input.size()):
         raise ValueError(f"Target size ({target.size()}) must be the same as input size ({input.size()})")
-    _checks.no_requires_grad("binary_cross_entropy_with_logits", weight=weight, pos_weight=pos_weight)
-    if not (
-        input.is_floating_point()
-        and target.is_floating_point()
-        and _checks.same_device(input, target, weight, pos_weight)
-    ):
-        _checks.raise_native(_F.binary_cross_entropy_with_logits, input, target, weight=weight, pos_weight=pos_weight)
-    # torch computes log_sigmoid(input).mul_((pos_weight - 1).mul(target) + 1), then
-    # loss.mul_(weight): these are its broadcast errors, in its order.
-    if pos_weight is not None:
-        _checks.inplace_broadcast(input.shape, _checks.broadcast_shape(pos_weight.shape, target.shape))
-    if weight is not None:
-        _checks.inplace_broadcast(input.shape, weight.shape)
-
-    input, target, weight, pos_weight = _autocast_fp32(input, target, weight, pos_weight)
-    dtype = torch.promote_types(input.dtype, target.dtype)
-    loss = eager_or_compiled(BCEWithLogitsFunction).apply(
-        _cast(input, dtype), _cast(target, dtype), _cast(weight, dtype), _cast(pos_weight, dtype), reduction_enum
-    )
-    return _cast(loss, target.dtype)
+    if not _transformed(input, target):
+        try:
+            return ops.bce_with_logits(input, target, weight, pos_weight, red, out_dtype)
+        except _REFUSALS as e:
+            _on_refusal(e, input, "binary_cross_entropy_with_logits")
+    return ops.bce_with_logits_composite(input, target, weight, pos_weight, red, out_dtype)
 
 
-def _mse_loss(input, target, size_average, reduce, reduction, weight):
+def _as(loss: torch.Tensor, out_dtype: torch.dtype | None) -> torch.Tensor:
+    return loss if out_dtype is None else loss.to(out_dtype)
+
+
+def _broadcast_pair(input, target):
+    return (input, target) if input.shape == target.shape else torch.broadcast_tensors(input, target)
+
+
+def _mse_loss(input, target, size_average, reduce, reduction, weight, out_dtype):
+    # torch's checks, in torch's order.
     if target.size() != input.size():
         warnings.warn(
             f"Using a target size ({target.size()}) that is different to the input size ({input.size()}). "
@@ -134,58 +167,43 @@ def _mse_loss(input, target, size_average, reduce, reduction, weight):
         )
     if size_average is not None or reduce is not None:
         reduction = _Reduction.legacy_get_string(size_average, reduce)
-    expanded_input, expanded_target = torch.broadcast_tensors(input, target)
-    input, target, weight, expanded_input, expanded_target = _autocast_fp32(
-        input, target, weight, expanded_input, expanded_target
-    )
-
+    x, y = _broadcast_pair(input, target)
     if weight is not None:
         if weight.size() != input.size():
             raise ValueError("Weights and input must have the same size.")
         if reduction not in ("none", "mean", "sum"):
             raise ValueError(f"Invalid reduction mode: {reduction}. Expected one of 'none', 'mean', 'sum'.")
-        reduction_enum = _Reduction.get_enum(reduction)
-        dtype = torch.promote_types(torch.promote_types(input.dtype, target.dtype), weight.dtype)
+        red = _REDUCTIONS[reduction]
+        if weight.shape != x.shape:
+            # A weight of the input's shape over a broadcast target (the rare,
+            # warned path): torch's weighted mean divides by the sum of the
+            # weight as given, not of its broadcast.
+            loss = mse_loss(x, y, reduction="sum" if red == 1 else reduction, weight=weight.expand(x.shape))
+            return _as(loss / weight.sum() if red == 1 else loss, out_dtype)
     else:
-        reduction_enum = _Reduction.get_enum(reduction)
-        dtype = torch.promote_types(input.dtype, target.dtype)
-    if not (dtype.is_floating_point and _checks.same_device(input, target, weight)):
-        if weight is None:
-            _checks.raise_native(torch._C._nn.mse_loss, expanded_input, expanded_target, reduction_enum)
-        _checks.raise_native(lambda x, y, w: (x - y) ** 2 * w, expanded_input, expanded_target, weight)
-        raise RuntimeError(f"mse_loss: unsupported dtype {dtype}")  # pragma: no cover (torch raised above)
-
-    if weight is not None and weight.shape != expanded_input.shape and reduction_enum == 1:
-        # torch divides by the sum of the weight as given, not of its broadcast
-        # (the rare, warned path: a target of another shape).
-        loss, _ = eager_or_compiled(MSEFunction).apply(
-            _cast(expanded_input, dtype),
-            _cast(expanded_target, dtype),
-            _cast(weight.expand(expanded_input.shape), dtype),
-            2,
-        )
-        return loss / _cast(weight, dtype).sum()
-    if weight is not None:
-        weight = weight.expand(expanded_input.shape)
-    loss, _ = eager_or_compiled(MSEFunction).apply(
-        _cast(expanded_input, dtype), _cast(expanded_target, dtype), _cast(weight, dtype), reduction_enum
-    )
-    return loss
+        red = _reduction_enum(None, None, reduction)
+    if not _transformed(x, y, weight):
+        try:
+            return ops.mse(x, y, weight, red, out_dtype)
+        except _REFUSALS as e:
+            _on_refusal(e, input, "mse_loss")
+    return ops.mse_composite(x, y, weight, red, out_dtype)
 
 
 _MSE_DOC = """Squared error in one fused pass (forward) and one (backward).
 
     Same as :func:`torch.nn.functional.mse_loss`, including the UserWarning and
     broadcasting when target and input shapes differ (the target's gradient is
-    summed back to its shape) and, on torch >= 2.13, ``weight=`` (a weighted mean
-    divides by ``weight.sum()``). This function has ``weight`` exactly when the
-    installed torch's ``mse_loss`` has it. Accumulates in fp32 (fp64 for double).
+    summed back to its shape) and ``weight=`` (torch >= 2.13: a weighted mean
+    divides by ``weight.sum()``; on older torch, where mse_loss has no weight,
+    fusedloss offers it as a keyword-only extra). Accumulates in fp32 (fp64 for
+    double). ``out_dtype``: see the module docstring.
 
     Deviation: a weighted mean keeps ``weight.sum()`` in fp32 for fp16/bf16
     inputs where torch rounds it to the input dtype first.
     """
 
-if "weight" in inspect.signature(_F.mse_loss).parameters:
+if "weight" in inspect.signature(torch.nn.functional.mse_loss).parameters:
 
     def mse_loss(
         input: torch.Tensor,
@@ -194,6 +212,8 @@ if "weight" in inspect.signature(_F.mse_loss).parameters:
         reduce: bool | None = None,
         reduction: str = "mean",
         weight: torch.Tensor | None = None,
+        *,
+        out_dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
         if has_torch_function_variadic(input, target, weight):
             return handle_torch_function(
@@ -205,10 +225,11 @@ if "weight" in inspect.signature(_F.mse_loss).parameters:
                 reduce=reduce,
                 reduction=reduction,
                 weight=weight,
+                out_dtype=out_dtype,
             )
-        return _mse_loss(input, target, size_average, reduce, reduction, weight)
+        return _mse_loss(input, target, size_average, reduce, reduction, weight, out_dtype)
 
-else:
+else:  # torch < 2.13: torch's signature, the weight keyword-only
 
     def mse_loss(
         input: torch.Tensor,
@@ -216,62 +237,26 @@ else:
         size_average: bool | None = None,
         reduce: bool | None = None,
         reduction: str = "mean",
+        *,
+        weight: torch.Tensor | None = None,
+        out_dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
-        if has_torch_function_variadic(input, target):
+        if has_torch_function_variadic(input, target, weight):
             return handle_torch_function(
                 mse_loss,
-                (input, target),
+                (input, target, weight),
                 input,
                 target,
                 size_average=size_average,
                 reduce=reduce,
                 reduction=reduction,
+                weight=weight,
+                out_dtype=out_dtype,
             )
-        return _mse_loss(input, target, size_average, reduce, reduction, None)
+        return _mse_loss(input, target, size_average, reduce, reduction, weight, out_dtype)
 
 
 mse_loss.__doc__ = _MSE_DOC
-
-
-def _cross_entropy_plan(input, target, weight, ignore_index, label_smoothing, inplace_backward):
-    """The tensors the fused op takes for this call, or None when the call is
-    invalid (torch then raises its own error) or outside what the kernels take
-    (torch's composite computes it)."""
-    if not (isinstance(input, torch.Tensor) and isinstance(target, torch.Tensor)):
-        return None
-    if input.dim() < 1 or not input.is_floating_point() or not _checks.same_device(input, target, weight):
-        return None
-    c = input.shape[0] if input.dim() == 1 else input.shape[1]
-    if c == 0 or label_smoothing > 1.0:
-        return None
-    if weight is not None and (weight.dim() != 1 or weight.shape[0] != c or not weight.is_floating_point()):
-        return None
-    if target.shape == input.shape:
-        # Class probabilities. torch has a derivative for weight here; the
-        # fused kernels do not, so a weight that requires grad goes composite.
-        if not target.is_floating_point() or ignore_index >= 0:
-            return None
-        if weight is not None and weight.requires_grad and torch.is_grad_enabled():
-            return None
-        dtype = torch.promote_types(input.dtype, target.dtype)
-        if weight is not None:
-            dtype = torch.promote_types(dtype, weight.dtype)
-        return _cast(input, dtype), _cast(target, dtype), _cast(weight, dtype)
-    if target.dtype not in (torch.int64, torch.uint8):
-        return None
-    if input.dim() == 1:
-        if not (target.dim() == 0 or (target.dim() == 1 and target.shape[0] == 1)):
-            return None
-    elif input.dim() == 2:
-        if target.dim() != 1 or target.shape[0] != input.shape[0]:
-            return None
-    elif target.shape != (input.shape[0], *input.shape[2:]):
-        return None
-    if weight is not None and (weight.dtype != input.dtype or (weight.requires_grad and torch.is_grad_enabled())):
-        return None
-    if _validation.wanted(input):
-        _validation.check_class_indices(target, c, ignore_index)
-    return input, target if target.dtype == torch.int64 else target.long(), weight
 
 
 def cross_entropy(
@@ -287,15 +272,17 @@ def cross_entropy(
     lse_square_scale: float = 0.0,
     softcap: float | None = None,
     inplace_backward: bool = False,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Softmax + cross entropy: one read of the logits forward, one read and one
     write backward; only the logits, targets and an fp32 log-sum-exp per row are
     kept for backward.
 
     Same as :func:`torch.nn.functional.cross_entropy` for class-index targets
-    (int64 or uint8) and class-probability targets, ``weight``,
-    ``ignore_index``, ``label_smoothing`` and every reduction, on (C), (N, C) and
-    (N, C, d1, ..., dK) inputs of any strides. Extras, off by default:
+    (int64 or uint8) and class-probability targets (of any floating dtype),
+    ``weight``, ``ignore_index``, ``label_smoothing`` and every reduction, on
+    (C), (N, C) and (N, C, d1, ..., dK) inputs of any strides. Extras, off by
+    default:
 
     * ``lse_square_scale`` (z-loss): each sample's loss gains
       ``lse_square_scale * logsumexp(x)**2`` (times the target's class weight for
@@ -303,9 +290,15 @@ def cross_entropy(
       torch's denominator.
     * ``softcap``: the logits become ``softcap * tanh(x / softcap)`` first.
     * ``inplace_backward``: the gradient is written over the logits, saving one
-      logits-sized buffer. The logits' version counter is bumped, so autograd
-      raises if anything else saved them for backward; the logits must not be a
-      leaf. Ignored under torch.compile.
+      logits-sized buffer. Allowed only where that is provably safe: a
+      ``ValueError`` says why otherwise (the logits, or the tensor they are a
+      view of, are a leaf that requires grad; or they overlap themselves in
+      memory or are not dense, e.g. expanded). The logits' version counter is
+      bumped, so autograd raises if anything else saved them for backward. The
+      in-place gradient equals the out-of-place one bit for bit. Ignored under
+      torch.compile.
+    * ``out_dtype``: see the module docstring (``torch.float32`` gives an fp32
+      loss of bf16 logits with no fp32 copy of them).
 
     Deviations from torch: an out-of-range class index on CUDA gives a NaN loss
     and NaN gradients for that row instead of a device-side assert (which
@@ -313,8 +306,9 @@ def cross_entropy(
     ``FUSEDLOSS_VALIDATE=1`` checks on the host and raises torch's IndexError
     (at the cost of a device sync). The CPU always raises. Rows whose target is
     ignored get a gradient of exactly 0 even when their logits are NaN. A
-    probability-target call whose weight requires grad is computed by torch's
-    composite ops (the fused kernels have no weight gradient).
+    probability-target call whose weight requires grad, and forward-mode AD,
+    are computed by the composite (the fused kernels have no weight gradient
+    and no jvp).
     """
     if has_torch_function_variadic(input, target, weight):
         return handle_torch_function(
@@ -331,42 +325,39 @@ def cross_entropy(
             lse_square_scale=lse_square_scale,
             softcap=softcap,
             inplace_backward=inplace_backward,
+            out_dtype=out_dtype,
         )
-    reduction_enum = _legacy_reduction(size_average, reduce, reduction)
+    red = _reduction_enum(size_average, reduce, reduction)
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap must be a positive number or None, got {softcap}")
-    if inplace_backward and input.requires_grad and input.is_leaf:
-        raise ValueError(
-            "inplace_backward=True writes the gradient over the logits, so they cannot be a leaf tensor "
-            "(its .grad would alias its data); use it for logits computed by the model"
-        )
-    input, target, weight = _autocast_fp32(input, target, weight)
-    plan = _cross_entropy_plan(input, target, weight, ignore_index, label_smoothing, inplace_backward)
-    if plan is None:
-        return _composite.cross_entropy(
-            input,
-            target,
-            weight,
-            ignore_index,
-            _REDUCTION_NAMES[reduction_enum],
-            label_smoothing,
-            lse_square_scale,
-            softcap,
-        )
-    x, t, w = plan
-    inplace = bool(inplace_backward) and not torch.compiler.is_compiling()
-    loss = eager_or_compiled(CrossEntropyFunction).apply(
-        x,
-        t,
-        w,
-        ignore_index,
-        reduction_enum,
-        float(label_smoothing),
-        float(lse_square_scale),
-        None if softcap is None else float(softcap),
-        inplace,
-    )[0]
-    return loss
+    if inplace_backward and torch.compiler.is_compiling():
+        inplace_backward = False
+    fused = not _transformed(input, target, weight)
+    if (
+        fused
+        and weight is not None
+        and weight.dtype != input.dtype
+        and not target.is_floating_point()
+        and not _autocast(input)
+    ):
+        fused = False  # torch refuses a class weight of another dtype: the composite raises its error
+    if fused:
+        if _validation._enabled and input.device.type != "cpu" and not target.is_floating_point():
+            _validation.check_class_indices(target, input.shape[0 if input.dim() == 1 else 1], ignore_index)
+        try:
+            return ops.cross_entropy(
+                input, target, weight, ignore_index, red, label_smoothing, lse_square_scale, softcap,
+                inplace_backward, out_dtype,
+            )  # fmt: skip
+        except ValueError:
+            if inplace_backward:
+                raise  # the in-place gradient was refused: say why
+            fused = False
+        except _REFUSALS as e:
+            _on_refusal(e, input, "cross_entropy")
+    return ops.cross_entropy_composite(
+        input, target, weight, ignore_index, red, label_smoothing, lse_square_scale, softcap, False, out_dtype
+    )
 
 
 def hinge_embedding_loss(
@@ -376,6 +367,8 @@ def hinge_embedding_loss(
     size_average: bool | None = None,
     reduce: bool | None = None,
     reduction: str = "mean",
+    *,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Hinge embedding loss in one fused pass (forward) and one (backward),
     where torch runs ~9 kernels and saves two masks.
@@ -383,7 +376,8 @@ def hinge_embedding_loss(
     Same as :func:`torch.nn.functional.hinge_embedding_loss`, including targets
     outside {-1, 1} (both terms apply), broadcasting of input and target, a
     negative margin, NaN/inf propagation and the output dtype (the input's). The
-    target gets no gradient, as in torch.
+    target gets no gradient, as in torch. ``out_dtype``: see the module
+    docstring.
     """
     if has_torch_function_variadic(input, target):
         return handle_torch_function(
@@ -395,19 +389,16 @@ def hinge_embedding_loss(
             size_average=size_average,
             reduce=reduce,
             reduction=reduction,
+            out_dtype=out_dtype,
         )
-    reduction_enum = _legacy_reduction(size_average, reduce, reduction)
-    # torch's first broadcast is where(target != 1, ...): target is tensor a.
-    _checks.broadcast_shape(target.shape, input.shape)
-    input, target = _autocast_fp32(input, target)
-    if not (input.is_floating_point() and not target.is_complex() and _checks.same_device(input, target)):
-        return _F.hinge_embedding_loss(input, target, margin, reduction=_REDUCTION_NAMES[reduction_enum])
-    dtype = torch.promote_types(input.dtype, target.dtype) if target.is_floating_point() else input.dtype
-    x, y = torch.broadcast_tensors(input, target)
-    loss = eager_or_compiled(HingeEmbeddingFunction).apply(
-        _cast(x, dtype), _cast(y, dtype).detach(), float(margin), reduction_enum
-    )
-    return _cast(loss, input.dtype)
+    red = _reduction_enum(size_average, reduce, reduction)
+    if not _transformed(input, target):
+        try:
+            x, y = _broadcast_pair(input, target)
+            return ops.hinge_embedding(x, y, float(margin), red, out_dtype)
+        except _REFUSALS as e:
+            _on_refusal(e, input, "hinge_embedding_loss")
+    return ops.hinge_embedding_composite(input, target, float(margin), red, out_dtype)
 
 
 def soft_margin_loss(
@@ -416,11 +407,14 @@ def soft_margin_loss(
     size_average: bool | None = None,
     reduce: bool | None = None,
     reduction: str = "mean",
+    *,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Soft margin loss log(1 + exp(-y x)) in one fused pass per direction.
 
     Same as :func:`torch.nn.functional.soft_margin_loss` (target broadcast to the
     input's shape, output in the input's dtype, no gradient for the target).
+    ``out_dtype``: see the module docstring.
 
     Deviation: fusedloss uses the stable form max(z, 0) + log1p(exp(-|z|)),
     z = -y x, so the loss stays finite where torch's log1p(exp(z)) overflows to
@@ -436,18 +430,18 @@ def soft_margin_loss(
             size_average=size_average,
             reduce=reduce,
             reduction=reduction,
+            out_dtype=out_dtype,
         )
-    reduction_enum = _legacy_reduction(size_average, reduce, reduction)
-    _checks.no_requires_grad("soft_margin_loss", target=target)
-    _checks.inplace_broadcast(input.shape, target.shape)
-    input, target = _autocast_fp32(input, target)
-    if not (input.is_floating_point() and not target.is_complex() and _checks.same_device(input, target)):
-        return _F.soft_margin_loss(input, target, reduction=_REDUCTION_NAMES[reduction_enum])
-    dtype = torch.promote_types(input.dtype, target.dtype) if target.is_floating_point() else input.dtype
-    loss = eager_or_compiled(SoftMarginFunction).apply(
-        _cast(input, dtype), _cast(target.expand(input.shape), dtype), reduction_enum
-    )
-    return _cast(loss, input.dtype)
+    red = _reduction_enum(size_average, reduce, reduction)
+    if _transformed(input, target):
+        return ops.soft_margin_composite(input, target, red, out_dtype)
+    try:
+        y = target if target.shape == input.shape else target.expand(input.shape)
+        return ops.soft_margin(input, y, red, out_dtype)
+    except _REFUSALS as e:
+        _on_refusal(e, input, "soft_margin_loss")
+    # torch's own kernel (its errors for invalid arguments are its kernel's).
+    return _as(torch._C._nn.soft_margin_loss(input, target, red), out_dtype)
 
 
 def hinge_loss(
@@ -456,6 +450,8 @@ def hinge_loss(
     margin: float = 1.0,
     squared: bool = False,
     reduction: str = "mean",
+    *,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Binary SVM hinge loss ``max(0, margin - target * input)`` (torch has none),
     squared for the L2-SVM, in one fused pass per direction.
@@ -463,40 +459,30 @@ def hinge_loss(
     ``target`` holds labels in {-1, +1} (other values are used as given);
     input and target broadcast. Equals the composite
     ``torch.clamp(margin - target * input, min=0)`` (``** 2`` when squared),
-    including its dtype, its gradient (0 at the kink and at NaN, as
-    torch.clamp's) and gradients with respect to both input and target.
+    including its dtype (also under autocast, where clamp keeps the input's
+    dtype), its gradient (0 at the kink and at NaN, as torch.clamp's) and
+    gradients with respect to both input and target. ``out_dtype``: see the
+    module docstring.
     """
     if has_torch_function_variadic(input, target):
         return handle_torch_function(
-            hinge_loss, (input, target), input, target, margin=margin, squared=squared, reduction=reduction
+            hinge_loss,
+            (input, target),
+            input,
+            target,
+            margin=margin,
+            squared=squared,
+            reduction=reduction,
+            out_dtype=out_dtype,
         )
-    reduction_enum = _Reduction.get_enum(reduction)
-    x, y = torch.broadcast_tensors(input, target)
-    dtype = torch.promote_types(input.dtype, target.dtype)
-    if not (dtype.is_floating_point and _checks.same_device(input, target)):
-        return _composite.hinge_loss(input, target, margin, squared, reduction)
-    return eager_or_compiled(HingeFunction).apply(
-        _cast(x, dtype), _cast(y, dtype), float(margin), bool(squared), reduction_enum
-    )
-
-
-def _multi_margin_supported(input, target, weight) -> bool:
-    if not (input.is_floating_point() and input.dim() <= 2 and _checks.same_device(input, target, weight)):
-        return False
-    if input.dim() == 2 and input.shape[1] == 0 or input.dim() == 1 and input.shape[0] == 0:
-        return False
-    if target.dtype != torch.int64:
-        return False
-    if input.dim() == 2:
-        if target.dim() != 1 or target.shape[0] != input.shape[0]:
-            return False
-    elif target.numel() != 1 or target.dim() > 1:
-        return False
-    if weight is not None:
-        c = input.shape[-1] if input.dim() else 1
-        if weight.shape != (c,) or weight.dtype != input.dtype or (weight.requires_grad and torch.is_grad_enabled()):
-            return False
-    return True
+    red = _Reduction.get_enum(reduction)
+    if not _transformed(input, target):
+        try:
+            x, y = _broadcast_pair(input, target)
+            return ops.hinge(x, y, float(margin), bool(squared), red, out_dtype)
+        except _REFUSALS as e:
+            _on_refusal(e, input, "hinge_loss")
+    return ops.hinge_composite(input, target, float(margin), bool(squared), red, out_dtype)
 
 
 def multi_margin_loss(
@@ -508,14 +494,16 @@ def multi_margin_loss(
     size_average: bool | None = None,
     reduce: bool | None = None,
     reduction: str = "mean",
+    *,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Multi-class margin loss with rows in parallel: one read of each row
     forward, one read and one write backward.
 
     Same as :func:`torch.nn.functional.multi_margin_loss` (p in {1, 2}, margin,
     class weight applied after the power, division by C, (C) and 0-d inputs,
-    torch's errors). Beyond torch: fp16 and bf16 on the CPU, and second
-    derivatives (torch raises for them).
+    torch's errors). Beyond torch: fp16 and bf16 on the CPU, second derivatives
+    (torch raises for them), and ``out_dtype`` (see the module docstring).
 
     Deviations: the mean of an empty batch is NaN (torch returns an unspecified
     value). On CUDA an out-of-range class index gives NaN for its row instead of
@@ -534,17 +522,22 @@ def multi_margin_loss(
             size_average=size_average,
             reduce=reduce,
             reduction=reduction,
+            out_dtype=out_dtype,
         )
-    reduction_enum = _legacy_reduction(size_average, reduce, reduction)
+    red = _reduction_enum(size_average, reduce, reduction)
     if p != 1 and p != 2:
         raise ValueError("only p == 1 and p == 2 supported")
-    if weight is not None:
-        if weight.dim() != 1:
-            raise ValueError("weight must be one-dimensional")
-    input, weight = _autocast_fp32(input, weight)
-    if not _multi_margin_supported(input, target, weight):
-        # Invalid arguments: torch raises its own error.
-        return _F.multi_margin_loss(input, target, p, margin, weight, reduction=_REDUCTION_NAMES[reduction_enum])
-    if _validation.wanted(input):
-        _validation.check_multi_margin_targets(target, input.shape[-1] if input.dim() else 1)
-    return eager_or_compiled(MultiMarginFunction).apply(input, target, int(p), float(margin), weight, reduction_enum)
+    if weight is not None and weight.dim() != 1:
+        raise ValueError("weight must be one-dimensional")
+    if _transformed(input, target, weight):
+        return ops.multi_margin_composite(input, target, int(p), float(margin), weight, red, out_dtype)
+    # torch refuses a class weight of another dtype (autocast makes both fp32).
+    if weight is None or weight.dtype == input.dtype or _autocast(input):
+        if _validation._enabled and input.device.type != "cpu":
+            _validation.check_multi_margin_targets(target, input.shape[-1] if input.dim() else 1)
+        try:
+            return ops.multi_margin(input, target, int(p), float(margin), weight, red, out_dtype)
+        except _REFUSALS as e:
+            _on_refusal(e, input, "multi_margin_loss")
+    # torch's own kernel (its errors for invalid arguments are its kernel's).
+    return _as(torch._C._nn.multi_margin_loss(input, target, p, margin, weight, red), out_dtype)

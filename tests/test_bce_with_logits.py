@@ -311,9 +311,16 @@ def test_empty_mean_is_nan_sum_is_zero():
     assert x.grad.shape == (0, 3)
 
 
-def test_autograd_function_is_public():
+def test_op_is_differentiable_in_cpp():
+    """The loss op carries its own (C++) autograd: one op call, no Python node,
+    and the old autograd.Function name still applies it."""
     x = torch.randn(4, 5, requires_grad=True)
     y = torch.rand(4, 5)
-    out = fusedloss.autograd.BCEWithLogitsFunction.apply(x, y, None, None, 1)
-    torch.testing.assert_close(out, F.binary_cross_entropy_with_logits(x, y))
-    assert isinstance(out.grad_fn, torch.autograd.function.BackwardCFunction)
+    legacy = fusedloss.autograd.BCEWithLogitsFunction.apply(x, y, None, None, 1)
+    for out in (fusedloss.ops.bce_with_logits(x, y), legacy):
+        torch.testing.assert_close(out, F.binary_cross_entropy_with_logits(x, y))
+        assert not isinstance(out.grad_fn, torch.autograd.function.BackwardCFunction)
+        assert type(out.grad_fn).__name__ == "CppFunction"
+        (g,) = torch.autograd.grad(out, x)
+        (e,) = torch.autograd.grad(F.binary_cross_entropy_with_logits(x, y), x)
+        torch.testing.assert_close(g, e)

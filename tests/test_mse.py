@@ -224,11 +224,12 @@ def test_saves_only_its_inputs(device):
 
 
 def test_signature_tracks_installed_torch():
-    ours = list(inspect.signature(FF.mse_loss).parameters)
-    theirs = list(inspect.signature(F.mse_loss).parameters)
-    assert ours == theirs
-    for name in ours:
-        assert (
-            inspect.signature(FF.mse_loss).parameters[name].default
-            == inspect.signature(F.mse_loss).parameters[name].default
-        )
+    """torch's parameters, in torch's order, kinds and defaults; fusedloss's
+    extras (out_dtype, and weight on torch < 2.13) only keyword-only after them."""
+    ours = inspect.signature(FF.mse_loss).parameters
+    theirs = inspect.signature(F.mse_loss).parameters
+    assert list(ours)[: len(theirs)] == list(theirs)
+    for name, p in theirs.items():
+        assert ours[name].kind == p.kind and ours[name].default == p.default, name
+    assert all(ours[name].kind is inspect.Parameter.KEYWORD_ONLY for name in list(ours)[len(theirs) :])
+    assert "weight" in ours

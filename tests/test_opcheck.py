@@ -54,9 +54,48 @@ def margin_backward_samples(device):
             yield ops.multi_margin_backward, (g, x, t, 2, 0.7, make((9,), dtype, device, 0.5, 2), reduction)
 
 
+def mixed_dtype_samples(device):
+    """Operands in their own dtypes and out_dtype (autocast-style calls)."""
+    for reduction in (0, 1, 2):
+        for rg in (False, True):
+            x = make((4, 7), torch.bfloat16, device, requires_grad=rg)
+            y = make((4, 7), torch.float32, device, 0, 1, requires_grad=rg)
+            w = make((7,), torch.float32, device, 0, 2)
+            yield ops.bce_with_logits, (x, y, w, None, reduction, torch.float32)
+            yield ops.mse, (x, y, None, reduction, torch.float32)
+            yield ops.mse_forward, (x, y, None, reduction, None)
+            t = torch.randint(0, 7, (4,), device=device)
+            yield ops.cross_entropy, (x, t, w, -100, reduction, 0.1, 0.0, None, False, torch.float32)
+            yield ops.cross_entropy, (x, y.detach().softmax(-1).requires_grad_(rg), None, -100, reduction)
+            yield ops.multi_margin, (x, t, 1, 1.0, w, reduction, torch.float32)
+            yield ops.hinge_embedding, (x, torch.sign(y.detach() - 0.5), 1.0, reduction, torch.float32)
+            yield ops.soft_margin, (x, torch.sign(y.detach() - 0.5), reduction, torch.float32)
+            yield ops.hinge, (x, y, 1.0, False, reduction, torch.float32)
+
+
+def composite_samples(device):
+    x = make((5, 9), torch.float32, device, requires_grad=True)
+    y = make((5, 9), torch.float32, device, 0, 1, requires_grad=True)
+    s = torch.sign(make((5, 9), torch.float32, device))
+    t = torch.randint(0, 9, (5,), device=device)
+    w = make((9,), torch.float32, device, 0.5, 2)
+    for reduction in (0, 1, 2):
+        yield ops.bce_with_logits_composite, (x, y, w, w, reduction)
+        yield ops.mse_composite, (x, y, y.detach(), reduction)
+        yield ops.hinge_embedding_composite, (x, s, 0.5, reduction)
+        yield ops.soft_margin_composite, (x, s, reduction)
+        yield ops.hinge_composite, (x, y, 1.0, True, reduction)
+        yield ops.multi_margin_composite, (x, t, 2, 0.7, w, reduction)
+        yield ops.cross_entropy_composite, (x, t, w, -100, reduction, 0.1, 1e-3, 5.0)
+        p = y.detach().softmax(-1)
+        yield ops.cross_entropy_composite, (x, p, None, -100, reduction, 0.0, 0.0, None, False, torch.float64)
+
+
 def forward_samples(device):
     yield from cross_entropy_forward_samples(device)
     yield from margin_forward_samples(device)
+    yield from mixed_dtype_samples(device)
+    yield from composite_samples(device)
     for dtype in (torch.float32, torch.bfloat16):
         for shape in ((4, 7), (2, 3, 5, 5), (0, 3), ()):
             for reduction in (0, 1, 2):
@@ -66,6 +105,7 @@ def forward_samples(device):
                         yield ops.bce_with_logits, (x, y, w, pw, reduction)
                         wm = make(shape, dtype, device, 0, 2, requires_grad=rg) if weighted else None
                         yield ops.mse, (x, y, wm, reduction)
+                        yield ops.mse_forward, (x, y, wm, reduction, None)
 
 
 def _ce_inputs(device, dtype, shape, prob, rg, weighted):
@@ -96,6 +136,7 @@ def cross_entropy_forward_samples(device):
                         for opts in CE_OPTIONS:
                             x, t, w = _ce_inputs(device, dtype, shape, prob, rg, opts[1] > 0)
                             yield ops.cross_entropy, (x, t, w, opts[0], reduction, *opts[1:])
+                            yield ops.cross_entropy_forward, (x, t, w, opts[0], reduction, *opts[1:], None)
 
 
 def cross_entropy_backward_samples(device):
@@ -105,7 +146,7 @@ def cross_entropy_backward_samples(device):
                 for reduction in (0, 1, 2):
                     for opts in CE_OPTIONS:
                         x, t, w = _ce_inputs(device, dtype, shape, prob, False, opts[1] > 0)
-                        _, lse, stats, mass = ops.cross_entropy(x, t, w, opts[0], reduction, *opts[1:])
+                        _, lse, stats, mass = ops.cross_entropy_forward(x, t, w, opts[0], reduction, *opts[1:], None)
                         g = make(lse.shape[:-1] if reduction == 0 else (), dtype, device)
                         saved = (lse, stats, mass)
                         for mask in ([True, True], [True, False], [False, True]):
@@ -128,7 +169,7 @@ def backward_samples(device):
                     for mask in ([True, True], [True, False], [False, True]):
                         yield ops.bce_with_logits_backward, (g, x, y, w, pw, reduction, mask)
                     wm = make(shape, dtype, device, 0, 2) if weighted else None
-                    loss, denom = ops.mse(x, y, wm, reduction)
+                    loss, denom = ops.mse_forward(x, y, wm, reduction, None)
                     for mask in ([True, True, True], [True, False, False], [False, False, True]):
                         yield ops.mse_backward, (g, x, y, wm, loss, denom if denom.numel() else None, reduction, mask)
 

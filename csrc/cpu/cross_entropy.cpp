@@ -112,26 +112,17 @@ math::RowState<T> row_state(const T* x, const T* f, bool with_f, int64_t n) {
 
 template <typename T>
 struct RowBuffers {
-  std::vector<T> x, w, p, out, out2;
+  std::vector<T> x, p, out, out2;
 };
-
-// The class weights widened once per task (or null).
-template <typename scalar_t>
-const at::opmath_type<scalar_t>* widened_weight(const CeParams<scalar_t>& p, std::vector<at::opmath_type<scalar_t>>& buf) {
-  if (p.weight == nullptr) return nullptr;
-  buf.resize(p.g.C);
-  widen(p.weight, buf.data(), p.g.C);
-  return buf.data();
-}
 
 // Smoothed probability targets of a row, times the class weights.
 template <typename scalar_t>
-void load_target_row(const CeParams<scalar_t>& p, int64_t r, const at::opmath_type<scalar_t>* w,
-                     const math::CeOptions<at::opmath_type<scalar_t>>& o, at::opmath_type<scalar_t>* dst) {
-  const scalar_t* src = p.target_prob + p.offset(r, p.tN, p.tS);
+void load_target_row(const CeParams<scalar_t>& p, int64_t r, const math::CeOptions<at::opmath_type<scalar_t>>& o,
+                     at::opmath_type<scalar_t>* dst) {
+  const int64_t base = p.offset(r, p.tN, p.tS);
   for (int64_t c = 0; c < p.g.C; ++c) {
-    const auto pc = math::ce_smoothed_target(static_cast<at::opmath_type<scalar_t>>(src[c * p.tC]), o);
-    dst[c] = w != nullptr ? w[c] * pc : pc;
+    const auto pc = math::ce_smoothed_target(p.target_at(base + c * p.tC), o);
+    dst[c] = p.weight != nullptr ? p.weight[c] * pc : pc;
   }
 }
 
@@ -151,7 +142,7 @@ struct CpuRowEngine {
     at::parallel_for(0, R, row_grain(C), [&](int64_t r0, int64_t r1) {
       RowBuffers<acc_t> buf;
       buf.x.resize(C);
-      const acc_t* w = widened_weight(p, buf.w);
+      const acc_t* w = p.weight;
       if (kProb) buf.p.resize(C);
       for (int64_t r = r0; r < r1; ++r) {
         int64_t t = 0;
@@ -170,7 +161,7 @@ struct CpuRowEngine {
         }
         const acc_t* x = load_row(p.input + p.offset(r, p.g.sN, p.g.sS), p.g.sC, C, buf.x.data(), p.has_softcap,
                                   p.softcap, p.inv_softcap);
-        if (kProb) load_target_row(p, r, w, o, buf.p.data());
+        if (kProb) load_target_row(p, r, o, buf.p.data());
         const bool with_f = kProb || o.smoothing > acc_t(0);
         const math::RowState<acc_t> st = row_state(x, kProb ? buf.p.data() : w, with_f, C);
         if (kProb) {
@@ -199,7 +190,7 @@ struct CpuRowEngine {
       RowBuffers<acc_t> buf;
       buf.x.resize(C);
       buf.out.resize(C);
-      const acc_t* w = widened_weight(p, buf.w);
+      const acc_t* w = p.weight;
       if (kProb) buf.p.resize(C);
       if (p.grad_target != nullptr) buf.out2.resize(C);
       for (int64_t r = r0; r < r1; ++r) {
@@ -215,7 +206,7 @@ struct CpuRowEngine {
         const acc_t lse = m + ls;
         const acc_t* x = load_row(p.input + p.offset(r, p.g.sN, p.g.sS), p.g.sC, C, buf.x.data(), p.has_softcap,
                                   p.softcap, p.inv_softcap);
-        if (kProb) load_target_row(p, r, w, o, buf.p.data());
+        if (kProb) load_target_row(p, r, o, buf.p.data());
         if (gout != nullptr) {
           const math::CeGradCoefs<acc_t> k =
               kProb ? math::ce_prob_grad_coefs(gv, lse, p.target_mass[r], o)
@@ -253,7 +244,8 @@ struct CpuRowEngine {
           for (int64_t c = 0; c < C; ++c) {
             buf.out2[c] = math::ce_target_grad(gv, w != nullptr ? w[c] : acc_t(1), m, ls, x[c], o);
           }
-          store_row(p.grad_target + p.offset(r, p.gtN, p.gtS), p.gtC, buf.out2.data(), C);
+          const int64_t base = p.offset(r, p.gtN, p.gtS);
+          for (int64_t c = 0; c < C; ++c) store_value(p.grad_target, p.grad_target_dtype, base + c * p.gtC, buf.out2[c]);
         }
       }
     });

@@ -11,11 +11,15 @@
 //
 // Inside a chunk, kTile elements at a time are widened (fp16/bf16 -> fp32) or
 // gathered (broadcast operands, see fusedloss/layout.h) into L1-resident
-// buffers; contiguous fp32/fp64 operands are read in place.
+// buffers; contiguous operands of the accumulation dtype are read in place.
+// Each operand keeps its own dtype, and each output is rounded once into its
+// own dtype.
 
 #include <ATen/Parallel.h>
+#include <c10/util/SmallVector.h>
 #include <c10/util/irange.h>
 
+#include <fusedloss/elementwise_host.h>
 #include <fusedloss/layout.h>
 
 #include <algorithm>
@@ -30,21 +34,21 @@ namespace fusedloss::cpu {
 constexpr int64_t kTile = 2048;
 constexpr int64_t kChunk = 16 * kTile;
 
-// One operand of a loss. data == nullptr means "absent": the constant 1.
-template <typename scalar_t>
+// One operand of a loss, in its own dtype. data == nullptr means "absent":
+// the constant 1.
 struct Operand {
-  const scalar_t* data = nullptr;
+  const void* data = nullptr;
+  at::ScalarType dtype = at::kFloat;
   Layout layout;
 };
 
-template <typename scalar_t>
-Operand<scalar_t> make_operand(const at::Tensor& t, const Layout& layout) {
-  return Operand<scalar_t>{t.defined() ? t.const_data_ptr<scalar_t>() : nullptr, layout};
+inline Operand make_operand(const at::Tensor& t, const Layout& layout) {
+  return Operand{t.defined() ? t.const_data_ptr() : nullptr, t.defined() ? t.scalar_type() : at::kFloat, layout};
 }
 
 // Values of `op` at positions [start, start + len), widened, into dst.
-template <typename scalar_t>
-void gather(const Operand<scalar_t>& op, int64_t start, int64_t len, opmath_t<scalar_t>* dst) {
+template <typename acc_t>
+void gather(const Operand& op, int64_t start, int64_t len, acc_t* dst) {
   const int64_t inner = op.layout.inner;
   const int64_t period = op.layout.period;
   int64_t p = (start / inner) % period;
@@ -52,7 +56,7 @@ void gather(const Operand<scalar_t>& op, int64_t start, int64_t len, opmath_t<sc
   if (inner == 1) {
     while (i < len) {
       const int64_t run = std::min(period - p, len - i);
-      widen(op.data + p, dst + i, run);
+      load_widen(op.data, op.dtype, p, dst + i, run);
       i += run;
       p = 0;
     }
@@ -60,7 +64,7 @@ void gather(const Operand<scalar_t>& op, int64_t start, int64_t len, opmath_t<sc
     int64_t r = start % inner;
     while (i < len) {
       const int64_t run = std::min(inner - r, len - i);
-      std::fill(dst + i, dst + i + run, static_cast<opmath_t<scalar_t>>(op.data[p]));
+      std::fill(dst + i, dst + i + run, load_one<acc_t>(op.data, op.dtype, p));
       i += run;
       r = 0;
       p = (p + 1 == period) ? 0 : p + 1;
@@ -68,28 +72,34 @@ void gather(const Operand<scalar_t>& op, int64_t start, int64_t len, opmath_t<sc
   }
 }
 
-// The operands of one tile, each either a pointer to kTile widened values or a
-// broadcast constant.
-template <typename scalar_t, int N>
+// The operands of one tile, each either a pointer to len widened values or a
+// broadcast constant. Sized for `cap` elements (kTile, or less for a call
+// smaller than one tile, so that small losses allocate little).
+template <typename acc_t, int N>
 struct Tile {
-  using acc_t = opmath_t<scalar_t>;
   std::array<const acc_t*, N> ptr;
   std::array<acc_t, N> value;
-  alignas(64) acc_t buf[N][kTile];
+  acc_t* buf[N];
+  std::unique_ptr<acc_t[]> storage;
 
-  void load(const std::array<Operand<scalar_t>, N>& ops, int64_t numel, int64_t start, int64_t len) {
+  explicit Tile(int64_t cap) : storage(new acc_t[N * cap]) {  // uninitialised: always written before read
+    for (int k = 0; k < N; ++k) buf[k] = storage.get() + k * cap;
+  }
+
+  void load(const std::array<Operand, N>& ops, int64_t numel, int64_t start, int64_t len) {
+    constexpr at::ScalarType kAcc = c10::CppTypeToScalarType<acc_t>::value;
     for (int k = 0; k < N; ++k) {
-      const Operand<scalar_t>& op = ops[k];
+      const Operand& op = ops[k];
       if (op.data == nullptr) {
         ptr[k] = nullptr;
         value[k] = acc_t(1);
       } else if (op.layout.constant()) {
         ptr[k] = nullptr;
-        value[k] = static_cast<acc_t>(op.data[0]);
-      } else if (op.layout.contiguous(numel) && std::is_same_v<scalar_t, acc_t>) {
-        ptr[k] = reinterpret_cast<const acc_t*>(op.data) + start;
+        value[k] = load_one<acc_t>(op.data, op.dtype, 0);
+      } else if (op.layout.contiguous(numel) && op.dtype == kAcc) {
+        ptr[k] = static_cast<const acc_t*>(op.data) + start;
       } else if (op.layout.contiguous(numel)) {
-        widen(op.data + start, buf[k], len);
+        load_widen(op.data, op.dtype, start, buf[k], len);
         ptr[k] = buf[k];
       } else {
         gather(op, start, len, buf[k]);
@@ -125,15 +135,14 @@ T lane_sum(const at::vec::Vectorized<T>& v) {
 // Sums each of F::kOut functor outputs over all numel positions. Returns
 // F::kOut totals in double (fp32 losses are summed in fp32 vectors per tile and
 // in double across tiles and chunks).
-template <typename scalar_t, typename F>
-std::array<double, F::kOut> reduce(int64_t numel, const std::array<Operand<scalar_t>, F::kIn>& ops, const F& f) {
-  using acc_t = opmath_t<scalar_t>;
+template <typename acc_t, typename F>
+std::array<double, F::kOut> reduce(int64_t numel, const std::array<Operand, F::kIn>& ops, const F& f) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int NO = F::kOut;
   const int64_t nchunks = (numel + kChunk - 1) / kChunk;
-  std::vector<double> partial(nchunks * NO, 0.0);
+  c10::SmallVector<double, 4 * NO> partial(nchunks * NO, 0.0);
   at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
-    auto tile = std::make_unique<Tile<scalar_t, F::kIn>>();
+    auto tile = std::make_unique<Tile<acc_t, F::kIn>>(std::min(kTile, numel));
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t end = std::min(numel, (c + 1) * kChunk);
       double chunk_sum[NO] = {};
@@ -168,19 +177,18 @@ std::array<double, F::kOut> reduce(int64_t numel, const std::array<Operand<scala
   return total;
 }
 
-// Writes functor output k to out[k] (contiguous, numel elements) for every k
-// with out[k] != nullptr.
-template <typename scalar_t, typename F>
-void map(int64_t numel, const std::array<Operand<scalar_t>, F::kIn>& ops, const F& f,
-         const std::array<scalar_t*, F::kOut>& out) {
-  using acc_t = opmath_t<scalar_t>;
+// Writes functor output k to out[k] (contiguous, numel elements, rounded once
+// to its dtype) for every k with out[k].data != nullptr.
+template <typename acc_t, typename F>
+void map(int64_t numel, const std::array<Operand, F::kIn>& ops, const F& f, const std::array<OutSlot, F::kOut>& out) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int NO = F::kOut;
-  constexpr bool kDirect = std::is_same_v<scalar_t, acc_t>;
+  constexpr at::ScalarType kAcc = c10::CppTypeToScalarType<acc_t>::value;
   const int64_t ntiles = (numel + kTile - 1) / kTile;
+  const int64_t cap = std::min(kTile, numel);
   at::parallel_for(0, ntiles, kChunk / kTile, [&](int64_t t0, int64_t t1) {
-    auto tile = std::make_unique<Tile<scalar_t, F::kIn>>();
-    std::unique_ptr<acc_t[]> obuf(kDirect ? nullptr : new acc_t[NO * kTile]);
+    auto tile = std::make_unique<Tile<acc_t, F::kIn>>(cap);
+    std::unique_ptr<acc_t[]> obuf(new acc_t[NO * cap]);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t start = t * kTile;
       const int64_t len = std::min(kTile, numel - start);
@@ -192,8 +200,8 @@ void map(int64_t numel, const std::array<Operand<scalar_t>, F::kIn>& ops, const 
         tile->fetch(i, count, in);
         f(in, res);
         for (int k = 0; k < NO; ++k) {
-          if (out[k] == nullptr) continue;
-          acc_t* dst = kDirect ? reinterpret_cast<acc_t*>(out[k]) + start : obuf.get() + k * kTile;
+          if (out[k].data == nullptr) continue;
+          acc_t* dst = out[k].dtype == kAcc ? static_cast<acc_t*>(out[k].data) + start : obuf.get() + k * cap;
           if (count == Vec::size()) {
             res[k].store(dst + i);
           } else {
@@ -201,61 +209,55 @@ void map(int64_t numel, const std::array<Operand<scalar_t>, F::kIn>& ops, const 
           }
         }
       }
-      if (!kDirect) {
-        for (int k = 0; k < NO; ++k)
-          if (out[k] != nullptr) narrow(obuf.get() + k * kTile, out[k] + start, len);
-      }
+      for (int k = 0; k < NO; ++k)
+        if (out[k].data != nullptr && out[k].dtype != kAcc) {
+          store_narrow(obuf.get() + k * cap, out[k].data, out[k].dtype, start, len);
+        }
     }
   });
 }
 
-}  // namespace fusedloss::cpu
-
-#include <fusedloss/elementwise_host.h>
-
-namespace fusedloss::cpu {
-
-template <typename scalar_t, int N>
-std::array<Operand<scalar_t>, N> operands(const ElementwiseCall& c) {
-  std::array<Operand<scalar_t>, N> o;
-  for (int k = 0; k < N; ++k) o[k] = make_operand<scalar_t>(c.tensor[k], c.layout[k]);
+template <int N>
+std::array<Operand, N> operands(const ElementwiseCall& c) {
+  std::array<Operand, N> o;
+  for (int k = 0; k < N; ++k) o[k] = make_operand(c.tensor[k], c.layout[k]);
   return o;
 }
 
 // Runs a forward functor. 'none' writes the per-element loss (out[0]); mean and
 // sum reduce it. A functor with kOut == 2 also sums the mean's denominator in
 // out[1] (a weighted mean); that total goes to *denominator when given.
-template <typename scalar_t, typename F>
+template <typename acc_t, typename F>
 void forward(const ElementwiseCall& c, const F& f, int64_t reduction, at::Tensor& loss,
              at::Tensor* denominator = nullptr) {
-  using acc_t = opmath_t<scalar_t>;
-  const auto ops = operands<scalar_t, F::kIn>(c);
+  const auto ops = operands<F::kIn>(c);
   if (reduction == kReductionNone) {
-    std::array<scalar_t*, F::kOut> out{};
-    out[0] = loss.mutable_data_ptr<scalar_t>();
-    map(c.numel, ops, f, out);
+    std::array<OutSlot, F::kOut> out{};
+    out[0] = OutSlot{loss.data_ptr(), loss.scalar_type()};
+    map<acc_t>(c.numel, ops, f, out);
     return;
   }
-  const auto total = reduce(c.numel, ops, f);
+  const auto total = reduce<acc_t>(c.numel, ops, f);
   double value = total[0];
   if (reduction == kReductionMean) {
     const double denom = F::kOut == 2 ? total[F::kOut - 1] : static_cast<double>(c.numel);
     value /= denom;  // 0/0 = NaN for an empty mean, as torch
     if (denominator != nullptr) denominator->mutable_data_ptr<acc_t>()[0] = static_cast<acc_t>(denom);
   }
-  loss.mutable_data_ptr<scalar_t>()[0] = static_cast<scalar_t>(static_cast<acc_t>(value));
+  const acc_t v = static_cast<acc_t>(value);
+  store_narrow(&v, loss.data_ptr(), loss.scalar_type(), 0, 1);
 }
 
 // The CPU engine as the shared host code (elementwise_ops.h, row_sum.h) uses it.
 struct Engine {
-  template <typename scalar_t, typename F>
+  template <typename acc_t, typename F>
   static void forward(const ElementwiseCall& c, const F& f, int64_t reduction, at::Tensor& loss,
                       at::Tensor* denominator) {
-    cpu::forward<scalar_t>(c, f, reduction, loss, denominator);
+    cpu::forward<acc_t>(c, f, reduction, loss, denominator);
   }
-  template <typename scalar_t, typename F>
-  static void map(const ElementwiseCall& c, const F& f, const std::array<scalar_t*, F::kOut>& out) {
-    cpu::map(c.numel, operands<scalar_t, F::kIn>(c), f, out);
+  template <typename acc_t, typename F>
+  static void map(const ElementwiseCall& c, const F& f, const std::array<OutSlot, F::kOut>& out) {
+    cpu::map<acc_t>(c.numel, operands<F::kIn>(c), f, out);
   }
 };
 

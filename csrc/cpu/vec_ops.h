@@ -87,4 +87,48 @@ inline void narrow(const opmath_t<scalar_t>* src, scalar_t* dst, int64_t n) {
   }
 }
 
+// The engines keep each operand's own dtype and compute in acc_t: fp32 reads
+// fp16, bf16 and fp32 values; fp64 reads fp64 (elementwise_host.h `loadable`).
+#define FUSEDLOSS_CPU_LOAD_CASES(acc_t, CASE)                                 \
+  if constexpr (std::is_same_v<acc_t, double>) {                             \
+    CASE(double)                                                             \
+  } else {                                                                   \
+    switch (st) {                                                            \
+      case at::kHalf:                                                        \
+        CASE(at::Half)                                                       \
+      case at::kBFloat16:                                                    \
+        CASE(at::BFloat16)                                                   \
+      default:                                                               \
+        CASE(float)                                                          \
+    }                                                                        \
+  }
+
+// n values of dtype st at element `offset` of src, widened into dst.
+template <typename acc_t>
+inline void load_widen(const void* src, at::ScalarType st, int64_t offset, acc_t* dst, int64_t n) {
+#define FUSEDLOSS_WIDEN(T)                                      \
+  widen(static_cast<const T*>(src) + offset, dst, n);          \
+  return;
+  FUSEDLOSS_CPU_LOAD_CASES(acc_t, FUSEDLOSS_WIDEN)
+#undef FUSEDLOSS_WIDEN
+}
+
+// Element i of src (dtype st), widened.
+template <typename acc_t>
+inline acc_t load_one(const void* src, at::ScalarType st, int64_t i) {
+#define FUSEDLOSS_ONE(T) return static_cast<acc_t>(static_cast<const T*>(src)[i]);
+  FUSEDLOSS_CPU_LOAD_CASES(acc_t, FUSEDLOSS_ONE)
+#undef FUSEDLOSS_ONE
+}
+
+// n accumulation values rounded once into dst (dtype st) at element `offset`.
+template <typename acc_t>
+inline void store_narrow(const acc_t* src, void* dst, at::ScalarType st, int64_t offset, int64_t n) {
+#define FUSEDLOSS_NARROW(T)                          \
+  narrow(src, static_cast<T*>(dst) + offset, n);    \
+  return;
+  FUSEDLOSS_CPU_LOAD_CASES(acc_t, FUSEDLOSS_NARROW)
+#undef FUSEDLOSS_NARROW
+}
+
 }  // namespace fusedloss::cpu

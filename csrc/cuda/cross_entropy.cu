@@ -102,8 +102,8 @@ __device__ __forceinline__ at::opmath_type<scalar_t> factor(const CeParams<scala
                                                             const CeOptions<at::opmath_type<scalar_t>>& o,
                                                             int64_t tbase, int64_t c) {
   using acc_t = at::opmath_type<scalar_t>;
-  const acc_t w = p.weight != nullptr ? static_cast<acc_t>(p.weight[c]) : acc_t(1);
-  if (kProb) return w * math::ce_smoothed_target(static_cast<acc_t>(p.target_prob[tbase + c * p.tC]), o);
+  const acc_t w = p.weight_at(c);
+  if (kProb) return w * math::ce_smoothed_target(p.target_at(tbase + c * p.tC), o);
   return w;
 }
 
@@ -128,8 +128,7 @@ __device__ __forceinline__ void finish_row(const CeParams<scalar_t>& p, const Ce
     // shows, weight 0, and the target is never dereferenced.
     p.store_index_row(r, st, nan_value<acc_t>(), acc_t(0), o);
   } else {
-    const acc_t w_t = p.weight != nullptr ? static_cast<acc_t>(p.weight[t]) : acc_t(1);
-    p.store_index_row(r, st, capped(p, p.input[xbase + t * p.g.sC]), w_t, o);
+    p.store_index_row(r, st, capped(p, p.input[xbase + t * p.g.sC]), p.weight_at(t), o);
   }
 }
 
@@ -207,10 +206,9 @@ struct RowGrad {
                                               acc_t x) const {
     acc_t v = math::Ops<acc_t>::exp_fast((x - m) - ls) * k.ga;
     if (kProb) {
-      const acc_t w = p.weight != nullptr ? static_cast<acc_t>(p.weight[c]) : acc_t(1);
-      v -= k.m_scale * w * math::ce_smoothed_target(static_cast<acc_t>(p.target_prob[tbase + c * p.tC]), o);
+      v -= k.m_scale * p.weight_at(c) * math::ce_smoothed_target(p.target_at(tbase + c * p.tC), o);
     } else if (k.m_scale != acc_t(0)) {
-      v -= k.m_scale * (p.weight != nullptr ? static_cast<acc_t>(p.weight[c]) : acc_t(1));
+      v -= k.m_scale * p.weight_at(c);
     }
     return v;
   }
@@ -246,8 +244,7 @@ __device__ __forceinline__ bool prepare_row_grad(const CeParams<scalar_t>& p, co
     return true;
   }
   if (rg.t < 0 || rg.t >= p.g.C) return false;
-  const acc_t w_t = p.weight != nullptr ? static_cast<acc_t>(p.weight[rg.t]) : acc_t(1);
-  rg.k = math::ce_index_grad_coefs(g, lse, w_t, o);
+  rg.k = math::ce_index_grad_coefs(g, lse, p.weight_at(rg.t), o);
   return true;
 }
 
@@ -258,7 +255,7 @@ __device__ __forceinline__ at::opmath_type<scalar_t> target_grad(const CeParams<
                                                                  at::opmath_type<scalar_t> ls, int64_t c,
                                                                  at::opmath_type<scalar_t> x) {
   using acc_t = at::opmath_type<scalar_t>;
-  return math::ce_target_grad(g, p.weight != nullptr ? static_cast<acc_t>(p.weight[c]) : acc_t(1), m, ls, x, o);
+  return math::ce_target_grad(g, p.weight_at(c), m, ls, x, o);
 }
 
 // kPlain: class-index targets without smoothing or softcap, the common
@@ -279,12 +276,15 @@ __global__ void __launch_bounds__(G > kWarp ? G : kRowBlock, kPlain ? min_blocks
   const bool valid = prepare_row_grad<kProb>(p, o, r, rg, &ignored);
   const scalar_t* row = p.input + p.offset(r, p.g.sN, p.g.sS);
   scalar_t* out = p.grad_input != nullptr ? p.grad_input + p.offset(r, p.gN, p.gS) : nullptr;
-  scalar_t* tout = p.grad_target != nullptr ? p.grad_target + p.offset(r, p.gtN, p.gtS) : nullptr;
+  const int64_t tbase_out = p.offset(r, p.gtN, p.gtS);
+  // The target's gradient is packed only when it has the logits' dtype.
+  const bool tout_packable = p.grad_target_dtype == dtype_code(c10::CppTypeToScalarType<scalar_t>::value);
+  scalar_t* tout = p.grad_target != nullptr ? static_cast<scalar_t*>(p.grad_target) + tbase_out : nullptr;
   const acc_t g = p.row_grad(r);
   // Uniform per row: packs only when input and output rows share their alignment.
   const RowSplit sp = split_row(row, C);
   const bool packed = p.gC == 1 && (out == nullptr || split_row(out, C).head == sp.head) &&
-                      (tout == nullptr || (p.gtC == 1 && split_row(tout, C).head == sp.head));
+                      (tout == nullptr || (tout_packable && p.gtC == 1 && split_row(tout, C).head == sp.head));
   auto one = [&](int64_t c) {
     if (ignored) {
       if (out != nullptr) out[c * p.gC] = scalar_t(0);
@@ -296,7 +296,9 @@ __global__ void __launch_bounds__(G > kWarp ? G : kRowBlock, kPlain ? min_blocks
     }
     const acc_t x = capped(p, row[c]);
     if (out != nullptr) out[c * p.gC] = static_cast<scalar_t>(rg.full(p, o, c, x));
-    if (tout != nullptr) tout[c * p.gtC] = static_cast<scalar_t>(target_grad(p, o, g, rg.m, rg.ls, c, x));
+    if (tout != nullptr) {
+      store_value(p.grad_target, p.grad_target_dtype, tbase_out + c * p.gtC, target_grad(p, o, g, rg.m, rg.ls, c, x));
+    }
   };
   if (!packed) {
     for (int64_t c = lane; c < C; c += G) one(c);
@@ -382,7 +384,7 @@ __global__ void __launch_bounds__(kRowBlock) ce_backward_strided(const CeParams<
   const bool valid = prepare_row_grad<kProb>(p, o, r, rg, &ignored);
   const int64_t xbase = p.offset(r, p.g.sN, p.g.sS);
   scalar_t* out = p.grad_input != nullptr ? p.grad_input + p.offset(r, p.gN, p.gS) : nullptr;
-  scalar_t* tout = p.grad_target != nullptr ? p.grad_target + p.offset(r, p.gtN, p.gtS) : nullptr;
+  const int64_t tbase_out = p.offset(r, p.gtN, p.gtS);
   const acc_t g = p.row_grad(r);
   for (int64_t c = 0; c < p.g.C; ++c) {
     if (ignored || !valid) {
@@ -391,7 +393,9 @@ __global__ void __launch_bounds__(kRowBlock) ce_backward_strided(const CeParams<
     }
     const acc_t x = capped(p, p.input[xbase + c * p.g.sC]);
     if (out != nullptr) out[c * p.gC] = static_cast<scalar_t>(rg.full(p, o, c, x));
-    if (tout != nullptr) tout[c * p.gtC] = static_cast<scalar_t>(target_grad(p, o, g, rg.m, rg.ls, c, x));
+    if (p.grad_target != nullptr) {
+      store_value(p.grad_target, p.grad_target_dtype, tbase_out + c * p.gtC, target_grad(p, o, g, rg.m, rg.ls, c, x));
+    }
   }
 }
 

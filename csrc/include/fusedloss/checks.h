@@ -23,6 +23,17 @@ inline void check_floating(const char* op, const char* name, const at::Tensor& t
               "', got ", t.scalar_type());
 }
 
+// `t` must be on `ref`'s device.
+inline void check_device(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref) {
+  TORCH_CHECK(t.device() == ref.device(), op, ": '", name, "' is on ", t.device(), " but the input is on ",
+              ref.device());
+}
+
+inline void check_device(const char* op, const char* name, const std::optional<at::Tensor>& t,
+                         const at::Tensor& ref) {
+  if (t.has_value() && t->defined()) check_device(op, name, *t, ref);
+}
+
 // `t` must match `ref` in device and dtype.
 inline void check_like(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref) {
   TORCH_CHECK(t.device() == ref.device(), op, ": '", name, "' is on ", t.device(),

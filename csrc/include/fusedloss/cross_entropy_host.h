@@ -11,12 +11,14 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/ops/empty.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
 #include <fusedloss/checks.h>
+#include <fusedloss/dtypes.h>
 #include <fusedloss/elementwise_host.h>
 #include <fusedloss/numerics.h>
 #include <fusedloss/outputs.h>
@@ -97,9 +99,10 @@ struct CeParams {
   CeGeometry g;
   const scalar_t* input = nullptr;
   const int64_t* target_index = nullptr;  // class indices, one per row (contiguous)
-  const scalar_t* target_prob = nullptr;  // probabilities, shaped like the logits
+  const void* target_prob = nullptr;      // probabilities, shaped like the logits, in their own dtype
+  int8_t target_dtype = kF32;
   int64_t tN = 0, tC = 0, tS = 0;
-  const scalar_t* weight = nullptr;       // (C), contiguous, or null
+  const acc_t* weight = nullptr;          // (C) in the accumulation type, contiguous, or null
   const acc_t* weight_sum = nullptr;      // sum(weight) on the device (read by kernels), or null
   math::CeOptions<acc_t> opt{};
   bool has_softcap = false;
@@ -112,13 +115,18 @@ struct CeParams {
   // backward inputs and outputs
   const acc_t* lse = nullptr;
   const acc_t* target_mass = nullptr;
-  const scalar_t* grad = nullptr;  // one per row ('none'), or a single value
+  const acc_t* grad = nullptr;  // one per row ('none'), or a single value
   bool grad_per_row = false;
   const acc_t* denominator = nullptr;  // divides grad (mean), or null
   scalar_t* grad_input = nullptr;      // shaped like the logits
   int64_t gN = 0, gC = 0, gS = 0;
-  scalar_t* grad_target = nullptr;     // probability targets only
+  void* grad_target = nullptr;         // probability targets only, in the target's dtype
+  int8_t grad_target_dtype = kF32;
   int64_t gtN = 0, gtC = 0, gtS = 0;
+
+  // Probability target element `idx` (an offset under tN/tC/tS), widened.
+  C10_HOST_DEVICE acc_t target_at(int64_t idx) const { return load_value<acc_t>(target_prob, target_dtype, idx); }
+  C10_HOST_DEVICE acc_t weight_at(int64_t c) const { return weight != nullptr ? weight[c] : acc_t(1); }
 
   // Element offset of `row` under strides (sN, sS).
   C10_HOST_DEVICE int64_t offset(int64_t row, int64_t sN_, int64_t sS_) const {
@@ -133,7 +141,7 @@ struct CeParams {
   }
   // A row's grad_output, divided by the mean's denominator.
   C10_HOST_DEVICE acc_t row_grad(int64_t row) const {
-    acc_t gv = static_cast<acc_t>(grad[grad_per_row ? row : 0]);
+    acc_t gv = grad[grad_per_row ? row : 0];
     if (denominator != nullptr) gv = gv / *denominator;
     return gv;
   }
@@ -171,35 +179,76 @@ struct CeParams {
 };
 
 // The raw op's arguments: Python validates with torch's messages first; these
-// checks keep a direct call memory safe.
+// checks keep a direct call memory safe. Probability targets may have any
+// floating dtype, the class weight too (the functional applies torch's dtype
+// rules; the kernels read both widened).
 inline void check_cross_entropy(const char* op, const at::Tensor& input, const at::Tensor& target,
                                 const std::optional<at::Tensor>& weight, int64_t reduction, double label_smoothing,
                                 const std::optional<double>& softcap) {
   check_reduction(op, reduction);
   check_floating(op, "input", input);
   TORCH_CHECK(input.dim() >= 1, op, ": input must have a class dimension");
-  TORCH_CHECK(target.device() == input.device(), op, ": target is on ", target.device(), " but the input is on ",
-              input.device());
+  check_device(op, "target", target, input);
   TORCH_CHECK(label_smoothing <= 1.0, op, ": label_smoothing must be at most 1, got ", label_smoothing);
   TORCH_CHECK(!softcap.has_value() || *softcap > 0.0, op, ": softcap must be positive");
   const int64_t C = input.dim() == 1 ? input.size(0) : input.size(1);
+  TORCH_CHECK(C > 0, op, ": input must have at least one class");
   if (weight.has_value() && weight->defined()) {
-    check_like(op, "weight", *weight, input);
+    check_device(op, "weight", *weight, input);
+    check_floating(op, "weight", *weight);
     TORCH_CHECK(weight->dim() == 1 && weight->numel() == C, op, ": weight must have shape [", C, "], got ",
                 weight->sizes());
   }
   if (target.sizes() == input.sizes()) {
-    TORCH_CHECK(target.scalar_type() == input.scalar_type(), op,
-                ": probability targets must have the input's dtype, got ", target.scalar_type());
+    check_floating(op, "target", target);
   } else {
-    TORCH_CHECK(target.scalar_type() == at::kLong, op, ": class-index targets must be int64, got ",
-                target.scalar_type());
+    TORCH_CHECK(target.scalar_type() == at::kLong || target.scalar_type() == at::kByte, op,
+                ": class-index targets must be int64 or uint8, got ", target.scalar_type());
     const auto batch = ce_batch_shape(input);
     TORCH_CHECK(target.numel() == c10::multiply_integers(batch) &&
                     (input.dim() == 1 || target.sizes() == at::IntArrayRef(batch)),
                 op, ": target of shape ", target.sizes(), " does not match the input's batch shape ",
                 at::IntArrayRef(batch));
   }
+}
+
+// The dtype the kernels compute in: the input's, or fp64 when probability
+// targets or the class weight bring fp64 to non-fp64 logits (torch promotes;
+// the rare call then reads an fp64 copy of the logits).
+inline at::ScalarType ce_compute_dtype(const at::Tensor& input, const at::Tensor& target,
+                                       const std::optional<at::Tensor>& weight) {
+  const bool prob = target.sizes() == input.sizes();
+  if (input.scalar_type() == at::kDouble) return at::kDouble;
+  if ((prob && target.scalar_type() == at::kDouble) ||
+      (prob && weight.has_value() && weight->defined() && weight->scalar_type() == at::kDouble)) {
+    return at::kDouble;
+  }
+  return input.scalar_type();
+}
+
+// torch's loss dtype: the input's for class indices; promoted with the target
+// (and weight) for probabilities.
+inline at::ScalarType ce_loss_dtype(const at::Tensor& input, const at::Tensor& target,
+                                    const std::optional<at::Tensor>& weight,
+                                    const std::optional<at::ScalarType>& out_dtype) {
+  if (out_dtype.has_value()) {
+    TORCH_CHECK(at::isFloatingType(*out_dtype), "fusedloss: out_dtype must be a floating dtype, got ", *out_dtype);
+    return *out_dtype;
+  }
+  if (target.sizes() != input.sizes()) return input.scalar_type();
+  at::ScalarType t = c10::promoteTypes(input.scalar_type(), target.scalar_type());
+  if (weight.has_value() && weight->defined()) t = c10::promoteTypes(t, weight->scalar_type());
+  return t;
+}
+
+// The gradient is written over the logits only where that is memory safe:
+// every element written exactly once, by the row that read it.
+inline void check_inplace_target(const char* op, const at::Tensor& input) {
+  TORCH_CHECK_VALUE(at::has_internal_overlap(input) == at::MemOverlap::No, op,
+                    ": the logits overlap themselves in memory (e.g. an expanded tensor), so their gradient "
+                    "cannot be written over them");
+  TORCH_CHECK_VALUE(input.is_non_overlapping_and_dense(), op,
+                    ": the logits are not dense in memory, so their gradient cannot be written over them");
 }
 
 // Saved state of a forward, read by the backward.
@@ -212,12 +261,15 @@ struct CrossEntropyOps {
   static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
       const at::Tensor& input_, const at::Tensor& target_, const std::optional<at::Tensor>& weight_,
       int64_t ignore_index, int64_t reduction, double label_smoothing, double lse_square_scale,
-      std::optional<double> softcap) {
-    constexpr const char* op = "fusedloss::cross_entropy";
+      std::optional<double> softcap, std::optional<at::ScalarType> out_dtype) {
+    constexpr const char* op = "fusedloss::cross_entropy_forward";
     check_cross_entropy(op, input_, target_, weight_, reduction, label_smoothing, softcap);
+    TORCH_CHECK(target_.sizes() != input_.sizes() || ignore_index < 0,
+                "ignore_index is not supported for floating point target");
     const c10::OptionalDeviceGuard guard(input_.device());
-    at::Tensor input = input_;
     const bool prob = target_.sizes() == input_.sizes();
+    const at::ScalarType loss_type = ce_loss_dtype(input_, target_, weight_, out_dtype);
+    at::Tensor input = compute_input(input_, target_, weight_);
     const CeGeometry g = ce_geometry(input);
     const auto batch = ce_batch_shape(input_);
     const auto acc_type = opmath_type(input.scalar_type());
@@ -225,14 +277,15 @@ struct CrossEntropyOps {
     auto lse_shape = batch;
     lse_shape.push_back(2);
     at::Tensor lse = at::empty(lse_shape, acc_opts);
-    at::Tensor row_loss = at::empty({g.rows()}, acc_opts);
-    at::Tensor row_weight = at::empty({g.rows()}, acc_opts);
+    // Per row: the loss, and its weight in the mean's denominator.
+    at::Tensor rows = at::empty({2, g.rows()}, acc_opts);
     at::Tensor target_mass = at::empty(prob ? at::IntArrayRef(batch) : at::IntArrayRef({0}), acc_opts);
     at::Tensor stats = at::empty({2}, acc_opts);
-    at::Tensor target = target_;
-    const at::Tensor weight = weight_.has_value() && weight_->defined() ? weight_->contiguous() : at::Tensor();
-    if (weight.defined()) {
-      sum_into<ElementwiseEngine>(weight.to(acc_type), stats.select(0, 1));
+    Keep keep;
+    keep.weight = acc_weight(weight_, acc_type);
+    keep.target = target_;
+    if (keep.weight.defined()) {
+      sum_into<ElementwiseEngine>(keep.weight, stats.select(0, 1));
     } else {
       stats.select(0, 1).fill_(static_cast<double>(g.C));
     }
@@ -240,12 +293,12 @@ struct CrossEntropyOps {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "cross_entropy", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       CeParams<scalar_t> p;
-      fill_common(p, g, input, weight, stats, ignore_index, label_smoothing, lse_square_scale, softcap);
+      fill_common(p, g, input, keep.weight, stats, ignore_index, label_smoothing, lse_square_scale, softcap);
       p.lse_out = lse.mutable_data_ptr<acc_t>();
-      p.loss_out = row_loss.mutable_data_ptr<acc_t>();
-      p.weight_out = row_weight.mutable_data_ptr<acc_t>();
+      p.loss_out = rows.mutable_data_ptr<acc_t>();
+      p.weight_out = p.loss_out + g.rows();
       if (prob) p.target_mass_out = target_mass.mutable_data_ptr<acc_t>();
-      set_target(p, target, prob);
+      set_target(p, keep.target, prob, acc_type);
       if (g.rows() == 0) return;
       if (prob) {
         Engine::template forward_rows<scalar_t, true>(p);
@@ -256,20 +309,20 @@ struct CrossEntropyOps {
 
     at::Tensor loss;
     if (reduction == kReductionNone) {
-      loss = row_loss.view(batch).to(input.scalar_type());
+      loss = rows.select(0, 0).view(batch).to(loss_type);
       stats.select(0, 0).fill_(1);
     } else {
-      ElementwiseCall c(row_loss);
-      c.set(0, row_loss);
-      c.set(1, row_weight);
-      at::Tensor acc_loss = at::empty({}, acc_opts);
+      ElementwiseCall c(rows.select(0, 0), acc_type);
+      c.set(0, rows.select(0, 0));
+      c.set(1, rows.select(0, 1));
+      loss = at::empty({}, input.options().dtype(c.storable(loss_type)));
       at::Tensor denominator = stats.select(0, 0);
       AT_DISPATCH_FLOATING_TYPES(acc_type, "cross_entropy_sum", [&] {
-        ElementwiseEngine::template forward<scalar_t>(c, Sums<scalar_t, 2>{}, reduction, acc_loss,
+        ElementwiseEngine::template forward<scalar_t>(c, Sums<scalar_t, 2>{}, reduction, loss,
                                                       reduction == kReductionMean ? &denominator : nullptr);
       });
+      loss = finish(loss, loss_type);
       if (reduction != kReductionMean) denominator.fill_(1);
-      loss = acc_loss.to(input.scalar_type());
     }
     return {loss, lse, stats, target_mass};
   }
@@ -282,36 +335,48 @@ struct CrossEntropyOps {
     constexpr const char* op = "fusedloss::cross_entropy_backward";
     check_cross_entropy(op, input_, target, weight_, reduction, label_smoothing, softcap);
     const c10::OptionalDeviceGuard guard(input_.device());
-    check_saved(op, grad, input_, target, lse, stats, target_mass, reduction);
-    at::Tensor input = input_;
+    at::Tensor input = compute_input(input_, target, weight_);
+    check_saved(op, grad, input, target, lse, stats, target_mass, reduction);
     const bool prob = target.sizes() == input_.sizes();
     const CeGeometry g = ce_geometry(input);
     const bool want_target = output_mask[1] && prob;
+    // Written in the compute dtype; an fp64 computation for non-fp64 logits
+    // (see ce_compute_dtype) rounds its gradient once at the end.
     at::Tensor grad_input =
-        output_mask[0] ? empty_output(input_.sizes(), input_.options()) : at::empty({0}, input_.options());
-    at::Tensor grad_target =
-        want_target ? empty_output(input_.sizes(), input_.options()) : at::empty({0}, input_.options());
-    if (g.rows() == 0 || g.C == 0 || !(output_mask[0] || want_target)) return {grad_input, grad_target};
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "cross_entropy_backward", [&] {
-      CeParams<scalar_t> p;
-      Keep keep;
-      fill_backward(p, keep, g, grad, input, target, weight_, lse, stats, target_mass, ignore_index, reduction,
-                    label_smoothing, lse_square_scale, softcap, prob);
-      if (output_mask[0]) {
-        p.grad_input = grad_input.mutable_data_ptr<scalar_t>();
-        ce_strides(grad_input, &p.gN, &p.gC, &p.gS);
-      }
-      if (want_target) {
-        p.grad_target = grad_target.mutable_data_ptr<scalar_t>();
-        ce_strides(grad_target, &p.gtN, &p.gtC, &p.gtS);
-      }
-      run_backward(p, prob);
-    });
+        output_mask[0] ? empty_output(input_.sizes(), input.options()) : at::empty({0}, input_.options());
+    // The target's gradient in its dtype, unless an fp64 computation cannot
+    // store that dtype: then in fp64, rounded at the end.
+    const auto acc_type = opmath_type(input.scalar_type());
+    const auto target_store = loadable(target.scalar_type(), acc_type) ? target.scalar_type() : acc_type;
+    at::Tensor grad_target = want_target ? empty_output(target.sizes(), target.options().dtype(target_store))
+                                         : at::empty({0}, target.options());
+    if (g.rows() > 0 && g.C > 0 && (output_mask[0] || want_target)) {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "cross_entropy_backward", [&] {
+        CeParams<scalar_t> p;
+        Keep keep;
+        fill_backward(p, keep, g, grad, input, target, weight_, lse, stats, target_mass, ignore_index, reduction,
+                      label_smoothing, lse_square_scale, softcap, prob);
+        if (output_mask[0]) {
+          p.grad_input = grad_input.mutable_data_ptr<scalar_t>();
+          ce_strides(grad_input, &p.gN, &p.gC, &p.gS);
+        }
+        if (want_target) {
+          p.grad_target = grad_target.data_ptr();
+          p.grad_target_dtype = dtype_code(grad_target.scalar_type());
+          ce_strides(grad_target, &p.gtN, &p.gtC, &p.gtS);
+        }
+        run_backward(p, prob);
+      });
+    }
+    if (output_mask[0]) grad_input = finish(grad_input, input_.scalar_type());
+    if (want_target) grad_target = finish(grad_target, target.scalar_type());
     return {grad_input, grad_target};
   }
 
   // The gradient of the logits written over the logits themselves. Engines read
-  // a whole row before writing any of it, so this is safe row by row.
+  // a whole row into fp32 before writing any of it, and round each gradient
+  // once, so this equals the out-of-place gradient bit for bit; it refuses
+  // logits whose elements overlap (check_inplace_target).
   static void backward_inplace(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& target,
                                const std::optional<at::Tensor>& weight_, const at::Tensor& lse,
                                const at::Tensor& stats, const at::Tensor& target_mass, int64_t ignore_index,
@@ -319,6 +384,9 @@ struct CrossEntropyOps {
                                std::optional<double> softcap) {
     constexpr const char* op = "fusedloss::cross_entropy_backward_inplace";
     check_cross_entropy(op, input, target, weight_, reduction, label_smoothing, softcap);
+    check_inplace_target(op, input);
+    TORCH_CHECK_VALUE(ce_compute_dtype(input, target, weight_) == input.scalar_type(), op,
+                      ": fp64 targets or weights with lower-precision logits cannot be written in place");
     const c10::OptionalDeviceGuard guard(input.device());
     check_saved(op, grad, input, target, lse, stats, target_mass, reduction);
     at::Tensor view = input;
@@ -340,6 +408,23 @@ struct CrossEntropyOps {
   }
 
  private:
+  // Tensors made for one call (contiguous, widened), alive until it returns.
+  struct Keep {
+    at::Tensor grad, weight, target;
+  };
+
+  static at::Tensor compute_input(const at::Tensor& input, const at::Tensor& target,
+                                  const std::optional<at::Tensor>& weight) {
+    const at::ScalarType t = ce_compute_dtype(input, target, weight);
+    return t == input.scalar_type() ? input : input.to(t);
+  }
+
+  // The class weight as contiguous accumulation-type values (C of them).
+  static at::Tensor acc_weight(const std::optional<at::Tensor>& weight, at::ScalarType acc_type) {
+    if (!weight.has_value() || !weight->defined()) return at::Tensor();
+    return weight->to(acc_type).contiguous();
+  }
+
   template <typename scalar_t>
   static void fill_common(CeParams<scalar_t>& p, const CeGeometry& g, const at::Tensor& input,
                           const at::Tensor& weight, const at::Tensor& stats, int64_t ignore_index,
@@ -353,7 +438,7 @@ struct CrossEntropyOps {
     p.opt.z_loss = static_cast<acc_t>(lse_square_scale);
     p.opt.weight_sum = static_cast<acc_t>(g.C);
     if (weight.defined()) {
-      p.weight = weight.const_data_ptr<scalar_t>();
+      p.weight = weight.const_data_ptr<acc_t>();
       p.weight_sum = stats.const_data_ptr<acc_t>() + 1;
     }
     p.has_softcap = softcap.has_value();
@@ -363,25 +448,24 @@ struct CrossEntropyOps {
     }
   }
 
-  // Points p at the target; probability targets keep their own strides.
+  // Points p at the target. Probability targets keep their strides and dtype
+  // (fp16/bf16/fp32 for fp32 math; others are converted once); class indices
+  // are read as contiguous int64.
   template <typename scalar_t>
-  static void set_target(CeParams<scalar_t>& p, at::Tensor& target, bool prob) {
+  static void set_target(CeParams<scalar_t>& p, at::Tensor& target, bool prob, at::ScalarType acc_type) {
     if (prob) {
+      if (!loadable(target.scalar_type(), acc_type)) target = target.to(acc_type);
       CeGeometry tg = ce_geometry(target);
-      p.target_prob = target.const_data_ptr<scalar_t>();
+      p.target_prob = target.const_data_ptr();
+      p.target_dtype = dtype_code(target.scalar_type());
       p.tN = tg.sN;
       p.tC = tg.sC;
       p.tS = tg.sS;
     } else {
-      target = target.contiguous();
+      target = target.to(at::kLong).contiguous();
       p.target_index = target.const_data_ptr<int64_t>();
     }
   }
-
-  // Tensors made contiguous for one call, alive until it returns.
-  struct Keep {
-    at::Tensor grad, weight, target;
-  };
 
   template <typename scalar_t>
   static void fill_backward(CeParams<scalar_t>& p, Keep& keep, const CeGeometry& g, const at::Tensor& grad,
@@ -390,14 +474,15 @@ struct CrossEntropyOps {
                             int64_t ignore_index, int64_t reduction, double label_smoothing, double lse_square_scale,
                             const std::optional<double>& softcap, bool prob) {
     using acc_t = at::opmath_type<scalar_t>;
-    keep.grad = grad.contiguous();
-    keep.weight = weight_.has_value() && weight_->defined() ? weight_->contiguous() : at::Tensor();
+    const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
+    keep.grad = grad.to(acc_type).contiguous();
+    keep.weight = acc_weight(weight_, acc_type);
     keep.target = target_;
     fill_common(p, g, input, keep.weight, stats, ignore_index, label_smoothing, lse_square_scale, softcap);
-    set_target(p, keep.target, prob);
+    set_target(p, keep.target, prob, acc_type);
     p.lse = lse.const_data_ptr<acc_t>();
     if (prob) p.target_mass = target_mass.const_data_ptr<acc_t>();
-    p.grad = keep.grad.template const_data_ptr<scalar_t>();
+    p.grad = keep.grad.template const_data_ptr<acc_t>();
     p.grad_per_row = reduction == kReductionNone;
     p.denominator = reduction == kReductionMean ? stats.const_data_ptr<acc_t>() : nullptr;
   }
@@ -425,7 +510,8 @@ struct CrossEntropyOps {
     saved(lse, 2 * rows, "lse");
     saved(stats, 2, "stats");
     saved(target_mass, target.sizes() == input.sizes() ? rows : 0, "target_mass");
-    check_like(op, "grad", grad, input);
+    check_device(op, "grad", grad, input);
+    check_floating(op, "grad", grad);
     TORCH_CHECK(grad.numel() == (reduction == kReductionNone ? rows : 1), op,
                 ": grad must have the loss's shape");
   }
@@ -433,7 +519,7 @@ struct CrossEntropyOps {
 
 template <typename Ops>
 void register_cross_entropy_ops(torch::Library& m) {
-  m.impl("cross_entropy", &Ops::forward);
+  m.impl("cross_entropy_forward", &Ops::forward);
   m.impl("cross_entropy_backward", &Ops::backward);
   m.impl("cross_entropy_backward_inplace", &Ops::backward_inplace);
 }

@@ -2,6 +2,13 @@
 // Host-side preparation of an elementwise loss call, shared by the CPU and CUDA
 // implementations: validate, lay out every operand against the loss's shape
 // (fusedloss/layout.h; copies only what fits no layout), allocate outputs.
+//
+// Operands keep their own dtypes. The math runs in the accumulation type (fp64
+// when any operand is fp64, else fp32), and the engines widen each operand on
+// load and round each output once on store, so bf16 logits with fp32 targets
+// (mixed precision, autocast) are read as they are: no fp32 copy of an input.
+// Only dtypes an engine cannot load (integers, bool, and fp16/bf16/fp32 in an
+// fp64 call) are converted, once, on the host.
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -11,50 +18,97 @@
 #include <fusedloss/outputs.h>
 
 #include <array>
+#include <optional>
 #include <vector>
 
 namespace fusedloss {
 
 constexpr int kMaxOperands = 6;
 
+// Accumulation dtype of a value dtype.
+inline at::ScalarType opmath_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// Whether an engine computing in `acc` reads `t` directly.
+inline bool loadable(at::ScalarType t, at::ScalarType acc) {
+  if (acc == at::kDouble) return t == at::kDouble;
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+
+// The accumulation dtype of a call over these operands.
+inline at::ScalarType call_acc_type(std::initializer_list<const at::Tensor*> ts) {
+  for (const at::Tensor* t : ts)
+    if (t != nullptr && t->defined() && t->scalar_type() == at::kDouble) return at::kDouble;
+  return at::kFloat;
+}
+
+inline const at::Tensor* opt_ptr(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? &*t : nullptr;
+}
+
+// One output of an elementwise pass: contiguous, `numel` elements of `dtype`,
+// or absent (data == nullptr).
+struct OutSlot {
+  void* data = nullptr;
+  at::ScalarType dtype = at::kFloat;
+};
+
+inline OutSlot out_slot(const at::Tensor& t, bool wanted) {
+  return wanted ? OutSlot{t.data_ptr(), t.scalar_type()} : OutSlot{};
+}
+
 struct ElementwiseCall {
   std::vector<int64_t> sizes;
   int64_t numel = 0;
-  at::TensorOptions options;
+  at::Device device;
+  at::ScalarType acc;                           // the accumulation dtype
   std::array<at::Tensor, kMaxOperands> tensor;  // undefined: absent (the constant 1)
   std::array<Layout, kMaxOperands> layout;
 
-  explicit ElementwiseCall(const at::Tensor& input)
-      : sizes(input.sizes().vec()), numel(input.numel()), options(input.options()) {}
+  ElementwiseCall(const at::Tensor& shape_of, at::ScalarType acc_type)
+      : sizes(shape_of.sizes().vec()), numel(shape_of.numel()), device(shape_of.device()), acc(acc_type) {}
 
   void set(int slot, const at::Tensor& t) {
-    if (t.defined()) tensor[slot] = as_operand(t, sizes, &layout[slot]);
+    if (!t.defined()) return;
+    tensor[slot] = as_operand(loadable(t.scalar_type(), acc) ? t : t.to(acc), sizes, &layout[slot]);
   }
   void set(int slot, const std::optional<at::Tensor>& t) {
     if (t.has_value()) set(slot, *t);
   }
   bool has(int slot) const { return tensor[slot].defined(); }
 
+  at::TensorOptions options(at::ScalarType dtype) const { return at::TensorOptions().dtype(dtype).device(device); }
+  // The dtype an engine writes for a wanted `dtype`: itself, or the
+  // accumulation type when the engine cannot store it (see finish()).
+  at::ScalarType storable(at::ScalarType dtype) const { return loadable(dtype, acc) ? dtype : acc; }
   // The loss output: the loss's shape for 'none', else a 0-d tensor.
-  at::Tensor new_loss(int64_t reduction) const {
-    return reduction == kReductionNone ? empty_output(sizes, options) : at::empty({}, options);
+  at::Tensor new_loss(int64_t reduction, at::ScalarType dtype) const {
+    const auto opts = options(storable(dtype));
+    return reduction == kReductionNone ? empty_output(sizes, opts) : at::empty({}, opts);
   }
   // A gradient output, or an empty placeholder when it was not requested.
-  at::Tensor new_grad(bool wanted) const { return wanted ? empty_output(sizes, options) : at::empty({0}, options); }
+  at::Tensor new_grad(bool wanted, at::ScalarType dtype) const {
+    return wanted ? empty_output(sizes, options(storable(dtype))) : at::empty({0}, options(dtype));
+  }
 };
 
-// Common checks: input floating point, `others` of the input's dtype/device and
-// shape-compatible. Gradients and same-shape operands are checked by callers.
+// An output in its wanted dtype (a no-op unless the engine had to store it in
+// the accumulation type: e.g. an fp32 gradient of an fp64 call).
+inline at::Tensor finish(const at::Tensor& t, at::ScalarType dtype) {
+  return t.scalar_type() == dtype ? t : t.to(dtype);
+}
+
+// Common checks: input floating point, target on its device with its shape.
 inline void check_elementwise(const char* op, const at::Tensor& input, const at::Tensor& target, int64_t reduction) {
   check_reduction(op, reduction);
   check_floating(op, "input", input);
-  check_like(op, "target", target, input);
+  check_device(op, "target", target, input);
   TORCH_CHECK(target.sizes() == input.sizes(), op, ": target of shape ", target.sizes(),
               " must have the input's shape ", input.sizes());
 }
 
 inline void check_grad(const char* op, const at::Tensor& grad, const at::Tensor& input, int64_t reduction) {
-  check_like(op, "grad", grad, input);
+  check_device(op, "grad", grad, input);
+  check_floating(op, "grad", grad);
   if (reduction == kReductionNone) {
     TORCH_CHECK(grad.sizes() == input.sizes(), op, ": grad of shape ", grad.sizes(),
                 " must have the input's shape ", input.sizes(), " for reduction='none'");
@@ -70,17 +124,20 @@ enum BceSlot { kBceInput = 0, kBceTarget, kBceWeight, kBcePosWeight, kBceGrad };
 
 inline ElementwiseCall bce_with_logits_call(const char* op, const at::Tensor& input, const at::Tensor& target,
                                             const std::optional<at::Tensor>& weight,
-                                            const std::optional<at::Tensor>& pos_weight, int64_t reduction) {
+                                            const std::optional<at::Tensor>& pos_weight, int64_t reduction,
+                                            const at::Tensor* grad = nullptr) {
   check_elementwise(op, input, target, reduction);
-  check_like(op, "weight", weight, input);
-  check_like(op, "pos_weight", pos_weight, input);
+  check_floating(op, "target", target);
+  check_device(op, "weight", weight, input);
+  check_device(op, "pos_weight", pos_weight, input);
   check_broadcasts_to(op, "weight", weight, input.sizes());
   check_broadcasts_to(op, "pos_weight", pos_weight, input.sizes());
-  ElementwiseCall c(input);
+  ElementwiseCall c(input, call_acc_type({&input, &target, opt_ptr(weight), opt_ptr(pos_weight)}));
   c.set(kBceInput, input);
   c.set(kBceTarget, target);
   c.set(kBceWeight, weight);
   c.set(kBcePosWeight, pos_weight);
+  if (grad != nullptr) c.set(kBceGrad, *grad);
   return c;
 }
 
@@ -89,35 +146,28 @@ inline ElementwiseCall bce_with_logits_call(const char* op, const at::Tensor& in
 enum MseSlot { kMseInput = 0, kMseTarget, kMseWeight, kMseGrad, kMseShift };
 
 inline ElementwiseCall mse_call(const char* op, const at::Tensor& input, const at::Tensor& target,
-                                const std::optional<at::Tensor>& weight, int64_t reduction) {
+                                const std::optional<at::Tensor>& weight, int64_t reduction,
+                                const at::Tensor* grad = nullptr) {
   check_elementwise(op, input, target, reduction);
-  check_like(op, "weight", weight, input);
+  check_floating(op, "target", target);
+  check_device(op, "weight", weight, input);
   if (weight.has_value() && weight->defined()) {
+    check_floating(op, "weight", *weight);
     TORCH_CHECK(weight->sizes() == input.sizes(), op, ": weight of shape ", weight->sizes(),
                 " must have the input's shape ", input.sizes());
   }
-  ElementwiseCall c(input);
+  ElementwiseCall c(input, call_acc_type({&input, &target, opt_ptr(weight)}));
   c.set(kMseInput, input);
   c.set(kMseTarget, target);
   c.set(kMseWeight, weight);
+  if (grad != nullptr) c.set(kMseGrad, *grad);
   return c;
 }
-
-// Accumulation dtype of a loss dtype: what the weighted-mean denominator of
-// mse is kept in.
-inline at::ScalarType opmath_type(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-}  // namespace fusedloss
-
-namespace fusedloss {
 
 // mse's second output: sum(weight) for a weighted mean (its backward divides by
 // it), else an empty placeholder.
 inline at::Tensor mse_denominator_like(const ElementwiseCall& c, bool weighted, int64_t reduction) {
-  const auto opts = c.options.dtype(opmath_type(c.options.dtype().toScalarType()));
-  return weighted && reduction == kReductionMean ? at::empty({}, opts) : at::empty({0}, opts);
+  return weighted && reduction == kReductionMean ? at::empty({}, c.options(c.acc)) : at::empty({0}, c.options(c.acc));
 }
 
 // The weighted-mean backward needs the forward's loss and denominator.
@@ -126,13 +176,25 @@ inline void check_mse_weighted_mean_state(const char* op, ElementwiseCall& c, co
                                           const std::optional<at::Tensor>& denominator) {
   TORCH_CHECK(loss.has_value() && loss->defined() && denominator.has_value() && denominator->defined(), op,
               ": a weighted mean needs the forward's loss and denominator");
-  check_like(op, "loss", *loss, input);
+  check_device(op, "loss", *loss, input);
+  check_floating(op, "loss", *loss);
   TORCH_CHECK(loss->numel() == 1, op, ": loss must have one element");
   TORCH_CHECK(denominator->device() == input.device() && denominator->numel() == 1 &&
-                  denominator->scalar_type() == opmath_type(input.scalar_type()),
-              op, ": denominator must be a one-element ", opmath_type(input.scalar_type()), " tensor on ",
-              input.device());
+                  denominator->scalar_type() == c.acc,
+              op, ": denominator must be a one-element ", c.acc, " tensor on ", input.device());
   c.set(kMseShift, *loss);
+}
+
+// ---------------------------------------------------------------------------
+// Pair losses (hinge_embedding, soft_margin, binary hinge): operands x, y (, g).
+inline ElementwiseCall pair_call(const char* op, const at::Tensor& input, const at::Tensor& target,
+                                 int64_t reduction, const at::Tensor* grad = nullptr) {
+  check_elementwise(op, input, target, reduction);
+  ElementwiseCall c(input, call_acc_type({&input, &target}));
+  c.set(0, input);
+  c.set(1, target);
+  if (grad != nullptr) c.set(2, *grad);
+  return c;
 }
 
 }  // namespace fusedloss

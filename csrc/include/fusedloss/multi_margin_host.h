@@ -33,23 +33,23 @@ struct MmParams {
   int64_t N = 0, C = 0;            // rows, classes; rows contiguous
   const scalar_t* input = nullptr;
   const int64_t* target = nullptr;  // one per row
-  const scalar_t* weight = nullptr; // (C) or null
+  const acc_t* weight = nullptr;    // (C) in the accumulation type, or null
   int64_t p = 1;
   acc_t margin = 1;
   acc_t* loss_out = nullptr;        // forward: one per row
-  const scalar_t* grad = nullptr;   // backward: one per row ('none') or one value
+  const acc_t* grad = nullptr;      // backward: one per row ('none') or one value
   bool grad_per_row = false;
   acc_t scale = 1;                  // 1/N for a mean
   scalar_t* grad_input = nullptr;   // (N, C) contiguous
 
   // Row r's coefficient w_t / C (times its grad_output in backward).
   C10_HOST_DEVICE acc_t row_scale(int64_t t) const {
-    const acc_t w = weight != nullptr ? static_cast<acc_t>(weight[t]) : acc_t(1);
+    const acc_t w = weight != nullptr ? weight[t] : acc_t(1);
     return w / static_cast<acc_t>(C);
   }
   // Row r's backward coefficient: its grad_output times scale and w_t / C.
   C10_HOST_DEVICE acc_t row_grad_scale(int64_t r, int64_t t) const {
-    return static_cast<acc_t>(grad[grad_per_row ? r : 0]) * scale * row_scale(t);
+    return grad[grad_per_row ? r : 0] * scale * row_scale(t);
   }
 };
 
@@ -63,9 +63,11 @@ inline void check_multi_margin(const char* op, const at::Tensor& input, const at
   TORCH_CHECK(target.scalar_type() == at::kLong && target.device() == input.device(), op,
               ": target must be int64 on the input's device");
   const int64_t N = input.dim() == 2 ? input.size(0) : 1;
-  TORCH_CHECK(target.numel() == N, op, ": target must have one class index per row, got ", target.sizes());
+  TORCH_CHECK(input.dim() == 2 ? (target.dim() == 1 && target.size(0) == N) : (target.dim() <= 1 && target.numel() == 1),
+              op, ": target must have one class index per row, got ", target.sizes());
   if (weight.has_value() && weight->defined()) {
-    check_like(op, "weight", *weight, input);
+    check_device(op, "weight", *weight, input);
+    check_floating(op, "weight", *weight);
     const int64_t C = input.dim() == 0 ? 1 : input.size(-1);
     TORCH_CHECK(weight->dim() == 1 && weight->numel() == C, op, ": weight must have shape [", C, "]");
   }
@@ -73,17 +75,25 @@ inline void check_multi_margin(const char* op, const at::Tensor& input, const at
 
 template <typename Engine, typename ElementwiseEngine>
 struct MultiMarginOps {
+  static at::Tensor acc_weight(const std::optional<at::Tensor>& weight, at::ScalarType acc_type) {
+    if (!weight.has_value() || !weight->defined()) return at::Tensor();
+    return weight->to(acc_type).contiguous();
+  }
+
   static at::Tensor forward(const at::Tensor& input_, const at::Tensor& target_, int64_t p, double margin,
-                            const std::optional<at::Tensor>& weight_, int64_t reduction) {
+                            const std::optional<at::Tensor>& weight_, int64_t reduction,
+                            std::optional<at::ScalarType> out_dtype) {
     constexpr const char* op = "fusedloss::multi_margin";
     check_multi_margin(op, input_, target_, p, weight_, reduction);
     const c10::OptionalDeviceGuard guard(input_.device());
     const at::Tensor input = input_.contiguous();
     const at::Tensor target = target_.contiguous();
-    const at::Tensor weight = weight_.has_value() && weight_->defined() ? weight_->contiguous() : at::Tensor();
+    const auto acc_type = opmath_type(input.scalar_type());
+    const at::Tensor weight = acc_weight(weight_, acc_type);
     const int64_t N = input.dim() == 2 ? input.size(0) : 1;
     const int64_t C = input.dim() == 0 ? 1 : input.size(-1);
-    const auto acc_type = opmath_type(input.scalar_type());
+    const at::ScalarType loss_type = out_dtype.value_or(input.scalar_type());
+    TORCH_CHECK(at::isFloatingType(loss_type), op, ": out_dtype must be a floating dtype, got ", loss_type);
     at::Tensor row_loss = at::empty({N}, input.options().dtype(acc_type));
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "multi_margin", [&] {
       MmParams<scalar_t> m;
@@ -93,12 +103,12 @@ struct MultiMarginOps {
     });
     if (reduction == kReductionNone) {
       // torch: one value per row, or a 0-d loss for a 0-d target
-      return row_loss.view(target_.dim() > 0 ? at::IntArrayRef({N}) : at::IntArrayRef({})).to(input.scalar_type());
+      return row_loss.view(target_.dim() > 0 ? at::IntArrayRef({N}) : at::IntArrayRef({})).to(loss_type);
     }
     at::Tensor total = at::empty({}, input.options().dtype(acc_type));
     // A mean over no rows is 0/0 = NaN (torch returns an unspecified value).
     sum_into<ElementwiseEngine>(row_loss, total, reduction);
-    return total.to(input.scalar_type());
+    return total.to(loss_type);
   }
 
   static at::Tensor backward(const at::Tensor& grad_, const at::Tensor& input_, const at::Tensor& target_, int64_t p,
@@ -108,11 +118,13 @@ struct MultiMarginOps {
     const c10::OptionalDeviceGuard guard(input_.device());
     const at::Tensor input = input_.contiguous();
     const at::Tensor target = target_.contiguous();
-    const at::Tensor grad = grad_.contiguous();
-    const at::Tensor weight = weight_.has_value() && weight_->defined() ? weight_->contiguous() : at::Tensor();
+    const auto acc_type = opmath_type(input.scalar_type());
+    check_device(op, "grad", grad_, input);
+    check_floating(op, "grad", grad_);
+    const at::Tensor grad = grad_.to(acc_type).contiguous();
+    const at::Tensor weight = acc_weight(weight_, acc_type);
     const int64_t N = input.dim() == 2 ? input.size(0) : 1;
     const int64_t C = input.dim() == 0 ? 1 : input.size(-1);
-    check_like(op, "grad", grad, input);
     TORCH_CHECK(grad.numel() == (reduction == kReductionNone ? N : 1), op, ": grad must have the loss's shape");
     at::Tensor grad_input = empty_output(input_.sizes(), input_.options());
     if (N == 0) return grad_input;
@@ -120,7 +132,7 @@ struct MultiMarginOps {
       using acc_t = at::opmath_type<scalar_t>;
       MmParams<scalar_t> m;
       fill(m, input, target, weight, p, margin, N, C);
-      m.grad = grad.const_data_ptr<scalar_t>();
+      m.grad = grad.const_data_ptr<acc_t>();
       m.grad_per_row = reduction == kReductionNone;
       m.scale = reduction == kReductionMean ? acc_t(1) / static_cast<acc_t>(N) : acc_t(1);
       m.grad_input = grad_input.mutable_data_ptr<scalar_t>();
@@ -137,7 +149,7 @@ struct MultiMarginOps {
     m.C = C;
     m.input = input.const_data_ptr<scalar_t>();
     m.target = target.const_data_ptr<int64_t>();
-    m.weight = weight.defined() ? weight.const_data_ptr<scalar_t>() : nullptr;
+    m.weight = weight.defined() ? weight.const_data_ptr<at::opmath_type<scalar_t>>() : nullptr;
     m.p = p;
     m.margin = static_cast<at::opmath_type<scalar_t>>(margin);
   }

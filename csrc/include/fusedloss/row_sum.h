@@ -27,7 +27,7 @@ struct Sums {
 // accumulation dtype) into `out` (0-d, same dtype; may be a view).
 template <typename ElementwiseEngine>
 void sum_into(const at::Tensor& t, at::Tensor out, int64_t reduction = kReductionSum) {
-  ElementwiseCall c(t);
+  ElementwiseCall c(t, opmath_type(t.scalar_type()));
   c.set(0, t);
   AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "fusedloss_sum", [&] {
     ElementwiseEngine::template forward<scalar_t>(c, Sums<scalar_t, 1>{}, reduction, out, nullptr);

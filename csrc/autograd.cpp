@@ -1,0 +1,595 @@
+// The autograd of every fusedloss loss, defined once, in C++, and registered as
+// the loss op's Autograd kernel: the path torch's own losses take. A call from
+// Python is one op call (no autograd.Function in Python, no Python in the
+// backward), which is what keeps small losses as cheap as torch's.
+//
+// Each loss is one block: a torch::autograd::Function whose forward runs the
+// fused forward op and saves its inputs (and O(N) state), and whose backward
+// runs the fused backward op, or, under create_graph=True, differentiates the
+// composite (fusedloss/composite.h) so that higher derivatives are exact; and
+// an entry point that sends forward-mode AD (which custom C++ Functions lack)
+// and torch's not-differentiable arguments the way torch does.
+//
+// Also here: the CompositeExplicitAutograd kernels of the losses whose forward
+// op returns saved state (mse, cross_entropy), and the Autocast kernels of the
+// losses torch runs in fp32 under autocast: they leave fp16/bf16 inputs as they
+// are (the kernels widen in registers) and ask for an fp32 loss.
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/zeros_like.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/autograd.h>
+#include <torch/csrc/autograd/variable.h>
+#include <torch/library.h>
+
+#include <fusedloss/composite.h>
+#include <fusedloss/numerics.h>
+
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace fusedloss {
+namespace {
+
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using OptTensor = std::optional<Tensor>;
+using OptDtype = std::optional<at::ScalarType>;
+
+// The typed handle of op fusedloss::<name>, looked up once per call site.
+#define FUSEDLOSS_OP(name, Sig)                                                                          \
+  ([]() -> const c10::TypedOperatorHandle<Sig>& {                                                        \
+    static const auto handle = c10::Dispatcher::singleton().findSchemaOrThrow("fusedloss::" name, "").typed<Sig>(); \
+    return handle;                                                                                       \
+  }())
+
+Tensor value_or_undefined(const OptTensor& t) { return t.has_value() ? *t : Tensor(); }
+
+// Probability targets have the logits' shape. Symbolic sizes (torch.compile
+// with dynamic shapes) are compared without specializing them.
+bool same_shape(const Tensor& a, const Tensor& b) { return a.sym_sizes() == b.sym_sizes(); }
+
+bool has_fw_grad(const Tensor& t) { return t.defined() && t._fw_grad(/*level=*/0).defined(); }
+bool has_fw_grad(const OptTensor& t) { return t.has_value() && has_fw_grad(*t); }
+
+// Tensors on different devices (a meta target next to CPU logits would
+// otherwise send the call to the meta kernel): refused, so that
+// fusedloss.functional's fallback raises torch's own error.
+void check_same_device(const Tensor& input, std::initializer_list<const Tensor*> others) {
+  for (const Tensor* t : others) {
+    TORCH_CHECK(t == nullptr || !t->defined() || t->device() == input.device(),
+                "fusedloss: expected all tensors on one device, got ", input.device(), " and ", t->device());
+  }
+}
+
+const Tensor* ptr(const OptTensor& t) { return t.has_value() ? &*t : nullptr; }
+
+// torch's refusal for arguments it has no derivative for (weight, pos_weight).
+void check_no_requires_grad(const OptTensor& t, const char* name, const char* fn) {
+  TORCH_CHECK(!(t.has_value() && t->defined() && t->requires_grad() && at::GradMode::is_enabled()),
+              "The function '", fn, "' is not differentiable with respect to argument '", name,
+              "'. This input cannot have requires_grad True.");
+}
+
+// Where torch.clamp passes its gradient at its bound (torch < 2.14: yes;
+// 2.14: no). The hinge losses follow the installed torch; fusedloss probes it
+// once at import (fusedloss/_ops.py calls this through the extension).
+bool clamp_grad_at_bound() {
+  static const bool at_bound = [] {
+    at::AutoGradMode enable(true);
+    const Tensor x = at::zeros({1}).requires_grad_();
+    const auto g = torch::autograd::grad({at::clamp_min(x, 0).sum()}, {x});
+    return g[0].item<float>() != 0.0f;
+  }();
+  return at_bound;
+}
+
+// Gradients of `loss` (the composite, built from the saved inputs under grad
+// mode) as a differentiable graph: the create_graph=True path.
+variable_list composite_grads(const Tensor& loss, const std::vector<Tensor>& inputs, const std::vector<bool>& needs,
+                              const Tensor& grad) {
+  variable_list wanted;
+  for (size_t i = 0; i < inputs.size(); ++i)
+    if (needs[i]) wanted.push_back(inputs[i]);
+  variable_list out(inputs.size());
+  if (wanted.empty()) return out;
+  const auto gs = torch::autograd::grad({loss}, wanted, {grad}, /*retain_graph=*/true, /*create_graph=*/true,
+                                        /*allow_unused=*/true);
+  size_t k = 0;
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    if (!needs[i]) continue;
+    out[i] = gs[k].defined() ? gs[k] : at::zeros_like(inputs[i]);
+    ++k;
+  }
+  return out;
+}
+
+// A backward's result: one entry per forward argument, gradients first.
+variable_list grads_then_none(variable_list grads, size_t n_args) {
+  grads.resize(n_args);
+  return grads;
+}
+
+// ---------------------------------------------------------------------------
+// binary_cross_entropy_with_logits: gradients for input and target.
+using BceSig = Tensor(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, int64_t, OptDtype);
+
+struct BceWithLogits : torch::autograd::Function<BceWithLogits> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& input, const Tensor& target, const OptTensor& weight,
+                        const OptTensor& pos_weight, int64_t reduction, OptDtype out_dtype) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    ctx->save_for_backward({input, target, value_or_undefined(weight), value_or_undefined(pos_weight)});
+    ctx->saved_data["reduction"] = reduction;
+    ctx->saved_data["out_dtype"] = out_dtype;
+    return FUSEDLOSS_OP("bce_with_logits", BceSig).call(input, target, weight, pos_weight, reduction, out_dtype);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto s = ctx->get_saved_variables();
+    const int64_t reduction = ctx->saved_data["reduction"].toInt();
+    const std::vector<bool> needs{ctx->needs_input_grad(0), ctx->needs_input_grad(1)};
+    if (!grads[0].defined()) return variable_list(6);
+    if (at::GradMode::is_enabled()) {
+      const Tensor loss = composite::bce_with_logits(s[0], s[1], s[2], s[3], reduction,
+                                                     ctx->saved_data["out_dtype"].toOptional<at::ScalarType>());
+      return grads_then_none(composite_grads(loss, {s[0], s[1]}, needs, grads[0]), 6);
+    }
+    using Sig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
+                                           const OptTensor&, int64_t, std::array<bool, 2>);
+    auto [gx, gy] = FUSEDLOSS_OP("bce_with_logits_backward", Sig)
+                        .call(grads[0], s[0], s[1], s[2], s[3], reduction, {needs[0], needs[1]});
+    return grads_then_none({needs[0] ? gx : Tensor(), needs[1] ? gy : Tensor()}, 6);
+  }
+};
+
+Tensor bce_with_logits(const Tensor& input, const Tensor& target, const OptTensor& weight, const OptTensor& pos_weight,
+                       int64_t reduction, OptDtype out_dtype) {
+  check_same_device(input, {&target, ptr(weight), ptr(pos_weight)});
+  check_no_requires_grad(weight, "weight", "binary_cross_entropy_with_logits");
+  check_no_requires_grad(pos_weight, "pos_weight", "binary_cross_entropy_with_logits");
+  if (has_fw_grad(input) || has_fw_grad(target)) {
+    return composite::bce_with_logits(input, target, weight, pos_weight, reduction, out_dtype);
+  }
+  return BceWithLogits::apply(input, target, weight, pos_weight, reduction, out_dtype);
+}
+
+// ---------------------------------------------------------------------------
+// mse_loss: gradients for input, target and weight.
+using MseForwardSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&, int64_t, OptDtype);
+
+struct Mse : torch::autograd::Function<Mse> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& input, const Tensor& target, const OptTensor& weight,
+                        int64_t reduction, OptDtype out_dtype) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto [loss, denominator] = FUSEDLOSS_OP("mse_forward", MseForwardSig).call(input, target, weight, reduction, out_dtype);
+    // A weighted mean's backward needs the loss and sum(weight).
+    const bool weighted_mean = weight.has_value() && weight->defined() && reduction == kReductionMean;
+    ctx->save_for_backward({input, target, value_or_undefined(weight), weighted_mean ? loss : Tensor(),
+                            weighted_mean ? denominator : Tensor()});
+    ctx->saved_data["reduction"] = reduction;
+    ctx->saved_data["out_dtype"] = out_dtype;
+    return loss;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto s = ctx->get_saved_variables();
+    const int64_t reduction = ctx->saved_data["reduction"].toInt();
+    // needs_input_grad counts tensor arguments only: the weight's is the third
+    // when there is one.
+    const std::vector<bool> needs{ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+                                  s[2].defined() && ctx->needs_input_grad(2)};
+    if (!grads[0].defined()) return variable_list(5);
+    if (at::GradMode::is_enabled()) {
+      const Tensor loss = composite::mse(s[0], s[1], s[2], reduction, ctx->saved_data["out_dtype"].toOptional<at::ScalarType>());
+      return grads_then_none(composite_grads(loss, {s[0], s[1], s[2]}, needs, grads[0]), 5);
+    }
+    using Sig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
+                                                   const OptTensor&, const OptTensor&, int64_t, std::array<bool, 3>);
+    auto [gx, gy, gw] = FUSEDLOSS_OP("mse_backward", Sig)
+                            .call(grads[0], s[0], s[1], s[2], s[3], s[4], reduction, {needs[0], needs[1], needs[2]});
+    return grads_then_none({needs[0] ? gx : Tensor(), needs[1] ? gy : Tensor(), needs[2] ? gw : Tensor()}, 5);
+  }
+};
+
+Tensor mse(const Tensor& input, const Tensor& target, const OptTensor& weight, int64_t reduction, OptDtype out_dtype) {
+  check_same_device(input, {&target, ptr(weight)});
+  if (has_fw_grad(input) || has_fw_grad(target) || has_fw_grad(weight)) {
+    return composite::mse(input, target, weight, reduction, out_dtype);
+  }
+  return Mse::apply(input, target, weight, reduction, out_dtype);
+}
+
+// ---------------------------------------------------------------------------
+// hinge_embedding_loss: the target only selects terms, so it gets no gradient
+// (as in torch).
+using HingeEmbeddingSig = Tensor(const Tensor&, const Tensor&, double, int64_t, OptDtype);
+
+struct HingeEmbedding : torch::autograd::Function<HingeEmbedding> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& input, const Tensor& target, double margin,
+                        int64_t reduction, OptDtype out_dtype) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    ctx->save_for_backward({input, target});
+    ctx->saved_data["margin"] = margin;
+    ctx->saved_data["reduction"] = reduction;
+    ctx->saved_data["out_dtype"] = out_dtype;
+    return FUSEDLOSS_OP("hinge_embedding", HingeEmbeddingSig).call(input, target, margin, reduction, out_dtype);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto s = ctx->get_saved_variables();
+    const double margin = ctx->saved_data["margin"].toDouble();
+    const int64_t reduction = ctx->saved_data["reduction"].toInt();
+    if (!grads[0].defined() || !ctx->needs_input_grad(0)) return variable_list(5);
+    if (at::GradMode::is_enabled()) {
+      const Tensor loss = composite::hinge_embedding(s[0], s[1], margin, reduction,
+                                                     ctx->saved_data["out_dtype"].toOptional<at::ScalarType>());
+      return grads_then_none(composite_grads(loss, {s[0]}, {true}, grads[0]), 5);
+    }
+    using Sig = Tensor(const Tensor&, const Tensor&, const Tensor&, double, int64_t, bool);
+    return grads_then_none({FUSEDLOSS_OP("hinge_embedding_backward", Sig)
+                                .call(grads[0], s[0], s[1], margin, reduction, clamp_grad_at_bound())},
+                           5);
+  }
+};
+
+Tensor hinge_embedding(const Tensor& input, const Tensor& target, double margin, int64_t reduction,
+                       OptDtype out_dtype) {
+  check_same_device(input, {&target});
+  if (has_fw_grad(input)) return composite::hinge_embedding(input, target, margin, reduction, out_dtype);
+  // The target is not differentiated: keep it out of the graph.
+  return HingeEmbedding::apply(input, target.detach(), margin, reduction, out_dtype);
+}
+
+// ---------------------------------------------------------------------------
+// soft_margin_loss: torch has no derivative for the target.
+using SoftMarginSig = Tensor(const Tensor&, const Tensor&, int64_t, OptDtype);
+
+struct SoftMargin : torch::autograd::Function<SoftMargin> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& input, const Tensor& target, int64_t reduction,
+                        OptDtype out_dtype) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    ctx->save_for_backward({input, target});
+    ctx->saved_data["reduction"] = reduction;
+    ctx->saved_data["out_dtype"] = out_dtype;
+    return FUSEDLOSS_OP("soft_margin", SoftMarginSig).call(input, target, reduction, out_dtype);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto s = ctx->get_saved_variables();
+    const int64_t reduction = ctx->saved_data["reduction"].toInt();
+    if (!grads[0].defined() || !ctx->needs_input_grad(0)) return variable_list(4);
+    if (at::GradMode::is_enabled()) {
+      const Tensor loss =
+          composite::soft_margin(s[0], s[1], reduction, ctx->saved_data["out_dtype"].toOptional<at::ScalarType>());
+      return grads_then_none(composite_grads(loss, {s[0]}, {true}, grads[0]), 4);
+    }
+    using Sig = Tensor(const Tensor&, const Tensor&, const Tensor&, int64_t);
+    return grads_then_none({FUSEDLOSS_OP("soft_margin_backward", Sig).call(grads[0], s[0], s[1], reduction)}, 4);
+  }
+};
+
+Tensor soft_margin(const Tensor& input, const Tensor& target, int64_t reduction, OptDtype out_dtype) {
+  check_same_device(input, {&target});
+  check_no_requires_grad(target, "target", "soft_margin_loss");
+  if (has_fw_grad(input)) return composite::soft_margin(input, target, reduction, out_dtype);
+  return SoftMargin::apply(input, target, reduction, out_dtype);
+}
+
+// ---------------------------------------------------------------------------
+// The binary (SVM) hinge: gradients for input and target.
+using HingeSig = Tensor(const Tensor&, const Tensor&, double, bool, int64_t, OptDtype);
+
+struct Hinge : torch::autograd::Function<Hinge> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& input, const Tensor& target, double margin, bool squared,
+                        int64_t reduction, OptDtype out_dtype) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    ctx->save_for_backward({input, target});
+    ctx->saved_data["margin"] = margin;
+    ctx->saved_data["squared"] = squared;
+    ctx->saved_data["reduction"] = reduction;
+    ctx->saved_data["out_dtype"] = out_dtype;
+    return FUSEDLOSS_OP("hinge", HingeSig).call(input, target, margin, squared, reduction, out_dtype);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto s = ctx->get_saved_variables();
+    const double margin = ctx->saved_data["margin"].toDouble();
+    const bool squared = ctx->saved_data["squared"].toBool();
+    const int64_t reduction = ctx->saved_data["reduction"].toInt();
+    const std::vector<bool> needs{ctx->needs_input_grad(0), ctx->needs_input_grad(1)};
+    if (!grads[0].defined()) return variable_list(6);
+    if (at::GradMode::is_enabled()) {
+      const Tensor loss = composite::hinge(s[0], s[1], margin, squared, reduction,
+                                           ctx->saved_data["out_dtype"].toOptional<at::ScalarType>());
+      return grads_then_none(composite_grads(loss, {s[0], s[1]}, needs, grads[0]), 6);
+    }
+    using Sig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, double, bool, int64_t, bool,
+                                           std::array<bool, 2>);
+    auto [gx, gy] = FUSEDLOSS_OP("hinge_backward", Sig)
+                        .call(grads[0], s[0], s[1], margin, squared, reduction, clamp_grad_at_bound(),
+                              {needs[0], needs[1]});
+    return grads_then_none({needs[0] ? gx : Tensor(), needs[1] ? gy : Tensor()}, 6);
+  }
+};
+
+Tensor hinge(const Tensor& input, const Tensor& target, double margin, bool squared, int64_t reduction,
+             OptDtype out_dtype) {
+  check_same_device(input, {&target});
+  if (has_fw_grad(input) || has_fw_grad(target)) {
+    return composite::hinge(input, target, margin, squared, reduction, out_dtype);
+  }
+  return Hinge::apply(input, target, margin, squared, reduction, out_dtype);
+}
+
+// ---------------------------------------------------------------------------
+// multi_margin_loss: a gradient for the input only; second derivatives (which
+// torch lacks) come from the composite.
+using MultiMarginSig = Tensor(const Tensor&, const Tensor&, int64_t, double, const OptTensor&, int64_t, OptDtype);
+
+struct MultiMargin : torch::autograd::Function<MultiMargin> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& input, const Tensor& target, int64_t p, double margin,
+                        const OptTensor& weight, int64_t reduction, OptDtype out_dtype) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    ctx->save_for_backward({input, target, value_or_undefined(weight)});
+    ctx->saved_data["p"] = p;
+    ctx->saved_data["margin"] = margin;
+    ctx->saved_data["reduction"] = reduction;
+    ctx->saved_data["out_dtype"] = out_dtype;
+    return FUSEDLOSS_OP("multi_margin", MultiMarginSig).call(input, target, p, margin, weight, reduction, out_dtype);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto s = ctx->get_saved_variables();
+    const int64_t p = ctx->saved_data["p"].toInt();
+    const double margin = ctx->saved_data["margin"].toDouble();
+    const int64_t reduction = ctx->saved_data["reduction"].toInt();
+    if (!grads[0].defined() || !ctx->needs_input_grad(0)) return variable_list(7);
+    if (at::GradMode::is_enabled()) {
+      const Tensor loss = composite::multi_margin(s[0], s[1], p, margin, s[2], reduction,
+                                                  ctx->saved_data["out_dtype"].toOptional<at::ScalarType>());
+      return grads_then_none(composite_grads(loss, {s[0]}, {true}, grads[0]), 7);
+    }
+    using Sig = Tensor(const Tensor&, const Tensor&, const Tensor&, int64_t, double, const OptTensor&, int64_t);
+    return grads_then_none(
+        {FUSEDLOSS_OP("multi_margin_backward", Sig).call(grads[0], s[0], s[1], p, margin, s[2], reduction)}, 7);
+  }
+};
+
+Tensor multi_margin(const Tensor& input, const Tensor& target, int64_t p, double margin, const OptTensor& weight,
+                    int64_t reduction, OptDtype out_dtype) {
+  check_same_device(input, {&target, ptr(weight)});
+  check_no_requires_grad(weight, "weight", "multi_margin_loss");
+  if (has_fw_grad(input)) return composite::multi_margin(input, target, p, margin, weight, reduction, out_dtype);
+  return MultiMargin::apply(input, target, p, margin, weight, reduction, out_dtype);
+}
+
+// ---------------------------------------------------------------------------
+// cross_entropy: a gradient for the input, and for probability targets. The
+// forward saves only the logits, the targets and the O(N) state of
+// cross_entropy_forward. With inplace_backward, the logits' gradient is
+// written over the logits, whose version counter is then bumped so that any
+// other node that saved them refuses to run.
+using CeForwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&,
+                                                                int64_t, int64_t, double, double, std::optional<double>,
+                                                                OptDtype);
+
+struct CrossEntropy : torch::autograd::Function<CrossEntropy> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& input, const Tensor& target, const OptTensor& weight,
+                        int64_t ignore_index, int64_t reduction, double label_smoothing, double lse_square_scale,
+                        std::optional<double> softcap, bool inplace_backward, OptDtype out_dtype) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto [loss, lse, stats, target_mass] =
+        FUSEDLOSS_OP("cross_entropy_forward", CeForwardSig)
+            .call(input, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale, softcap,
+                  out_dtype);
+    ctx->save_for_backward({input, target, value_or_undefined(weight), lse, stats, target_mass});
+    ctx->saved_data["ignore_index"] = ignore_index;
+    ctx->saved_data["reduction"] = reduction;
+    ctx->saved_data["label_smoothing"] = label_smoothing;
+    ctx->saved_data["lse_square_scale"] = lse_square_scale;
+    ctx->saved_data["softcap"] = softcap;
+    ctx->saved_data["inplace_backward"] = inplace_backward;
+    ctx->saved_data["out_dtype"] = out_dtype;
+    return loss;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto s = ctx->get_saved_variables();
+    const Tensor &input = s[0], &target = s[1];
+    const int64_t ignore_index = ctx->saved_data["ignore_index"].toInt();
+    const int64_t reduction = ctx->saved_data["reduction"].toInt();
+    const double label_smoothing = ctx->saved_data["label_smoothing"].toDouble();
+    const double lse_square_scale = ctx->saved_data["lse_square_scale"].toDouble();
+    const auto softcap = ctx->saved_data["softcap"].toOptional<double>();
+    const bool prob = same_shape(target, input);
+    const std::vector<bool> needs{ctx->needs_input_grad(0), ctx->needs_input_grad(1) && prob};
+    constexpr size_t kArgs = 10;
+    if (!grads[0].defined()) return variable_list(kArgs);
+    if (at::GradMode::is_enabled()) {
+      const Tensor loss = composite::cross_entropy(input, target, s[2], ignore_index, reduction, label_smoothing,
+                                                   lse_square_scale, softcap, false,
+                                                   ctx->saved_data["out_dtype"].toOptional<at::ScalarType>());
+      return grads_then_none(composite_grads(loss, {input, target}, needs, grads[0]), kArgs);
+    }
+    if (ctx->saved_data["inplace_backward"].toBool() && needs[0] && !needs[1]) {
+      using Sig = void(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const Tensor&, const Tensor&,
+                       const Tensor&, int64_t, int64_t, double, double, std::optional<double>);
+      {
+        at::AutoDispatchBelowADInplaceOrView below;
+        FUSEDLOSS_OP("cross_entropy_backward_inplace", Sig)
+            .call(grads[0], input, target, s[2], s[3], s[4], s[5], ignore_index, reduction, label_smoothing,
+                  lse_square_scale, softcap);
+      }
+      // Any other node that saved these logits must now refuse to run.
+      torch::autograd::impl::bump_version(input);
+      return grads_then_none({input.detach()}, kArgs);
+    }
+    using Sig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
+                                           const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t, double,
+                                           double, std::optional<double>, std::array<bool, 2>);
+    auto [gx, gt] = FUSEDLOSS_OP("cross_entropy_backward", Sig)
+                        .call(grads[0], input, target, s[2], s[3], s[4], s[5], ignore_index, reduction,
+                              label_smoothing, lse_square_scale, softcap, {needs[0], needs[1]});
+    return grads_then_none({needs[0] ? gx : Tensor(), needs[1] ? gt : Tensor()}, kArgs);
+  }
+};
+
+// inplace_backward is allowed only where writing the gradient over the logits
+// is provably safe: nothing in the logits' view chain is a leaf that requires
+// grad (its data would become its own gradient, and its .grad would alias it),
+// and the logits do not overlap themselves (checked again by the op itself).
+void check_inplace_backward(const Tensor& input) {
+  Tensor t = input;
+  while (true) {
+    TORCH_CHECK_VALUE(!(t.is_leaf() && t.requires_grad()),
+                      "inplace_backward: the logits are ", t.is_same(input) ? "" : "a view of ",
+                      "a leaf tensor that requires grad, whose data would be overwritten by its own gradient; "
+                      "use inplace_backward=True only for logits computed by the model");
+    if (!t.is_view()) break;
+    t = t._base();
+  }
+  TORCH_CHECK_VALUE(at::has_internal_overlap(input) == at::MemOverlap::No && input.is_non_overlapping_and_dense(),
+                    "inplace_backward: the logits overlap themselves in memory or are not dense (e.g. an expanded "
+                    "or strided view), so their gradient cannot be written over them");
+}
+
+Tensor cross_entropy(const Tensor& input, const Tensor& target, const OptTensor& weight, int64_t ignore_index,
+                     int64_t reduction, double label_smoothing, double lse_square_scale, std::optional<double> softcap,
+                     bool inplace_backward, OptDtype out_dtype) {
+  check_same_device(input, {&target, ptr(weight)});
+  const bool prob = same_shape(target, input);
+  const bool weight_rg = weight.has_value() && weight->defined() && weight->requires_grad() && at::GradMode::is_enabled();
+  TORCH_CHECK(!(weight_rg && !prob),
+              "The function 'nll_loss_forward' is not differentiable with respect to argument 'weight'. "
+              "This input cannot have requires_grad True.");
+  // torch differentiates the weight of probability targets; the kernels do not.
+  if (weight_rg || has_fw_grad(input) || has_fw_grad(target) || has_fw_grad(weight)) {
+    return composite::cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale,
+                                    softcap, false, out_dtype);
+  }
+  if (inplace_backward && input.requires_grad() && at::GradMode::is_enabled()) check_inplace_backward(input);
+  return CrossEntropy::apply(input, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale,
+                             softcap, inplace_backward, out_dtype);
+}
+
+// Below autograd (inference mode, fake tensors), the losses whose forward op
+// returns saved state are that op's first output.
+Tensor mse_no_grad(const Tensor& input, const Tensor& target, const OptTensor& weight, int64_t reduction,
+                   OptDtype out_dtype) {
+  return std::get<0>(FUSEDLOSS_OP("mse_forward", MseForwardSig).call(input, target, weight, reduction, out_dtype));
+}
+
+Tensor cross_entropy_no_grad(const Tensor& input, const Tensor& target, const OptTensor& weight, int64_t ignore_index,
+                             int64_t reduction, double label_smoothing, double lse_square_scale,
+                             std::optional<double> softcap, bool /*inplace_backward*/, OptDtype out_dtype) {
+  return std::get<0>(FUSEDLOSS_OP("cross_entropy_forward", CeForwardSig)
+                         .call(input, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale,
+                               softcap, out_dtype));
+}
+
+// ---------------------------------------------------------------------------
+// Autocast: torch runs these losses in fp32 (on the CPU and on CUDA). fusedloss
+// returns the same fp32 loss without making fp32 copies of fp16/bf16 inputs:
+// the kernels widen them in registers, and each gradient comes back in its
+// input's dtype, rounded once (what torch's cast back gives).
+bool half(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
+
+// out_dtype under autocast: the caller's, else fp32 where torch's loss dtype
+// would be fp16/bf16.
+OptDtype autocast_dtype(const OptDtype& out_dtype, at::ScalarType torch_dtype) {
+  if (out_dtype.has_value()) return out_dtype;
+  return half(torch_dtype) ? OptDtype(at::kFloat) : std::nullopt;
+}
+
+template <c10::DispatchKey kAutocast>
+struct AutocastKernels {
+  using Guard = c10::impl::ExcludeDispatchKeyGuard;
+
+  static Tensor bce_with_logits(const Tensor& input, const Tensor& target, const OptTensor& weight,
+                                const OptTensor& pos_weight, int64_t reduction, OptDtype out_dtype) {
+    Guard no_autocast(kAutocast);
+    return FUSEDLOSS_OP("bce_with_logits", BceSig)
+        .call(input, target, weight, pos_weight, reduction, autocast_dtype(out_dtype, target.scalar_type()));
+  }
+  static Tensor mse(const Tensor& input, const Tensor& target, const OptTensor& weight, int64_t reduction,
+                    OptDtype out_dtype) {
+    Guard no_autocast(kAutocast);
+    using Sig = Tensor(const Tensor&, const Tensor&, const OptTensor&, int64_t, OptDtype);
+    at::ScalarType t = c10::promoteTypes(input.scalar_type(), target.scalar_type());
+    if (weight.has_value() && weight->defined()) t = c10::promoteTypes(t, weight->scalar_type());
+    return FUSEDLOSS_OP("mse", Sig).call(input, target, weight, reduction, autocast_dtype(out_dtype, t));
+  }
+  static Tensor hinge_embedding(const Tensor& input, const Tensor& target, double margin, int64_t reduction,
+                                OptDtype out_dtype) {
+    Guard no_autocast(kAutocast);
+    return FUSEDLOSS_OP("hinge_embedding", HingeEmbeddingSig)
+        .call(input, target, margin, reduction, autocast_dtype(out_dtype, input.scalar_type()));
+  }
+  static Tensor soft_margin(const Tensor& input, const Tensor& target, int64_t reduction, OptDtype out_dtype) {
+    Guard no_autocast(kAutocast);
+    return FUSEDLOSS_OP("soft_margin", SoftMarginSig)
+        .call(input, target, reduction, autocast_dtype(out_dtype, input.scalar_type()));
+  }
+  static Tensor multi_margin(const Tensor& input, const Tensor& target, int64_t p, double margin,
+                             const OptTensor& weight, int64_t reduction, OptDtype out_dtype) {
+    Guard no_autocast(kAutocast);
+    return FUSEDLOSS_OP("multi_margin", MultiMarginSig)
+        .call(input, target, p, margin, weight, reduction, autocast_dtype(out_dtype, input.scalar_type()));
+  }
+  static Tensor cross_entropy(const Tensor& input, const Tensor& target, const OptTensor& weight,
+                              int64_t ignore_index, int64_t reduction, double label_smoothing,
+                              double lse_square_scale, std::optional<double> softcap, bool inplace_backward,
+                              OptDtype out_dtype) {
+    Guard no_autocast(kAutocast);
+    using Sig = Tensor(const Tensor&, const Tensor&, const OptTensor&, int64_t, int64_t, double, double,
+                       std::optional<double>, bool, OptDtype);
+    const bool prob = same_shape(target, input);
+    const at::ScalarType t = prob ? c10::promoteTypes(input.scalar_type(), target.scalar_type()) : input.scalar_type();
+    return FUSEDLOSS_OP("cross_entropy", Sig)
+        .call(input, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale, softcap,
+              inplace_backward, autocast_dtype(out_dtype, t));
+  }
+
+  static void register_all(torch::Library& m) {
+    m.impl("bce_with_logits", &bce_with_logits);
+    m.impl("mse", &mse);
+    m.impl("hinge_embedding", &hinge_embedding);
+    m.impl("soft_margin", &soft_margin);
+    m.impl("multi_margin", &multi_margin);
+    m.impl("cross_entropy", &cross_entropy);
+  }
+};
+
+}  // namespace
+
+// Forces the probe of torch.clamp's gradient at its bound while grad mode is
+// certainly available (at import), rather than on a first backward that might
+// run in an unusual mode.
+bool probe_clamp_grad_at_bound() { return clamp_grad_at_bound(); }
+
+}  // namespace fusedloss
+
+TORCH_LIBRARY_IMPL(fusedloss, Autograd, m) {
+  m.impl("bce_with_logits", &fusedloss::bce_with_logits);
+  m.impl("mse", &fusedloss::mse);
+  m.impl("hinge_embedding", &fusedloss::hinge_embedding);
+  m.impl("soft_margin", &fusedloss::soft_margin);
+  m.impl("hinge", &fusedloss::hinge);
+  m.impl("multi_margin", &fusedloss::multi_margin);
+  m.impl("cross_entropy", &fusedloss::cross_entropy);
+}
+
+TORCH_LIBRARY_IMPL(fusedloss, CompositeExplicitAutograd, m) {
+  m.impl("mse", &fusedloss::mse_no_grad);
+  m.impl("cross_entropy", &fusedloss::cross_entropy_no_grad);
+}
+
+TORCH_LIBRARY_IMPL(fusedloss, AutocastCPU, m) {
+  fusedloss::AutocastKernels<c10::DispatchKey::AutocastCPU>::register_all(m);
+}
+
+TORCH_LIBRARY_IMPL(fusedloss, AutocastCUDA, m) {
+  fusedloss::AutocastKernels<c10::DispatchKey::AutocastCUDA>::register_all(m);
+}

@@ -1,0 +1,155 @@
+// The losses as torch's own ops (see fusedloss/composite.h for what they are
+// for), registered as CompositeImplicitAutograd kernels of the
+// `<loss>_composite` ops, so they decompose into ATen ops under autograd,
+// forward-mode AD, autocast, vmap and torch.compile alike.
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <fusedloss/composite.h>
+#include <fusedloss/numerics.h>
+
+namespace fusedloss::composite {
+namespace {
+
+// out_dtype wider than the computation (e.g. an fp32 loss of bf16 inputs):
+// compute in it, as the fused kernels do in registers. Narrower: round the
+// result.
+at::Tensor in_dtype(const at::Tensor& t, const std::optional<at::ScalarType>& out_dtype) {
+  if (!out_dtype.has_value() || !t.defined() || !t.is_floating_point()) return t;
+  return c10::promoteTypes(t.scalar_type(), *out_dtype) == t.scalar_type() ? t : t.to(*out_dtype);
+}
+
+std::optional<at::Tensor> in_dtype(const std::optional<at::Tensor>& t,
+                                   const std::optional<at::ScalarType>& out_dtype) {
+  if (!t.has_value()) return t;
+  return in_dtype(*t, out_dtype);
+}
+
+at::Tensor as_out(const at::Tensor& loss, const std::optional<at::ScalarType>& out_dtype) {
+  return out_dtype.has_value() && loss.scalar_type() != *out_dtype ? loss.to(*out_dtype) : loss;
+}
+
+at::Tensor reduce(const at::Tensor& loss, int64_t reduction) {
+  if (reduction == kReductionMean) return loss.mean();
+  if (reduction == kReductionSum) return loss.sum();
+  return loss;
+}
+
+}  // namespace
+
+at::Tensor bce_with_logits(const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                           const std::optional<at::Tensor>& pos_weight, int64_t reduction,
+                           std::optional<at::ScalarType> out_dtype) {
+  return as_out(at::binary_cross_entropy_with_logits(in_dtype(input, out_dtype), in_dtype(target, out_dtype),
+                                                     in_dtype(weight, out_dtype), in_dtype(pos_weight, out_dtype),
+                                                     reduction),
+                out_dtype);
+}
+
+// torch's mse_loss; with a weight of the input's shape, its documented
+// weighted form (a weighted mean divides by sum(weight)).
+at::Tensor mse(const at::Tensor& input_, const at::Tensor& target_, const std::optional<at::Tensor>& weight_,
+               int64_t reduction, std::optional<at::ScalarType> out_dtype) {
+  const at::Tensor input = in_dtype(input_, out_dtype);
+  const at::Tensor target = in_dtype(target_, out_dtype);
+  if (!weight_.has_value() || !weight_->defined()) return as_out(at::mse_loss(input, target, reduction), out_dtype);
+  const at::Tensor weight = in_dtype(*weight_, out_dtype);
+  const at::Tensor weighted = at::pow(input - target, 2) * weight;
+  if (reduction == kReductionNone) return as_out(weighted, out_dtype);
+  if (reduction == kReductionSum) return as_out(weighted.sum(), out_dtype);
+  return as_out(weighted.sum() / weight.sum(), out_dtype);
+}
+
+at::Tensor hinge_embedding(const at::Tensor& input, const at::Tensor& target, double margin, int64_t reduction,
+                           std::optional<at::ScalarType> out_dtype) {
+  return as_out(at::hinge_embedding_loss(in_dtype(input, out_dtype), target, margin, reduction), out_dtype);
+}
+
+// log(1 + exp(-y x)) as softplus: finite where torch's form overflows.
+at::Tensor soft_margin(const at::Tensor& input_, const at::Tensor& target, int64_t reduction,
+                       std::optional<at::ScalarType> out_dtype) {
+  const at::Tensor input = in_dtype(input_, out_dtype);
+  return as_out(reduce(at::softplus(-target * input).to(input.scalar_type()), reduction), out_dtype);
+}
+
+// Binary (SVM) hinge max(0, margin - y x), squared for the L2-SVM.
+at::Tensor hinge(const at::Tensor& input, const at::Tensor& target, double margin, bool squared, int64_t reduction,
+                 std::optional<at::ScalarType> out_dtype) {
+  at::Tensor loss = at::clamp_min(margin - in_dtype(target, out_dtype) * in_dtype(input, out_dtype), 0);
+  if (squared) loss = loss * loss;
+  return as_out(reduce(loss, reduction), out_dtype);
+}
+
+// torch's multi_margin_loss as differentiable ops (a NaN margin counts nothing,
+// as in torch's kernels). The output has torch's shape: one value per target
+// element for 'none' (so a (C) input with a (1) target gives (1)); an empty
+// batch's mean is NaN.
+at::Tensor multi_margin(const at::Tensor& input_, const at::Tensor& target, int64_t p, double margin,
+                        const std::optional<at::Tensor>& weight_, int64_t reduction,
+                        std::optional<at::ScalarType> out_dtype) {
+  TORCH_CHECK_VALUE(p == 1 || p == 2, "only p == 1 and p == 2 supported");
+  const at::Tensor input = in_dtype(input_, out_dtype);
+  const at::Tensor x = input.dim() < 2 ? input.reshape({1, -1}) : input;
+  const at::Tensor t = target.reshape({-1, 1});
+  const at::Tensor z = margin - x.gather(1, t) + x;
+  at::Tensor h = at::where(z > 0, p == 1 ? z : z * z, at::zeros_like(z));
+  h = h.masked_fill(at::zeros_like(h, h.options().dtype(at::kBool)).scatter_(1, t, true), 0);
+  if (weight_.has_value() && weight_->defined()) h = h * in_dtype(*weight_, out_dtype).index({t});
+  at::Tensor loss = h.sum(1) / x.sym_size(1);
+  if (reduction == kReductionNone) return as_out(loss.reshape_symint(target.sym_sizes()), out_dtype);
+  return as_out(reduce(loss, reduction), out_dtype);
+}
+
+// torch's cross_entropy, plus z-loss and softcap:
+//   softcap: logits become softcap * tanh(input / softcap) first;
+//   z-loss: each sample's loss gains lse_square_scale * logsumexp(x)^2, scaled
+//   by the target class's weight for class-index targets (unweighted for
+//   probability targets); ignored samples gain nothing, and a mean divides by
+//   torch's own denominator.
+at::Tensor cross_entropy(const at::Tensor& input_, const at::Tensor& target_, const std::optional<at::Tensor>& weight_,
+                         int64_t ignore_index, int64_t reduction, double label_smoothing, double lse_square_scale,
+                         std::optional<double> softcap, bool /*inplace_backward*/,
+                         std::optional<at::ScalarType> out_dtype) {
+  const at::Tensor input = in_dtype(input_, out_dtype);
+  const bool prob = target_.sym_sizes() == input_.sym_sizes();
+  const at::Tensor target = prob ? in_dtype(target_, out_dtype) : target_;
+  const std::optional<at::Tensor> weight = in_dtype(weight_, out_dtype);
+  const at::Tensor x = softcap.has_value() ? *softcap * at::tanh(input / *softcap) : input;
+  at::Tensor loss = at::cross_entropy_loss(x, target, weight, reduction, ignore_index, label_smoothing);
+  if (lse_square_scale == 0.0) return as_out(loss, out_dtype);
+  const int64_t class_dim = x.dim() == 1 ? 0 : 1;
+  const at::Tensor lse = at::logsumexp(x, {class_dim});
+  at::Tensor z = lse_square_scale * lse * lse;
+  at::Tensor denom;  // of a mean: torch's (the weight of the kept targets), or N
+  if (prob) {
+    if (reduction == kReductionMean) return as_out(loss + z.mean(), out_dtype);
+  } else {
+    const at::Tensor keep = target != ignore_index;
+    at::Tensor w_t = keep.to(z.scalar_type());
+    if (weight.has_value() && weight->defined()) {
+      w_t = w_t * weight->index({at::where(keep, target, at::zeros_like(target)).to(at::kLong)}).to(z.scalar_type());
+    }
+    z = z * w_t;
+    denom = w_t.sum();
+  }
+  if (reduction == kReductionNone) return as_out(loss + z, out_dtype);
+  if (reduction == kReductionSum) return as_out(loss + z.sum(), out_dtype);
+  // All targets ignored: torch's mean is NaN already, and ignored samples get
+  // zero gradient; dividing the (zero) z sum by 1 keeps it that way.
+  denom = at::where(denom == 0, at::ones_like(denom), denom);
+  return as_out(loss + z.sum() / denom, out_dtype);
+}
+
+}  // namespace fusedloss::composite
+
+TORCH_LIBRARY_IMPL(fusedloss, CompositeImplicitAutograd, m) {
+  using namespace fusedloss::composite;
+  m.impl("bce_with_logits_composite", &bce_with_logits);
+  m.impl("mse_composite", &mse);
+  m.impl("hinge_embedding_composite", &hinge_embedding);
+  m.impl("soft_margin_composite", &soft_margin);
+  m.impl("hinge_composite", &hinge);
+  m.impl("multi_margin_composite", &multi_margin);
+  m.impl("cross_entropy_composite", &cross_entropy);
+}

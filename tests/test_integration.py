@@ -13,7 +13,12 @@ import torch.nn.functional as F
 
 import fusedloss.functional as FF
 from conftest import DEVICES, HAS_CUDA, OUTSIDE_SOURCE, make
-from fusedloss.testing import assert_as_accurate_as_torch, assert_rows_match_float64, sample_rows
+from fusedloss.testing import (
+    assert_as_accurate_as_torch,
+    assert_matches_torch,
+    assert_rows_match_float64,
+    sample_rows,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
@@ -40,27 +45,27 @@ def _loss_pairs(device, dtype=torch.float32, n=37, c=53):
 # ---------------------------------------------------------------------------
 
 
+def _under_autocast(fn, device, dtype):
+    def run(*args, **kwargs):
+        with torch.autocast(device, dtype):
+            return fn(*args, **kwargs)
+
+    return run
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_autocast_dtype_policy_matches_torch(device, dtype):
-    if device == "cpu" and dtype == torch.float16:
-        pytest.skip("CPU autocast runs bf16")
     for name, fused, native, args in _loss_pairs(device):
         lowp = tuple(a.detach().to(dtype).requires_grad_(a.requires_grad) if a.is_floating_point() else a for a in args)
         with torch.autocast(device, dtype):
-            a = fused(*lowp)
-            b = native(*lowp)
-        assert a.dtype == b.dtype == torch.float32, name
-        # Both compute from the same low-precision inputs in fp32 (torch's CUDA
-        # kernels may keep some intermediates lower): fusedloss's error against a
-        # float64 run may be at most twice torch's.
-        exact = native(*[t.double() if t.is_floating_point() else t for t in lowp])
-        err_a, err_b = (a.double() - exact).abs().item(), (b.double() - exact).abs().item()
-        assert err_a <= 2 * err_b + 1e-5 * abs(exact.item()) + 1e-6, (name, err_a, err_b)
-        ga = torch.autograd.grad(a, lowp[0])[0]
-        gb = torch.autograd.grad(b, lowp[0])[0]
-        assert ga.dtype == gb.dtype == dtype, name
-        torch.testing.assert_close(ga.float(), gb.float(), rtol=2e-2, atol=1e-4, msg=name)
+            assert fused(*lowp).dtype == torch.float32, name
+        # Both compute in fp32 from the same low-precision inputs and return the
+        # gradient in the input's dtype: the loss is held to torch's fp32
+        # tolerance, the gradient element-wise to the float64 result.
+        assert_matches_torch(
+            name, *lowp, fused=_under_autocast(fused, device, dtype), native=_under_autocast(native, device, dtype)
+        )
 
 
 def test_autocast_under_compile_matches_eager():

@@ -34,15 +34,18 @@ set by its largest elements, so an error in the small ones goes unseen. A
 cross-entropy gradient at 32000 classes has target entries near 1/N and
 softmax entries near 1/C; with a max-norm bound the softmax entries could be
 dropped or scaled by 1.1 without failing. The ulp is taken at each element's
-own magnitude (below the smallest normal number it is the subnormal spacing),
-so a relative error of a few ulp is caught in every element. fusedloss
-accumulates in fp32 and rounds once to the output dtype: that rounding costs
+own magnitude (for zero and subnormal magnitudes, the subnormal spacing), so
+an error of a few ulp is caught in every element, small or large. fusedloss
+accumulates in fp32 and rounds once to the output dtype: the rounding costs
 up to half an ulp, and the fp32 error before it (including CUDA's fast
-``__expf``) can move the result across a rounding boundary, one more ulp;
-two ulp covers both and still rejects a 1% change in a bf16 element (1.3 to
-2.6 ulp) wherever torch is exact. torch's own error is the allowance above
-that, element by element, so fusedloss is never required to be more exact
-than torch, only never worse by more than two ulp.
+``__expf``) can tip the result to the other neighbour, one ulp more; two ulp
+covers both with a little room. Less would fail correct results; more would
+let through a 1% error in bf16, which is 1.3 to 2.6 ulp. torch's own error
+is the allowance on top, element by element: fusedloss never has to be more
+exact than torch, only never worse by more than two ulp. Where an element
+is a near-cancellation (its exact value far below the terms it is computed
+from), fp32 rounding of the terms can exceed two ulp of the result, and the
+rule then asks fusedloss to do as well as torch there.
 
 Returns a dict of the largest absolute errors; raises AssertionError on a
 mismatch. ``assert_as_accurate_as_torch`` applies the element-wise rule to

@@ -12,15 +12,8 @@ from hypothesis import strategies as st  # noqa: E402
 from fusedloss import _fuzz  # noqa: E402
 from fusedloss.testing import assert_matches_torch  # noqa: E402
 
-# Hypothesis (derandomized) draws bf16 class-index cases where fusedloss's
-# gradient cancels (p_t -> 1, or C = 1 with smoothing): the defects that
-# test_cross_entropy.py pins with CONFIDENT and CANCELLATION.
-_KNOWN = pytest.mark.xfail(
-    strict=True, reason="class-index gradient cancellation at p_t -> 1 and at C = 1 (see test_cross_entropy.py)"
-)
 
-
-@pytest.mark.parametrize("loss", [pytest.param(n, marks=_KNOWN) if n == "cross_entropy" else n for n in _fuzz.LOSSES])
+@pytest.mark.parametrize("loss", _fuzz.LOSSES)
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 @given(data=st.data())
 def test_random_cases_match_torch(loss, data):

@@ -213,10 +213,19 @@ struct CpuRowEngine {
                     : math::ce_index_grad_coefs(gv, lse, w != nullptr ? w[t] : acc_t(1), o);
           const acc_t* f = kProb ? buf.p.data() : w;  // f_c: w_c p'_c, or w_c (null: 1)
           const Vec<acc_t> va(k.ga), vm(m), vls(ls), vms(k.m_scale);
+          // The target's logit, read before the row is overwritten (in place).
+          const acc_t x_t = kProb ? acc_t(0) : x[t];
+          Vec<acc_t> q_other(acc_t(0));  // sum of q_c over c != t
           auto grad_vec = [&](int64_t c, int64_t cnt) {
             const bool full = cnt == Vec<acc_t>::size();
             const Vec<acc_t> vx = full ? Vec<acc_t>::loadu(x + c) : Vec<acc_t>::loadu(x + c, cnt);
-            Vec<acc_t> v = ((vx - vm) - vls).exp() * va;
+            const Vec<acc_t> q = ((vx - vm) - vls).exp();
+            if (!kProb) {
+              Vec<acc_t> qo = full ? q : Vec<acc_t>::set(Vec<acc_t>(acc_t(0)), q, cnt);
+              if (t >= c && t < c + cnt) qo = zero_lane(qo, t - c);
+              q_other = q_other + qo;
+            }
+            Vec<acc_t> v = q * va;
             if (k.m_scale != acc_t(0)) {
               const Vec<acc_t> vf = f == nullptr ? Vec<acc_t>(acc_t(1))
                                                  : (full ? Vec<acc_t>::loadu(f + c) : Vec<acc_t>::loadu(f + c, cnt));
@@ -233,10 +242,11 @@ struct CpuRowEngine {
           for (; c + Vec<acc_t>::size() <= C; c += Vec<acc_t>::size()) grad_vec(c, Vec<acc_t>::size());
           if (c < C) grad_vec(c, C - c);
           if (!kProb) {
-            // The target term, in the accumulation type before any rounding.
-            acc_t d = k.t_term;
-            if (p.has_softcap) d = d * math::softcap_slope(x[t], p.inv_softcap);
-            g_row[t] -= d;
+            // The target's own entry, in the accumulation type before any rounding.
+            const acc_t q_t = math::Ops<acc_t>::exp((x_t - m) - ls);
+            acc_t d = math::ce_index_target_grad(gv, q_t, lane_sum(q_other), lse, w != nullptr ? w[t] : acc_t(1), o);
+            if (p.has_softcap) d = d * math::softcap_slope(x_t, p.inv_softcap);
+            g_row[t] = d;
           }
           if (!direct_out) store_row(gout, p.gC, g_row, C);
         }

@@ -123,6 +123,15 @@ struct Tile {
   }
 };
 
+// v with lane `lane` set to zero.
+template <typename T>
+at::vec::Vectorized<T> zero_lane(const at::vec::Vectorized<T>& v, int64_t lane) {
+  alignas(64) T tmp[at::vec::Vectorized<T>::size()];
+  v.store(tmp);
+  tmp[lane] = T(0);
+  return at::vec::Vectorized<T>::loadu(tmp);
+}
+
 template <typename T>
 T lane_sum(const at::vec::Vectorized<T>& v) {
   alignas(64) T lanes[at::vec::Vectorized<T>::size()];

@@ -21,15 +21,6 @@ namespace {
 template <typename T>
 using Vec = at::vec::Vectorized<T>;
 
-// v with lane `lane` set to zero.
-template <typename T>
-Vec<T> zero_lane(const Vec<T>& v, int64_t lane) {
-  alignas(64) T tmp[Vec<T>::size()];
-  v.store(tmp);
-  tmp[lane] = T(0);
-  return Vec<T>::loadu(tmp);
-}
-
 int64_t row_grain(int64_t C) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)); }
 
 struct CpuRowEngine {

@@ -198,13 +198,19 @@ struct RowGrad {
   using acc_t = at::opmath_type<scalar_t>;
   math::CeGradCoefs<acc_t> k;
   acc_t m, ls;  // the row's max and log(sum exp(x - max))
+  acc_t g;      // the row's grad_output over the mean's denominator
+  acc_t w_t;    // the target's class weight (class indices)
   int64_t t;
   int64_t tbase;
 
-  // Without the target term, which the caller applies to element t only.
+  // q_c: the probability of a class with (capped) logit x.
+  __device__ __forceinline__ acc_t prob(acc_t x) const { return math::Ops<acc_t>::exp_fast((x - m) - ls); }
+
+  // The gradient of class c with probability q, but for a class-index
+  // target's own entry (target()); before the softcap slope.
   __device__ __forceinline__ acc_t operator()(const CeParams<scalar_t>& p, const CeOptions<acc_t>& o, int64_t c,
-                                              acc_t x) const {
-    acc_t v = math::Ops<acc_t>::exp_fast((x - m) - ls) * k.ga;
+                                              acc_t q) const {
+    acc_t v = q * k.ga;
     if (kProb) {
       v -= k.m_scale * p.weight_at(c) * math::ce_smoothed_target(p.target_at(tbase + c * p.tC), o);
     } else if (k.m_scale != acc_t(0)) {
@@ -213,12 +219,21 @@ struct RowGrad {
     return v;
   }
 
-  // The gradient of element c, target term included, in fp32 before rounding.
+  // The gradient of element c in fp32 before rounding, softcap slope included
+  // (a class-index target's own entry is rewritten by target()).
   __device__ __forceinline__ acc_t full(const CeParams<scalar_t>& p, const CeOptions<acc_t>& o, int64_t c,
                                         acc_t x) const {
-    acc_t v = (*this)(p, o, c, x);
-    if (!kProb && c == t) v -= k.t_term;
+    acc_t v = (*this)(p, o, c, prob(x));
     if (p.has_softcap) v *= math::softcap_slope(x, p.inv_softcap);
+    return v;
+  }
+
+  // A class-index target's own entry (numerics.h ce_index_target_grad), from
+  // its (capped) logit and the sum of the other classes' probabilities.
+  __device__ __forceinline__ acc_t target(const CeParams<scalar_t>& p, const CeOptions<acc_t>& o, acc_t x_t,
+                                          acc_t s_other) const {
+    acc_t v = math::ce_index_target_grad(g, prob(x_t), s_other, m + ls, w_t, o);
+    if (p.has_softcap) v *= math::softcap_slope(x_t, p.inv_softcap);
     return v;
   }
 };
@@ -229,6 +244,7 @@ __device__ __forceinline__ bool prepare_row_grad(const CeParams<scalar_t>& p, co
   using acc_t = at::opmath_type<scalar_t>;
   *ignored = false;
   const acc_t g = p.row_grad(r);
+  rg.g = g;
   rg.m = p.lse[2 * r];
   rg.ls = p.lse[2 * r + 1];
   const acc_t lse = rg.m + rg.ls;
@@ -244,7 +260,8 @@ __device__ __forceinline__ bool prepare_row_grad(const CeParams<scalar_t>& p, co
     return true;
   }
   if (rg.t < 0 || rg.t >= p.g.C) return false;
-  rg.k = math::ce_index_grad_coefs(g, lse, p.weight_at(rg.t), o);
+  rg.w_t = p.weight_at(rg.t);
+  rg.k = math::ce_index_grad_coefs(g, lse, rg.w_t, o);
   return true;
 }
 
@@ -260,15 +277,23 @@ __device__ __forceinline__ at::opmath_type<scalar_t> target_grad(const CeParams<
 
 // kPlain: class-index targets without smoothing or softcap, the common
 // training case, compiled without the general path's registers.
+//
+// A class-index target's own entry needs the sum of the other classes'
+// probabilities (numerics.h ce_index_target_grad): every thread reads the
+// target logit first (a group barrier follows, so that in-place writes cannot
+// overtake that read), adds the probabilities of its other classes, and after
+// the group's sum the group's first thread writes the target's entry over the
+// provisional value its owner stored with its pack.
 template <typename scalar_t, bool kProb, int G, bool kPlain>
 __global__ void __launch_bounds__(G > kWarp ? G : kRowBlock, kPlain ? min_blocks<G>() : 1)
     ce_backward_rows(const CeParams<scalar_t> p) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int VEC = pack_size<scalar_t>();
   constexpr int kRowsPerBlock = G > kWarp ? 1 : kRowBlock / kWarp;
+  __shared__ acc_t smem[kWarp];
   const int lane = G > kWarp ? threadIdx.x : threadIdx.x % kWarp;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + (G > kWarp ? 0 : threadIdx.x / kWarp);
-  if (r >= p.g.rows()) return;
+  if (r >= p.g.rows()) return;  // whole groups only
   const CeOptions<acc_t> o = p.options();
   const int64_t C = p.g.C;
   RowGrad<kProb, scalar_t> rg;
@@ -281,6 +306,16 @@ __global__ void __launch_bounds__(G > kWarp ? G : kRowBlock, kPlain ? min_blocks
   const bool tout_packable = p.grad_target_dtype == dtype_code(c10::CppTypeToScalarType<scalar_t>::value);
   scalar_t* tout = p.grad_target != nullptr ? static_cast<scalar_t*>(p.grad_target) + tbase_out : nullptr;
   const acc_t g = p.row_grad(r);
+  // Group-uniform: whether this row has a class-index target entry to write.
+  const bool own_target = !kProb && valid && !ignored && out != nullptr;
+  acc_t x_t = acc_t(0);
+  if (own_target) x_t = capped(p, row[rg.t]);
+  if constexpr (G > kWarp) {
+    __syncthreads();
+  } else {
+    __syncwarp();
+  }
+  acc_t s_other = acc_t(0);  // sum of q_c over this thread's c != t
   // Uniform per row: packs only when input and output rows share their alignment.
   const RowSplit sp = split_row(row, C);
   const bool packed = p.gC == 1 && (out == nullptr || split_row(out, C).head == sp.head) &&
@@ -295,6 +330,7 @@ __global__ void __launch_bounds__(G > kWarp ? G : kRowBlock, kPlain ? min_blocks
       return;
     }
     const acc_t x = capped(p, row[c]);
+    if (!kProb && c != rg.t) s_other += rg.prob(x);
     if (out != nullptr) out[c * p.gC] = static_cast<scalar_t>(rg.full(p, o, c, x));
     if (tout != nullptr) {
       store_value(p.grad_target, p.grad_target_dtype, tbase_out + c * p.gtC, target_grad(p, o, g, rg.m, rg.ls, c, x));
@@ -302,55 +338,59 @@ __global__ void __launch_bounds__(G > kWarp ? G : kRowBlock, kPlain ? min_blocks
   };
   if (!packed) {
     for (int64_t c = lane; c < C; c += G) one(c);
-    return;
-  }
-  for (int64_t c = lane; c < sp.head; c += G) one(c);
-  constexpr int kUnroll = unroll<scalar_t>();
-  for (int64_t k0 = lane; k0 < sp.packs; k0 += static_cast<int64_t>(G) * kUnroll) {
-    Pack<scalar_t, VEC> pk[kUnroll];
-    if (!ignored) load_packs<G>(row + sp.head, k0, sp.packs, pk);
+  } else {
+    for (int64_t c = lane; c < sp.head; c += G) one(c);
+    constexpr int kUnroll = unroll<scalar_t>();
+    for (int64_t k0 = lane; k0 < sp.packs; k0 += static_cast<int64_t>(G) * kUnroll) {
+      Pack<scalar_t, VEC> pk[kUnroll];
+      if (!ignored) load_packs<G>(row + sp.head, k0, sp.packs, pk);
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t k = k0 + static_cast<int64_t>(u) * G;
-      if (k >= sp.packs) break;
-      const int64_t c0 = sp.head + k * VEC;
-      Pack<scalar_t, VEC> go, gt;
-      if (ignored || !valid) {
-        const scalar_t fill = ignored ? scalar_t(0) : static_cast<scalar_t>(nan_value<acc_t>());
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t k = k0 + static_cast<int64_t>(u) * G;
+        if (k >= sp.packs) break;
+        const int64_t c0 = sp.head + k * VEC;
+        Pack<scalar_t, VEC> go, gt;
+        if (ignored || !valid) {
+          const scalar_t fill = ignored ? scalar_t(0) : static_cast<scalar_t>(nan_value<acc_t>());
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) go.v[j] = fill;
-      } else if constexpr (kPlain) {
+          for (int j = 0; j < VEC; ++j) go.v[j] = fill;
+        } else if constexpr (kPlain) {
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) {
-          acc_t v = math::Ops<acc_t>::exp_fast((static_cast<acc_t>(pk[u].v[j]) - rg.m) - rg.ls) * rg.k.ga;
-          if (c0 + j == rg.t) v -= rg.k.t_term;  // in fp32, before rounding
-          go.v[j] = static_cast<scalar_t>(v);
+          for (int j = 0; j < VEC; ++j) {
+            const acc_t q = rg.prob(static_cast<acc_t>(pk[u].v[j]));
+            s_other += c0 + j == rg.t ? acc_t(0) : q;
+            go.v[j] = static_cast<scalar_t>(q * rg.k.ga);
+          }
+        } else {
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) {
+            const acc_t x = capped(p, pk[u].v[j]);
+            const acc_t q = rg.prob(x);
+            if (!kProb && c0 + j != rg.t) s_other += q;
+            acc_t v = rg(p, o, c0 + j, q);
+            if (p.has_softcap) v *= math::softcap_slope(x, p.inv_softcap);
+            go.v[j] = static_cast<scalar_t>(v);
+            if (tout != nullptr) gt.v[j] = static_cast<scalar_t>(target_grad(p, o, g, rg.m, rg.ls, c0 + j, x));
+          }
         }
-      } else {
-        acc_t x[VEC], v[VEC];
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) {
-          x[j] = capped(p, pk[u].v[j]);
-          v[j] = rg(p, o, c0 + j, x[j]);
-        }
-        // The target term, once per pack, in fp32 before rounding.
-        if (!kProb && rg.t >= c0 && rg.t < c0 + VEC) {
-#pragma unroll
-          for (int j = 0; j < VEC; ++j)
-            if (c0 + j == rg.t) v[j] -= rg.k.t_term;
-        }
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) {
-          if (p.has_softcap) v[j] *= math::softcap_slope(x[j], p.inv_softcap);
-          go.v[j] = static_cast<scalar_t>(v[j]);
-          if (tout != nullptr) gt.v[j] = static_cast<scalar_t>(target_grad(p, o, g, rg.m, rg.ls, c0 + j, x[j]));
-        }
+        if (out != nullptr) store_pack(out + c0, go);
+        if (tout != nullptr && valid && !ignored) store_pack(tout + c0, gt);
       }
-      if (out != nullptr) store_pack(out + c0, go);
-      if (tout != nullptr && valid && !ignored) store_pack(tout + c0, gt);
     }
+    for (int64_t c = sp.tail + lane; c < C; c += G) one(c);
   }
-  for (int64_t c = sp.tail + lane; c < C; c += G) one(c);
+  if (own_target) {
+    // The sum is in the group's first thread; the barrier inside the group
+    // sum (or the warp sync) orders the owner's provisional store before this
+    // one.
+    if constexpr (G > kWarp) {
+      s_other = block_sum(s_other, smem);
+    } else {
+      s_other = warp_sum(s_other);
+      __syncwarp();
+    }
+    if (lane == 0) out[rg.t * p.gC] = static_cast<scalar_t>(rg.target(p, o, x_t, s_other));
+  }
 }
 
 // One thread per row, looping over strided classes.
@@ -386,17 +426,23 @@ __global__ void __launch_bounds__(kRowBlock) ce_backward_strided(const CeParams<
   scalar_t* out = p.grad_input != nullptr ? p.grad_input + p.offset(r, p.gN, p.gS) : nullptr;
   const int64_t tbase_out = p.offset(r, p.gtN, p.gtS);
   const acc_t g = p.row_grad(r);
+  const bool own_target = !kProb && valid && !ignored && out != nullptr;
+  // Read before the row is overwritten (in place); see ce_backward_rows.
+  const acc_t x_t = own_target ? capped(p, p.input[xbase + rg.t * p.g.sC]) : acc_t(0);
+  acc_t s_other = acc_t(0);
   for (int64_t c = 0; c < p.g.C; ++c) {
     if (ignored || !valid) {
       if (out != nullptr) out[c * p.gC] = ignored ? scalar_t(0) : static_cast<scalar_t>(nan_value<acc_t>());
       continue;
     }
     const acc_t x = capped(p, p.input[xbase + c * p.g.sC]);
+    if (!kProb && c != rg.t) s_other += rg.prob(x);
     if (out != nullptr) out[c * p.gC] = static_cast<scalar_t>(rg.full(p, o, c, x));
     if (p.grad_target != nullptr) {
       store_value(p.grad_target, p.grad_target_dtype, tbase_out + c * p.gtC, target_grad(p, o, g, rg.m, rg.ls, c, x));
     }
   }
+  if (own_target) out[rg.t * p.gC] = static_cast<scalar_t>(rg.target(p, o, x_t, s_other));
 }
 
 struct CudaRowEngine {

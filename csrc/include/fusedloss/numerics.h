@@ -165,6 +165,8 @@ C10_HOST_DEVICE inline V squared_error_grad(V x, V y) {
 // divided by the mean's denominator and q_c = exp((x_c - m) - ls):
 //   class index t:   g (q_c a - (1 - eps) w_t [c == t] - eps/C w_c),
 //                    a = (1 - eps) w_t + eps/C W + 2 z lse w_t
+//                    (the target's own entry rewritten without cancellation:
+//                    ce_index_target_grad)
 //   probabilities:   g (q_c a - w_c p'_c),  a = mass + 2 z lse
 // ---------------------------------------------------------------------------
 
@@ -288,23 +290,38 @@ C10_HOST_DEVICE inline T ce_prob_grad_scale(T lse, T mass, const CeOptions<T>& o
 }
 
 // A row's gradient coefficients, g already divided by the mean's denominator:
-//   d loss / d x_c = ga q_c - m_scale f_c - [c == t] t_term
-// with f_c = w_c p'_c (probabilities) or w_c (class indices; 1 when unweighted).
+//   d loss / d x_c = ga q_c - m_scale f_c
+// with f_c = w_c p'_c (probabilities) or w_c (class indices; 1 when unweighted),
+// for every class but a class-index target's own (ce_index_target_grad).
 template <typename T>
 struct CeGradCoefs {
   T ga;       // g a
   T m_scale;  // g (probabilities) or g eps / C (class indices)
-  T t_term;   // (1 - eps) w_t g (class indices), 0 for probabilities
 };
 
 template <typename T>
 C10_HOST_DEVICE inline CeGradCoefs<T> ce_index_grad_coefs(T g, T lse, T w_t, const CeOptions<T>& o) {
-  return {g * ce_index_grad_scale(lse, w_t, o), g * o.smoothing / T(o.num_classes), (T(1) - o.smoothing) * w_t * g};
+  return {g * ce_index_grad_scale(lse, w_t, o), g * o.smoothing / T(o.num_classes)};
 }
 
 template <typename T>
 C10_HOST_DEVICE inline CeGradCoefs<T> ce_prob_grad_coefs(T g, T lse, T mass, const CeOptions<T>& o) {
-  return {g * ce_prob_grad_scale(lse, mass, o), g, T(0)};
+  return {g * ce_prob_grad_scale(lse, mass, o), g};
+}
+
+// The gradient of a class-index target's own logit,
+//   g ((eps/C) (W q_t - w_t) + 2 z lse w_t q_t - (1 - eps) w_t s_other),
+// from s_other = sum_{c != t} q_c (= 1 - q_t), summed over the other classes.
+// The general formula's g a q_t - (1 - eps) w_t g cancels where the target takes
+// nearly all the probability (q_t within an ulp of 1 leaves only rounding), and
+// leaves rounding noise where the exact gradient is 0 (one class, smoothed);
+// this form has neither cancellation.
+template <typename T>
+C10_HOST_DEVICE inline T ce_index_target_grad(T g, T q_t, T s_other, T lse, T w_t, const CeOptions<T>& o) {
+  T d = -(T(1) - o.smoothing) * w_t * s_other;
+  if (o.smoothing > T(0)) d += o.smoothing / T(o.num_classes) * (o.weight_sum * q_t - w_t);
+  if (o.z_loss != T(0)) d += T(2) * o.z_loss * lse * w_t * q_t;
+  return g * d;
 }
 
 // d loss / d p_c of a probability target: g (1 - eps) w_c (lse - x_c).

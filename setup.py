@@ -281,7 +281,9 @@ def _shout(message):
     So under a PEP 517 frontend whose output is not a terminal, also write to
     the controlling terminal when there is one; stderr keeps it in -v logs.
     """
-    under_frontend = "_PYPROJECT_HOOKS_BUILD_BACKEND" in os.environ
+    # Set by pyproject-hooks, which pip and build run the backend with (the
+    # second name in older ones, as in pip 23).
+    under_frontend = any(v in os.environ for v in ("_PYPROJECT_HOOKS_BUILD_BACKEND", "PEP517_BUILD_BACKEND"))
     if under_frontend and not sys.stderr.isatty():
         try:
             with open("/dev/tty", "w") as tty:

@@ -108,9 +108,10 @@ def _need_source_tree():
 
 
 def _tree_snapshot():
+    """Every path in the source tree with its mtime, less git's, a venv's and bytecode caches."""
     snap = {}
     for dirpath, dirnames, filenames in os.walk(ROOT):
-        dirnames[:] = [d for d in dirnames if d != ".git"]
+        dirnames[:] = [d for d in dirnames if d not in (".git", ".venv", "__pycache__")]
         for name in dirnames + filenames:
             path = os.path.join(dirpath, name)
             snap[os.path.relpath(path, ROOT)] = os.lstat(path).st_mtime_ns
@@ -147,9 +148,7 @@ def test_sdist_has_every_source_and_leaves_the_tree_alone(tmp_path):
     ]:
         for dirpath, dirnames, filenames in os.walk(os.path.join(ROOT, folder)):
             dirnames[:] = [d for d in dirnames if d != "__pycache__"]
-            expected |= {os.path.relpath(os.path.join(dirpath, f), ROOT) for f in filenames if f.endswith(suffixes)} - {
-                "fusedloss/_build_info.json"
-            }
+            expected |= {os.path.relpath(os.path.join(dirpath, f), ROOT) for f in filenames if f.endswith(suffixes)}
     assert "tests/conftest.py" in expected and any(n.endswith(".cu") for n in expected)
     assert expected - names == set()
     assert not {n for n in names if n.endswith((".so", ".o", ".pyc")) or n.endswith("_build_info.json")}

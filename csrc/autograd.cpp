@@ -593,3 +593,216 @@ TORCH_LIBRARY_IMPL(fusedloss, AutocastCPU, m) {
 TORCH_LIBRARY_IMPL(fusedloss, AutocastCUDA, m) {
   fusedloss::AutocastKernels<c10::DispatchKey::AutocastCUDA>::register_all(m);
 }
+
+// ---------------------------------------------------------------------------
+// sigmoid_focal_loss, multilabel_soft_margin_loss and distillation on logits:
+// their autograd, the no-grad path of distill (whose forward op returns saved
+// state), and their Autocast kernels.
+namespace fusedloss {
+namespace {
+
+// sigmoid_focal_loss: gradients for input and (soft) target.
+using SigmoidFocalSig = Tensor(const Tensor&, const Tensor&, double, double, int64_t, OptDtype);
+
+struct SigmoidFocal : torch::autograd::Function<SigmoidFocal> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& input, const Tensor& target, double alpha, double gamma,
+                        int64_t reduction, OptDtype out_dtype) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    ctx->save_for_backward({input, target});
+    ctx->saved_data["alpha"] = alpha;
+    ctx->saved_data["gamma"] = gamma;
+    ctx->saved_data["reduction"] = reduction;
+    ctx->saved_data["out_dtype"] = out_dtype;
+    return FUSEDLOSS_OP("sigmoid_focal", SigmoidFocalSig).call(input, target, alpha, gamma, reduction, out_dtype);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto s = ctx->get_saved_variables();
+    const double alpha = ctx->saved_data["alpha"].toDouble();
+    const double gamma = ctx->saved_data["gamma"].toDouble();
+    const int64_t reduction = ctx->saved_data["reduction"].toInt();
+    const std::vector<bool> needs{ctx->needs_input_grad(0), ctx->needs_input_grad(1)};
+    if (!grads[0].defined()) return variable_list(6);
+    if (at::GradMode::is_enabled()) {
+      const Tensor loss = composite::sigmoid_focal(s[0], s[1], alpha, gamma, reduction,
+                                                   ctx->saved_data["out_dtype"].toOptional<at::ScalarType>());
+      return grads_then_none(composite_grads(loss, {s[0], s[1]}, needs, grads[0]), 6);
+    }
+    using Sig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, double, double, int64_t,
+                                           std::array<bool, 2>);
+    auto [gx, gy] = FUSEDLOSS_OP("sigmoid_focal_backward", Sig)
+                        .call(grads[0], s[0], s[1], alpha, gamma, reduction, {needs[0], needs[1]});
+    return grads_then_none({needs[0] ? gx : Tensor(), needs[1] ? gy : Tensor()}, 6);
+  }
+};
+
+Tensor sigmoid_focal(const Tensor& input, const Tensor& target, double alpha, double gamma, int64_t reduction,
+                     OptDtype out_dtype) {
+  check_same_device(input, {&target});
+  if (has_fw_grad(input) || has_fw_grad(target)) {
+    return composite::sigmoid_focal(input, target, alpha, gamma, reduction, out_dtype);
+  }
+  return SigmoidFocal::apply(input, target, alpha, gamma, reduction, out_dtype);
+}
+
+// multilabel_soft_margin_loss: gradients for input and a floating target; a
+// weight that requires grad goes to the composite (torch's loss is a
+// composite, so torch differentiates the weight; the kernels do not).
+using MultilabelSoftMarginSig = Tensor(const Tensor&, const Tensor&, const OptTensor&, int64_t, OptDtype);
+
+struct MultilabelSoftMargin : torch::autograd::Function<MultilabelSoftMargin> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& input, const Tensor& target, const OptTensor& weight,
+                        int64_t reduction, OptDtype out_dtype) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    ctx->save_for_backward({input, target, value_or_undefined(weight)});
+    ctx->saved_data["reduction"] = reduction;
+    ctx->saved_data["out_dtype"] = out_dtype;
+    return FUSEDLOSS_OP("multilabel_soft_margin", MultilabelSoftMarginSig)
+        .call(input, target, weight, reduction, out_dtype);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto s = ctx->get_saved_variables();
+    const int64_t reduction = ctx->saved_data["reduction"].toInt();
+    const std::vector<bool> needs{ctx->needs_input_grad(0), ctx->needs_input_grad(1) && s[1].is_floating_point()};
+    if (!grads[0].defined()) return variable_list(5);
+    if (at::GradMode::is_enabled()) {
+      const Tensor loss = composite::multilabel_soft_margin(s[0], s[1], s[2], reduction,
+                                                            ctx->saved_data["out_dtype"].toOptional<at::ScalarType>());
+      return grads_then_none(composite_grads(loss, {s[0], s[1]}, needs, grads[0]), 5);
+    }
+    using Sig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, int64_t,
+                                           std::array<bool, 2>);
+    auto [gx, gy] = FUSEDLOSS_OP("multilabel_soft_margin_backward", Sig)
+                        .call(grads[0], s[0], s[1], s[2], reduction, {needs[0], needs[1]});
+    return grads_then_none({needs[0] ? gx : Tensor(), needs[1] ? gy : Tensor()}, 5);
+  }
+};
+
+Tensor multilabel_soft_margin(const Tensor& input, const Tensor& target, const OptTensor& weight, int64_t reduction,
+                              OptDtype out_dtype) {
+  check_same_device(input, {&target, ptr(weight)});
+  const bool weight_rg = weight.has_value() && weight->defined() && weight->requires_grad() && at::GradMode::is_enabled();
+  if (weight_rg || has_fw_grad(input) || has_fw_grad(target) || has_fw_grad(weight)) {
+    return composite::multilabel_soft_margin(input, target, weight, reduction, out_dtype);
+  }
+  return MultilabelSoftMargin::apply(input, target, weight, reduction, out_dtype);
+}
+
+// Distillation: gradients for the student and the teacher (each only when it
+// requires grad); the target only selects rows. The forward saves the logits,
+// the target and O(rows) state.
+using DistillForwardSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&, double,
+                                                             double, int64_t, int64_t, OptDtype);
+
+struct Distill : torch::autograd::Function<Distill> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& student, const Tensor& teacher, const OptTensor& target,
+                        double beta, double temperature, int64_t ignore_index, int64_t reduction, OptDtype out_dtype) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto [loss, stats, denominator] = FUSEDLOSS_OP("distill_forward", DistillForwardSig)
+                                          .call(student, teacher, target, beta, temperature, ignore_index, reduction,
+                                                out_dtype);
+    ctx->save_for_backward({student, teacher, value_or_undefined(target), stats, denominator});
+    ctx->saved_data["beta"] = beta;
+    ctx->saved_data["temperature"] = temperature;
+    ctx->saved_data["ignore_index"] = ignore_index;
+    ctx->saved_data["reduction"] = reduction;
+    ctx->saved_data["out_dtype"] = out_dtype;
+    return loss;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto s = ctx->get_saved_variables();
+    const double beta = ctx->saved_data["beta"].toDouble();
+    const double temperature = ctx->saved_data["temperature"].toDouble();
+    const int64_t ignore_index = ctx->saved_data["ignore_index"].toInt();
+    const int64_t reduction = ctx->saved_data["reduction"].toInt();
+    const std::vector<bool> needs{ctx->needs_input_grad(0), ctx->needs_input_grad(1)};
+    constexpr size_t kArgs = 8;
+    if (!grads[0].defined()) return variable_list(kArgs);
+    const OptTensor target = s[2].defined() ? OptTensor(s[2]) : std::nullopt;
+    if (at::GradMode::is_enabled()) {
+      const Tensor loss = composite::distill(s[0], s[1], target, beta, temperature, ignore_index, reduction,
+                                             ctx->saved_data["out_dtype"].toOptional<at::ScalarType>());
+      return grads_then_none(composite_grads(loss, {s[0], s[1]}, needs, grads[0]), kArgs);
+    }
+    using Sig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
+                                           const Tensor&, const Tensor&, double, double, int64_t, int64_t,
+                                           std::array<bool, 2>);
+    auto [gs, gt] = FUSEDLOSS_OP("distill_backward", Sig)
+                        .call(grads[0], s[0], s[1], target, s[3], s[4], beta, temperature, ignore_index, reduction,
+                              {needs[0], needs[1]});
+    return grads_then_none({needs[0] ? gs : Tensor(), needs[1] ? gt : Tensor()}, kArgs);
+  }
+};
+
+Tensor distill(const Tensor& student, const Tensor& teacher, const OptTensor& target, double beta, double temperature,
+               int64_t ignore_index, int64_t reduction, OptDtype out_dtype) {
+  check_same_device(student, {&teacher, ptr(target)});
+  if (has_fw_grad(student) || has_fw_grad(teacher)) {
+    return composite::distill(student, teacher, target, beta, temperature, ignore_index, reduction, out_dtype);
+  }
+  return Distill::apply(student, teacher, target, beta, temperature, ignore_index, reduction, out_dtype);
+}
+
+Tensor distill_no_grad(const Tensor& student, const Tensor& teacher, const OptTensor& target, double beta,
+                       double temperature, int64_t ignore_index, int64_t reduction, OptDtype out_dtype) {
+  return std::get<0>(FUSEDLOSS_OP("distill_forward", DistillForwardSig)
+                         .call(student, teacher, target, beta, temperature, ignore_index, reduction, out_dtype));
+}
+
+// Autocast. torch runs torchvision's focal loss in fp32 (its BCE is on both
+// devices' fp32 lists), and the distillation composite too (log_softmax and
+// kl_div). multilabel_soft_margin_loss keeps the input's dtype under CPU
+// autocast (none of its ops is listed there) and gives fp32 under CUDA
+// autocast (its sum is on CUDA's fp32 list): it has a CUDA kernel only.
+template <c10::DispatchKey kAutocast>
+struct SigmoidAndDistillAutocast {
+  using Guard = c10::impl::ExcludeDispatchKeyGuard;
+
+  static Tensor sigmoid_focal(const Tensor& input, const Tensor& target, double alpha, double gamma, int64_t reduction,
+                              OptDtype out_dtype) {
+    Guard no_autocast(kAutocast);
+    const auto t = c10::promoteTypes(input.scalar_type(), target.scalar_type());
+    return FUSEDLOSS_OP("sigmoid_focal", SigmoidFocalSig)
+        .call(input, target, alpha, gamma, reduction, autocast_dtype(out_dtype, t));
+  }
+  static Tensor multilabel_soft_margin(const Tensor& input, const Tensor& target, const OptTensor& weight,
+                                       int64_t reduction, OptDtype out_dtype) {
+    Guard no_autocast(kAutocast);
+    return FUSEDLOSS_OP("multilabel_soft_margin", MultilabelSoftMarginSig)
+        .call(input, target, weight, reduction, autocast_dtype(out_dtype, input.scalar_type()));
+  }
+  static Tensor distill(const Tensor& student, const Tensor& teacher, const OptTensor& target, double beta,
+                        double temperature, int64_t ignore_index, int64_t reduction, OptDtype out_dtype) {
+    Guard no_autocast(kAutocast);
+    using Sig = Tensor(const Tensor&, const Tensor&, const OptTensor&, double, double, int64_t, int64_t, OptDtype);
+    const auto t = c10::promoteTypes(student.scalar_type(), teacher.scalar_type());
+    return FUSEDLOSS_OP("distill", Sig)
+        .call(student, teacher, target, beta, temperature, ignore_index, reduction, autocast_dtype(out_dtype, t));
+  }
+};
+
+}  // namespace
+}  // namespace fusedloss
+
+TORCH_LIBRARY_IMPL(fusedloss, Autograd, m) {
+  m.impl("sigmoid_focal", &fusedloss::sigmoid_focal);
+  m.impl("multilabel_soft_margin", &fusedloss::multilabel_soft_margin);
+  m.impl("distill", &fusedloss::distill);
+}
+
+TORCH_LIBRARY_IMPL(fusedloss, CompositeExplicitAutograd, m) { m.impl("distill", &fusedloss::distill_no_grad); }
+
+TORCH_LIBRARY_IMPL(fusedloss, AutocastCPU, m) {
+  using K = fusedloss::SigmoidAndDistillAutocast<c10::DispatchKey::AutocastCPU>;
+  m.impl("sigmoid_focal", &K::sigmoid_focal);
+  m.impl("distill", &K::distill);
+}
+
+TORCH_LIBRARY_IMPL(fusedloss, AutocastCUDA, m) {
+  using K = fusedloss::SigmoidAndDistillAutocast<c10::DispatchKey::AutocastCUDA>;
+  m.impl("sigmoid_focal", &K::sigmoid_focal);
+  m.impl("multilabel_soft_margin", &K::multilabel_soft_margin);
+  m.impl("distill", &K::distill);
+}

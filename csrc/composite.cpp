@@ -9,6 +9,8 @@
 #include <fusedloss/composite.h>
 #include <fusedloss/numerics.h>
 
+#include <limits>
+
 namespace fusedloss::composite {
 namespace {
 
@@ -141,6 +143,97 @@ at::Tensor cross_entropy(const at::Tensor& input_, const at::Tensor& target_, co
   return as_out(loss + z.sum() / denom, out_dtype);
 }
 
+// torchvision's sigmoid_focal_loss with 1 - p_t formed as
+// sigmoid(x) (1 - y) + sigmoid(-x) y, which is exact where torchvision's
+// 1 - (p y + (1 - p)(1 - y)) rounds to 0 (p within an ulp of 1). The ops run in
+// torchvision's order (sigmoid, then the BCE), so invalid arguments raise its errors.
+at::Tensor sigmoid_focal(const at::Tensor& input_, const at::Tensor& target_, double alpha, double gamma,
+                         int64_t reduction, std::optional<at::ScalarType> out_dtype) {
+  const at::Tensor inputs = in_dtype(input_, out_dtype);
+  const at::Tensor targets = in_dtype(target_, out_dtype);
+  const at::Tensor p = at::sigmoid(inputs);
+  const at::Tensor ce = at::binary_cross_entropy_with_logits(inputs, targets, {}, {}, kReductionNone);
+  const at::Tensor u = p * at::rsub(targets, 1) + at::sigmoid(-inputs) * targets;
+  at::Tensor loss = ce * at::pow(u, gamma);
+  if (alpha >= 0) loss = (alpha * targets + (1 - alpha) * at::rsub(targets, 1)) * loss;
+  return as_out(reduce(loss, reduction), out_dtype);
+}
+
+// torch's multilabel_soft_margin_loss, op for op: the class dim is the last.
+at::Tensor multilabel_soft_margin(const at::Tensor& input_, const at::Tensor& target_,
+                                  const std::optional<at::Tensor>& weight_, int64_t reduction,
+                                  std::optional<at::ScalarType> out_dtype) {
+  const at::Tensor input = in_dtype(input_, out_dtype);
+  const at::Tensor target = in_dtype(target_, out_dtype);
+  at::Tensor loss = -(target * at::log_sigmoid(input) + at::rsub(target, 1) * at::log_sigmoid(-input));
+  if (weight_.has_value() && weight_->defined()) loss = loss * in_dtype(*weight_, out_dtype);
+  loss = loss.sum(-1) / input.sym_size(-1);
+  return as_out(reduce(loss, reduction), out_dtype);
+}
+
+namespace {
+
+// sum_c P_c (l_c - lr_c) over the last dim, with P = exp(l) and 0 log 0 = 0:
+// terms where P_c = 0 are 0, also in their gradients (the where()s keep -inf
+// out of every product, so masked classes give no NaN backward).
+at::Tensor kl_rows(const at::Tensor& l, const at::Tensor& lr) {
+  const at::Tensor p = at::exp(l);
+  const at::Tensor pos = p > 0;
+  const at::Tensor zero = at::zeros({}, l.options());
+  return at::where(pos, p * (at::where(pos, l, zero) - at::where(pos, lr, zero)), zero).sum(-1);
+}
+
+}  // namespace
+
+// KL(softmax(t / T) || softmax(s / T)) (beta 0), KL(softmax(s / T) || softmax(t / T))
+// (beta 1) or the generalised JSD beta KL(P || M) + (1 - beta) KL(Q || M),
+// M = beta P + (1 - beta) Q, P the teacher's, Q the student's; times T^2.
+// Rows whose target is ignore_index count nothing: their logits are replaced by
+// 0 before anything is computed, so even NaN there gives a zero gradient.
+// Means over no kept rows are NaN with zero gradients.
+at::Tensor distill(const at::Tensor& student_, const at::Tensor& teacher_, const std::optional<at::Tensor>& target,
+                   double beta, double temperature, int64_t ignore_index, int64_t reduction,
+                   std::optional<at::ScalarType> out_dtype) {
+  at::Tensor s = in_dtype(student_, out_dtype);
+  at::Tensor t = in_dtype(teacher_, out_dtype);
+  const auto dtype = c10::promoteTypes(s.scalar_type(), t.scalar_type());
+  s = s.to(dtype);
+  t = t.to(dtype);
+  const bool has_target = target.has_value() && target->defined();
+  at::Tensor keep;
+  if (has_target) {
+    keep = *target != ignore_index;
+    const at::Tensor zero = at::zeros({}, s.options());
+    s = at::where(keep.unsqueeze(-1), s, zero);
+    t = at::where(keep.unsqueeze(-1), t, zero);
+  }
+  const at::Tensor lq = at::log_softmax(s / temperature, -1);
+  const at::Tensor lp = at::log_softmax(t / temperature, -1);
+  at::Tensor rows;
+  if (beta == 0.0) {
+    rows = kl_rows(lp, lq);
+  } else if (beta == 1.0) {
+    rows = kl_rows(lq, lp);
+  } else {
+    const at::Tensor m = beta * at::exp(lp) + (1 - beta) * at::exp(lq);
+    const at::Tensor lm = at::log(at::where(m > 0, m, at::ones({}, m.options())));
+    rows = beta * kl_rows(lp, lm) + (1 - beta) * kl_rows(lq, lm);
+  }
+  rows = rows * (temperature * temperature);
+  if (has_target) rows = at::where(keep, rows, at::zeros({}, rows.options()));
+  if (reduction == kReductionNone) return as_out(rows, out_dtype);
+  const at::Tensor total = rows.sum();
+  if (reduction == kReductionSum) return as_out(total, out_dtype);
+  at::Tensor count = has_target ? keep.sum().to(total.scalar_type())
+                                : at::scalar_tensor(rows.sym_numel(), total.options());
+  if (reduction == kReductionMean) count = count * s.sym_size(-1);
+  const at::Tensor safe = at::clamp_min(count, 1);
+  const at::Tensor nan_if_empty =
+      at::where(count == 0, at::full({}, std::numeric_limits<double>::quiet_NaN(), total.options()),
+                at::zeros({}, total.options()));
+  return as_out(total / safe + nan_if_empty, out_dtype);
+}
+
 }  // namespace fusedloss::composite
 
 TORCH_LIBRARY_IMPL(fusedloss, CompositeImplicitAutograd, m) {
@@ -152,4 +245,7 @@ TORCH_LIBRARY_IMPL(fusedloss, CompositeImplicitAutograd, m) {
   m.impl("hinge_composite", &hinge);
   m.impl("multi_margin_composite", &multi_margin);
   m.impl("cross_entropy_composite", &cross_entropy);
+  m.impl("sigmoid_focal_composite", &sigmoid_focal);
+  m.impl("multilabel_soft_margin_composite", &multilabel_soft_margin);
+  m.impl("distill_composite", &distill);
 }

@@ -122,6 +122,48 @@ TORCH_LIBRARY(fusedloss, m) {
       "cross_entropy_composite(Tensor input, Tensor target, Tensor? weight=None, int ignore_index=-100, "
       "int reduction=1, float label_smoothing=0.0, float lse_square_scale=0.0, float? softcap=None, "
       "bool inplace_backward=False, ScalarType? out_dtype=None) -> Tensor");
+  // sigmoid_focal_loss (torchvision.ops.sigmoid_focal_loss): alpha in [0, 1],
+  // or -1 for no class weight; reduction defaults to none, as torchvision's.
+  m.def(
+      "sigmoid_focal(Tensor input, Tensor target, float alpha=0.25, float gamma=2.0, int reduction=0, "
+      "ScalarType? out_dtype=None) -> Tensor");
+  m.def(
+      "sigmoid_focal_backward(Tensor grad, Tensor input, Tensor target, float alpha, float gamma, int reduction, "
+      "bool[2] output_mask) -> (Tensor, Tensor)");
+  m.def(
+      "sigmoid_focal_composite(Tensor input, Tensor target, float alpha=0.25, float gamma=2.0, int reduction=0, "
+      "ScalarType? out_dtype=None) -> Tensor");
+  // multilabel_soft_margin_loss over the last dim; target of the input's shape
+  // (floating, or integer multi-hot labels), weight broadcast to it.
+  m.def(
+      "multilabel_soft_margin(Tensor input, Tensor target, Tensor? weight=None, int reduction=1, "
+      "ScalarType? out_dtype=None) -> Tensor");
+  m.def(
+      "multilabel_soft_margin_backward(Tensor grad, Tensor input, Tensor target, Tensor? weight, int reduction, "
+      "bool[2] output_mask) -> (Tensor, Tensor)");
+  m.def(
+      "multilabel_soft_margin_composite(Tensor input, Tensor target, Tensor? weight=None, int reduction=1, "
+      "ScalarType? out_dtype=None) -> Tensor");
+  // Distillation on logits (kl_div_with_logits, jsd_with_logits) over the last
+  // dim: beta = 0 is KL(teacher || student), 1 is KL(student || teacher), in
+  // between the generalised JSD; times temperature^2. Rows whose target equals
+  // ignore_index are skipped. Reductions: 0 none (per row), 1 mean (over
+  // kept rows x classes), 2 sum, 3 batchmean (over kept rows). distill_forward
+  // returns (loss, stats, denominator): per row (P max, log sum exp, Q max,
+  // log sum exp, two KL terms) and the mean's denominator, for the backward.
+  m.def(
+      "distill(Tensor student, Tensor teacher, Tensor? target=None, float beta=0.0, float temperature=1.0, "
+      "int ignore_index=-100, int reduction=3, ScalarType? out_dtype=None) -> Tensor");
+  m.def(
+      "distill_forward(Tensor student, Tensor teacher, Tensor? target, float beta, float temperature, "
+      "int ignore_index, int reduction, ScalarType? out_dtype) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "distill_backward(Tensor grad, Tensor student, Tensor teacher, Tensor? target, Tensor stats, "
+      "Tensor denominator, float beta, float temperature, int ignore_index, int reduction, bool[2] output_mask) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "distill_composite(Tensor student, Tensor teacher, Tensor? target=None, float beta=0.0, "
+      "float temperature=1.0, int ignore_index=-100, int reduction=3, ScalarType? out_dtype=None) -> Tensor");
 }
 
 namespace {

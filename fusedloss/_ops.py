@@ -241,3 +241,57 @@ def _(grad, input, target, *saved_and_options):
 @torch.library.register_fake("fusedloss::cross_entropy_backward_inplace")
 def _(grad, input, *rest):
     return None
+
+
+# sigmoid_focal_loss, multilabel_soft_margin_loss, distillation on logits.
+# distill, like mse and cross_entropy, runs distill_forward below autograd.
+
+
+@torch.library.register_fake("fusedloss::sigmoid_focal")
+def _(input, target, alpha=0.25, gamma=2.0, reduction=0, out_dtype=None):
+    return _loss(input, reduction, out_dtype or _promote(input, target))
+
+
+@torch.library.register_fake("fusedloss::sigmoid_focal_backward")
+def _(grad, input, target, alpha, gamma, reduction, output_mask):
+    return _grad(input, output_mask[0]), _grad(target, output_mask[1])
+
+
+def _multilabel_dtype(input, target, weight):
+    """csrc: multilabel_soft_margin_dtype (torch's type promotion of its composite)."""
+    dtype = torch.result_type(input, target)
+    if weight is not None and not (weight.dim() == 0 and dtype.is_floating_point and weight.dtype.is_floating_point):
+        dtype = torch.promote_types(dtype, weight.dtype)
+    return dtype
+
+
+@torch.library.register_fake("fusedloss::multilabel_soft_margin")
+def _(input, target, weight=None, reduction=1, out_dtype=None):
+    shape = input.shape[:-1] if reduction == 0 else ()
+    return input.new_empty(shape, dtype=out_dtype or _multilabel_dtype(input, target, weight))
+
+
+@torch.library.register_fake("fusedloss::multilabel_soft_margin_backward")
+def _(grad, input, target, weight, reduction, output_mask):
+    want_target = output_mask[1] and target.is_floating_point()
+    return _grad(input, output_mask[0]), _grad(target, want_target) if want_target else _grad(input, False)
+
+
+@torch.library.register_fake("fusedloss::distill_forward")
+def _(student, teacher, target, beta, temperature, ignore_index, reduction, out_dtype):
+    dtype = torch.promote_types(student.dtype, teacher.dtype)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    batch = student.shape[:-1]
+    rows = 1
+    for d in batch:
+        rows = rows * d
+    return (
+        student.new_empty(batch if reduction == 0 else (), dtype=out_dtype or dtype),
+        student.new_empty((rows, 6), dtype=acc),
+        student.new_empty((), dtype=acc),
+    )
+
+
+@torch.library.register_fake("fusedloss::distill_backward")
+def _(grad, student, teacher, target, stats, denominator, beta, temperature, ignore_index, reduction, output_mask):
+    return _grad(student, output_mask[0]), _grad(teacher, output_mask[1])

@@ -32,6 +32,7 @@ struct Ops<at::vec::Vectorized<T>> {
     return V::blendv(V::blendv(r, x, d == V(T(0))), u, u == inf);
   }
   static V tanh(const V& x) { return x.tanh(); }
+  static V pow(const V& x, const V& y) { return x.pow(y); }
   static V abs(const V& x) { return x.abs(); }
   static V neg(const V& x) { return x.neg(); }
   static V min(const V& a, const V& b) { return at::vec::minimum(a, b); }  // propagates NaN

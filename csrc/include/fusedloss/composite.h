@@ -42,4 +42,15 @@ at::Tensor cross_entropy(const at::Tensor& input, const at::Tensor& target, cons
                          int64_t ignore_index, int64_t reduction, double label_smoothing, double lse_square_scale,
                          std::optional<double> softcap, bool inplace_backward, std::optional<at::ScalarType> out_dtype);
 
+at::Tensor sigmoid_focal(const at::Tensor& input, const at::Tensor& target, double alpha, double gamma,
+                         int64_t reduction, std::optional<at::ScalarType> out_dtype);
+
+at::Tensor multilabel_soft_margin(const at::Tensor& input, const at::Tensor& target,
+                                  const std::optional<at::Tensor>& weight, int64_t reduction,
+                                  std::optional<at::ScalarType> out_dtype);
+
+at::Tensor distill(const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& target,
+                   double beta, double temperature, int64_t ignore_index, int64_t reduction,
+                   std::optional<at::ScalarType> out_dtype);
+
 }  // namespace fusedloss::composite

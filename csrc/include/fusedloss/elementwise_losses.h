@@ -183,4 +183,70 @@ struct HingeBackward {
   }
 };
 
+// ---------------------------------------------------------------------------
+// sigmoid_focal_loss: operands x, y (, g). kSquare: gamma == 2, the default
+// (u * u, no pow); kAlpha: alpha >= 0 (alpha = -1 disables the class weight).
+// ---------------------------------------------------------------------------
+template <typename acc_t, bool kAlpha, bool kSquare>
+struct SigmoidFocalForward {
+  static constexpr int kIn = 2;
+  static constexpr int kOut = 1;
+  acc_t alpha;
+  acc_t gamma;
+  template <typename V>
+  C10_HOST_DEVICE void operator()(const V* in, V* out) const {
+    out[0] = math::sigmoid_focal(in[0], in[1], V(alpha), kAlpha, V(gamma), kSquare);
+  }
+};
+
+template <typename acc_t, bool kAlpha, bool kSquare>
+struct SigmoidFocalBackward {
+  static constexpr int kIn = 3;
+  static constexpr int kOut = 2;
+  acc_t alpha;
+  acc_t gamma;
+  acc_t scale;
+  bool want_target;
+  template <typename V>
+  C10_HOST_DEVICE void operator()(const V* in, V* out) const {
+    V dx, dy;
+    math::sigmoid_focal_grads(in[0], in[1], V(alpha), kAlpha, V(gamma), kSquare, gamma == acc_t(0), want_target,
+                              &dx, &dy);
+    const V g = in[2] * V(scale);
+    out[0] = dx * g;
+    if (want_target) out[1] = dy * g;
+  }
+};
+
+// ---------------------------------------------------------------------------
+// multilabel_soft_margin_loss: operands x, y, weight (, g). The forward's
+// per-element terms are summed per row by a row kernel; the backward is
+// elementwise, with the row's grad_output broadcast along it and `scale` = 1/C
+// (times 1/N for a mean).
+// ---------------------------------------------------------------------------
+template <typename acc_t>
+struct MultilabelSoftMarginForward {
+  static constexpr int kIn = 3;
+  static constexpr int kOut = 1;
+  template <typename V>
+  C10_HOST_DEVICE void operator()(const V* in, V* out) const {
+    out[0] = math::multilabel_soft_margin(in[0], in[1]) * in[2];
+  }
+};
+
+template <typename acc_t>
+struct MultilabelSoftMarginBackward {
+  static constexpr int kIn = 4;
+  static constexpr int kOut = 2;
+  acc_t scale;
+  bool want_input;
+  bool want_target;
+  template <typename V>
+  C10_HOST_DEVICE void operator()(const V* in, V* out) const {
+    const V g = in[3] * in[2] * V(scale);
+    if (want_input) out[0] = math::multilabel_soft_margin_grad_input(in[0], in[1]) * g;
+    if (want_target) out[1] = math::multilabel_soft_margin_grad_target(in[0]) * g;
+  }
+};
+
 }  // namespace fusedloss

@@ -40,6 +40,7 @@ struct ScalarOps {
   C10_HOST_DEVICE static T log(T x) { return ::log(x); }
   C10_HOST_DEVICE static T log1p(T x) { return ::log1p(x); }
   C10_HOST_DEVICE static T tanh(T x) { return ::tanh(x); }
+  C10_HOST_DEVICE static T pow(T x, T y) { return ::pow(x, y); }
   C10_HOST_DEVICE static T abs(T x) { return ::fabs(x); }
   C10_HOST_DEVICE static T neg(T x) { return -x; }
   C10_HOST_DEVICE static T min(T a, T b) { return (a != a || a < b) ? a : b; }
@@ -71,6 +72,7 @@ struct Ops<float> : ScalarOps<float> {
   C10_HOST_DEVICE static float log(float x) { return ::logf(x); }
   C10_HOST_DEVICE static float log1p(float x) { return ::log1pf(x); }
   C10_HOST_DEVICE static float tanh(float x) { return ::tanhf(x); }
+  C10_HOST_DEVICE static float pow(float x, float y) { return ::powf(x, y); }
   C10_HOST_DEVICE static float abs(float x) { return ::fabsf(x); }
 };
 
@@ -402,6 +404,293 @@ template <typename V>
 C10_HOST_DEVICE inline V multi_margin_grad_term(V z, int64_t p) {
   using O = Ops<V>;
   return O::where(O::gt(z, V(0)), p == 1 ? V(1) : V(2) * z, V(0));
+}
+
+// ---------------------------------------------------------------------------
+// Sigmoid focal loss (torchvision.ops.sigmoid_focal_loss, RetinaNet):
+//   ce  = (1 - y) x - log_sigmoid(x)                    (BCE with logits, ATen's form)
+//   u   = 1 - p_t = p (1 - y) + (1 - p) y,  p = sigmoid(x)
+//   loss = a_t ce u^gamma,  a_t = alpha y + (1 - alpha)(1 - y)  (1 when alpha < 0)
+// u is formed from sigmoid(x) and sigmoid(-x) separately, both accurate: 1 - p_t
+// as torchvision writes it rounds to 0 once p rounds to 1 (x > 17 in fp32).
+// Gradients, with p q = sigmoid'(x), q = 1 - p:
+//   d/dx = a_t [((1 - y) p - y q) u^gamma + ce gamma u^(gamma - 1) p q (1 - 2y)]
+//   d/dy = (2 alpha - 1) ce u^gamma + a_t [-x u^gamma + ce gamma u^(gamma - 1) (q - p)]
+// ((1 - y) p - y q is p - y without the cancellation where p is near y.)
+// gamma u^(gamma - 1) is 0 for gamma == 0, as torch.pow's gradient.
+// ---------------------------------------------------------------------------
+
+// exp(-|x|), from which log_sigmoid(x), log_sigmoid(-x), sigmoid(x) and
+// sigmoid(-x) all follow: the sigmoid losses below pay one exp per element.
+template <typename V>
+C10_HOST_DEVICE inline V exp_neg_abs(V x) {
+  using O = Ops<V>;
+  return O::exp(O::neg(O::abs(x)));
+}
+
+// log_sigmoid(x) from l1 = log1p(exp(-|x|)): ATen's form, so +-inf and NaN
+// come out as torch's.
+template <typename V>
+C10_HOST_DEVICE inline V log_sigmoid_from(V x, V l1) {
+  return Ops<V>::min(x, V(0)) - l1;
+}
+
+// sigmoid(x) and sigmoid(-x) from e = exp(-|x|), each to full relative accuracy.
+template <typename V>
+struct SigmoidPair {
+  V p;  // sigmoid(x)
+  V q;  // sigmoid(-x) = 1 - sigmoid(x)
+};
+
+template <typename V>
+C10_HOST_DEVICE inline SigmoidPair<V> sigmoid_pair(V x, V e) {
+  using O = Ops<V>;
+  const V r = V(1) / (V(1) + e);  // sigmoid(|x|)
+  const V s = e * r;              // sigmoid(-|x|)
+  const auto pos = O::ge(x, V(0));
+  return {O::where(pos, r, s), O::where(pos, s, r)};
+}
+
+template <typename V>
+C10_HOST_DEVICE inline V focal_alpha_t(V y, V alpha) {
+  return (V(1) - alpha) + (V(2) * alpha - V(1)) * y;
+}
+
+// u^gamma; `square` when gamma == 2 (torchvision's default), exactly u * u as torch.pow.
+template <typename V>
+C10_HOST_DEVICE inline V focal_modulator(V u, V gamma, bool square) {
+  return square ? u * u : Ops<V>::pow(u, gamma);
+}
+
+// d u^gamma / du = gamma u^(gamma - 1), 0 for gamma == 0 (torch.pow's gradient).
+template <typename V>
+C10_HOST_DEVICE inline V focal_modulator_slope(V u, V gamma, bool square, bool zero_gamma) {
+  if (square) return V(2) * u;
+  if (zero_gamma) return V(0);
+  return gamma * Ops<V>::pow(u, gamma - V(1));
+}
+
+template <typename V>
+C10_HOST_DEVICE inline V sigmoid_focal(V x, V y, V alpha, bool has_alpha, V gamma, bool square) {
+  using O = Ops<V>;
+  const V e = exp_neg_abs(x);
+  const V ce = (V(1) - y) * x - log_sigmoid_from(x, O::log1p(e));
+  const SigmoidPair<V> s = sigmoid_pair(x, e);
+  const V u = s.p * (V(1) - y) + s.q * y;
+  const V loss = ce * focal_modulator(u, gamma, square);
+  return has_alpha ? focal_alpha_t(y, alpha) * loss : loss;
+}
+
+// Gradients of sigmoid_focal (times nothing: the caller scales by grad_output).
+// The target's is computed only when want_y.
+template <typename V>
+C10_HOST_DEVICE inline void sigmoid_focal_grads(V x, V y, V alpha, bool has_alpha, V gamma, bool square,
+                                                bool zero_gamma, bool want_y, V* dx, V* dy) {
+  using O = Ops<V>;
+  const V e = exp_neg_abs(x);
+  const V ce = (V(1) - y) * x - log_sigmoid_from(x, O::log1p(e));
+  const SigmoidPair<V> s = sigmoid_pair(x, e);
+  const V u = s.p * (V(1) - y) + s.q * y;
+  const V m = focal_modulator(u, gamma, square);
+  const V ce_dm = ce * focal_modulator_slope(u, gamma, square, zero_gamma);
+  const V a_t = has_alpha ? focal_alpha_t(y, alpha) : V(1);
+  *dx = a_t * (((V(1) - y) * s.p - y * s.q) * m + ce_dm * (s.p * s.q) * (V(1) - V(2) * y));
+  if (want_y) {
+    V d = a_t * (O::neg(x) * m + ce_dm * (s.q - s.p));
+    if (has_alpha) d = d + (V(2) * alpha - V(1)) * ce * m;
+    *dy = d;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// multilabel_soft_margin_loss, per element, exactly torch's composite
+//   -(y log_sigmoid(x) + (1 - y) log_sigmoid(-x))
+// (not the BCE form (1 - y) x - log_sigmoid(x): the two differ at x = -inf,
+// where torch gives inf and the BCE form NaN). One exp and one log1p serve
+// both log_sigmoids. Gradients:
+//   d/dx = (1 - y) sigmoid(x) - y sigmoid(-x),   d/dy = -(log_sigmoid(x) - log_sigmoid(-x))
+// ---------------------------------------------------------------------------
+
+template <typename V>
+C10_HOST_DEVICE inline V multilabel_soft_margin(V x, V y) {
+  using O = Ops<V>;
+  const V l1 = O::log1p(exp_neg_abs(x));
+  return O::neg(y * log_sigmoid_from(x, l1) + (V(1) - y) * log_sigmoid_from(O::neg(x), l1));
+}
+
+template <typename V>
+C10_HOST_DEVICE inline V multilabel_soft_margin_grad_input(V x, V y) {
+  const SigmoidPair<V> s = sigmoid_pair(x, exp_neg_abs(x));
+  return (V(1) - y) * s.p - y * s.q;
+}
+
+template <typename V>
+C10_HOST_DEVICE inline V multilabel_soft_margin_grad_target(V x) {
+  using O = Ops<V>;
+  const V l1 = O::log1p(exp_neg_abs(x));
+  return O::neg(log_sigmoid_from(x, l1) - log_sigmoid_from(O::neg(x), l1));
+}
+
+// ---------------------------------------------------------------------------
+// Distillation on logits: a row holds a teacher's and a student's logits over
+// the same classes, already divided by the temperature T. With P = softmax of
+// one row and Q = softmax of the other:
+//   KL(P || Q)            = sum_c P_c (log P_c - log Q_c)
+//   JSD_beta(P, Q)        = beta KL(P || M) + (1 - beta) KL(Q || M),  M = beta P + (1 - beta) Q
+// (terms with P_c = 0 count 0: 0 log 0 = 0, so masked classes, logit -inf,
+// contribute nothing; a class masked in Q but not in P makes KL(P || Q) +inf).
+// The losses are T^2 times these.
+//
+// KL in one pass, both log-sum-exps online: with running maxima mp, mq,
+//   sp = sum exp(a - mp),  sq = sum exp(b - mq),  w = sum exp(a - mp) d,
+//   d = (a - mp) - (b - mq),
+//   KL = w / sp + log(sq) - log(sp)
+// where the maxima cancel exactly (no lse_p - lse_q cancellation at large
+// logits). Rebasing mp by D scales sp and w by exp(-D) and lowers every d by D;
+// rebasing mq by D raises every d by D.
+// Gradients (per unit of the T^2-scaled loss, logits before dividing by T):
+//   d/db_c (the Q logits) = T (Q_c - P_c)
+//   d/da_c (the P logits) = T P_c (log P_c - log Q_c - KL) = T P_c (d_c - w / sp)
+// ---------------------------------------------------------------------------
+
+template <typename T>
+struct KlState {
+  T mp, sp;  // P row: running max and sum exp(a - mp)
+  T mq, sq;  // Q row: the same
+  T w;       // sum exp(a - mp) ((a - mp) - (b - mq))
+};
+
+template <typename T>
+C10_HOST_DEVICE inline KlState<T> kl_state_empty() {
+  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  return {kNegInf, T(0), kNegInf, T(0), T(0)};
+}
+
+// The reference a row's values are measured from: its max, or 0 while only
+// -inf was seen (then every exp is 0, and a -inf Q logit gives d = +inf, as it
+// should wherever P has mass).
+template <typename T>
+C10_HOST_DEVICE inline T kl_ref(T m) {
+  return m == -std::numeric_limits<T>::infinity() ? T(0) : m;
+}
+
+// Moves the P reference to m >= st.mp (NaN poisons the row).
+template <typename T>
+C10_HOST_DEVICE inline void kl_rebase_p(KlState<T>& st, T m) {
+  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  if (!(m > st.mp) && m == m) return;
+  if (st.mp != kNegInf) {
+    const T scale = Ops<T>::exp_fast(st.mp - m);
+    if (st.sp != T(0)) st.w = (st.w - (m - st.mp) * st.sp) * scale;
+    st.sp = st.sp * scale;
+  }
+  st.mp = m;
+}
+
+template <typename T>
+C10_HOST_DEVICE inline void kl_rebase_q(KlState<T>& st, T m) {
+  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  if (!(m > st.mq) && m == m) return;
+  if (st.mq != kNegInf) {
+    st.sq = st.sq * Ops<T>::exp_fast(st.mq - m);
+    if (st.sp != T(0)) st.w = st.w + (m - st.mq) * st.sp;
+  }
+  st.mq = m;
+}
+
+// A term of w from ea = exp(a - ref_p), ar = a - ref_p, br = b - ref_q: 0 where P has no mass.
+template <typename V>
+C10_HOST_DEVICE inline V kl_w_term(V ea, V ar, V br) {
+  using O = Ops<V>;
+  return O::where(O::gt(ea, V(0)), ea * (ar - br), V(0));
+}
+
+// Adds one class (a <= st.mp, b <= st.mq after the rebases).
+template <typename T>
+C10_HOST_DEVICE inline void kl_add(KlState<T>& st, T a, T b) {
+  const T ar = a - kl_ref(st.mp), br = b - kl_ref(st.mq);
+  const T ea = Ops<T>::exp_fast(ar);
+  st.sp = st.sp + ea;
+  st.sq = st.sq + Ops<T>::exp_fast(br);
+  st.w = st.w + kl_w_term(ea, ar, br);
+}
+
+template <typename T>
+C10_HOST_DEVICE inline void kl_push(KlState<T>& st, T a, T b) {
+  kl_rebase_p(st, a);
+  kl_rebase_q(st, b);
+  kl_add(st, a, b);
+}
+
+template <typename T>
+C10_HOST_DEVICE inline KlState<T> kl_merge(KlState<T> x, KlState<T> y) {
+  const T mp = Ops<T>::max(x.mp, y.mp), mq = Ops<T>::max(x.mq, y.mq);
+  kl_rebase_p(x, mp);
+  kl_rebase_p(y, mp);
+  kl_rebase_q(x, mq);
+  kl_rebase_q(y, mq);
+  return {mp, x.sp + y.sp, mq, x.sq + y.sq, x.w + y.w};
+}
+
+// What a row keeps for its backward (and JSD's second sweep): the maxima, the
+// logs of the sums, and KL(P || Q) = kl (JSD: KL(P || M) and KL(Q || M)).
+template <typename T>
+struct DistillRow {
+  T mp, lsp, mq, lsq;
+  T k1, k2;  // KL: w / sp and KL(P || Q); JSD: KL(P || M) and KL(Q || M)
+};
+
+template <typename T>
+C10_HOST_DEVICE inline DistillRow<T> kl_finish(const KlState<T>& st) {
+  const T lsp = Ops<T>::log(st.sp), lsq = Ops<T>::log(st.sq);
+  const T wbar = st.w / st.sp;
+  return {st.mp, lsp, st.mq, lsq, wbar, wbar + (lsq - lsp)};
+}
+
+// log P_c and log Q_c of a class from the row's saved values.
+template <typename V>
+C10_HOST_DEVICE inline V distill_log_prob(V x, V m, V ls) {
+  return (x - m) - ls;
+}
+
+// KL gradients of one class from p = P_c, q = Q_c, times gT = grad_output T
+// (over the mean's denominator): kl_grad_q for the Q logit, kl_grad_p for the P
+// logit (0 where P_c = 0; d = (a - mp) - (b - mq), wbar = w / sp). Where a
+// row's KL is infinite, the kernels write NaN for its P gradient instead (the
+// gradient of an infinite loss; torch's composite gives NaN there too).
+template <typename V>
+C10_HOST_DEVICE inline V kl_grad_q(V p, V q, V gT) {
+  return gT * (q - p);
+}
+
+template <typename V>
+C10_HOST_DEVICE inline V kl_grad_p(V p, V d, V wbar, V gT) {
+  using O = Ops<V>;
+  return O::where(O::gt(p, V(0)), gT * (p * (d - wbar)), V(0));
+}
+
+// log M_c, M = beta P + (1 - beta) Q (1 where M_c = 0: never used there).
+template <typename V>
+C10_HOST_DEVICE inline V jsd_log_mixture(V p, V q, V beta) {
+  using O = Ops<V>;
+  const V m = beta * p + (V(1) - beta) * q;
+  return O::log(O::where(O::gt(m, V(0)), m, V(1)));
+}
+
+// A JSD term of one class, p (l - lm) with l = log p: 0 log 0 = 0.
+template <typename V>
+C10_HOST_DEVICE inline V jsd_term(V p, V l, V lm) {
+  using O = Ops<V>;
+  return O::where(O::gt(p, V(0)), p * (l - lm), V(0));
+}
+
+// JSD gradient of one class of either row: with p, l = log p and kl = KL(that
+// row || M), gT times d/dlogit = p (log p - log M - kl); gT carries grad T beta
+// (P row) or grad T (1 - beta) (Q row).
+template <typename V>
+C10_HOST_DEVICE inline V jsd_grad(V p, V l, V lm, V kl, V gT) {
+  using O = Ops<V>;
+  return O::where(O::gt(p, V(0)), gT * (p * ((l - lm) - kl)), V(0));
 }
 
 }  // namespace math

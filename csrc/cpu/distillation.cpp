@@ -1,0 +1,263 @@
+// Distillation on logits (KL and generalised JSD) on the CPU: rows in
+// parallel (at::parallel_for; each row computed in a fixed order, so results
+// do not depend on the thread count), each row vectorized with at::vec in
+// L1-sized blocks of both rows: one read from memory per row forward (the
+// block max, then one exp per logit of each row against the running maxima)
+// and one read of both rows plus one write per gradient backward. fp16/bf16
+// logits are widened (and divided by T) block by block; nothing of the
+// logits' size is allocated besides the gradients.
+//
+// JSD's mixture needs both rows normalised before its log, so its forward
+// sweeps a row twice: the log-sum-exps, then the terms; the second sweep
+// reads the row again from cache (a 32000-class fp32 row pair is 256 KB).
+
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <fusedloss/distillation_host.h>
+
+#include <limits>
+#include <vector>
+
+#include "elementwise.h"
+
+namespace fusedloss::cpu {
+namespace {
+
+template <typename T>
+using Vec = at::vec::Vectorized<T>;
+
+constexpr int64_t kBlock = 2048;  // classes per L1 block of each row
+
+template <typename T>
+T lane_max(const Vec<T>& v) {
+  alignas(64) T lanes[Vec<T>::size()];
+  v.store(lanes);
+  T m = lanes[0];
+  for (int l = 1; l < Vec<T>::size(); ++l) m = math::Ops<T>::max(m, lanes[l]);
+  return m;
+}
+
+int64_t row_grain(int64_t C) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1)); }
+
+// n logits as accumulation-type values divided by T: in place when they
+// already are, else widened and scaled into buf.
+template <typename scalar_t>
+const opmath_t<scalar_t>* load_block(const scalar_t* src, int64_t n, const DistillParams<scalar_t>& p,
+                                     opmath_t<scalar_t>* buf) {
+  using acc_t = opmath_t<scalar_t>;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (!p.scaled) return src;
+    std::memcpy(buf, src, n * sizeof(acc_t));
+  } else {
+    widen(src, buf, n);
+  }
+  if (p.scaled) {
+    const Vec<acc_t> vt(p.inv_t);
+    int64_t i = 0;
+    for (; i + Vec<acc_t>::size() <= n; i += Vec<acc_t>::size()) (Vec<acc_t>::loadu(buf + i) * vt).store(buf + i);
+    for (; i < n; ++i) buf[i] = buf[i] * p.inv_t;
+  }
+  return buf;
+}
+
+template <typename T>
+Vec<T> load_n(const T* x, int64_t cnt) {
+  return cnt == Vec<T>::size() ? Vec<T>::loadu(x) : Vec<T>::loadu(x, cnt);
+}
+
+// Zero beyond the first cnt lanes.
+template <typename T>
+Vec<T> keep_n(const Vec<T>& v, int64_t cnt) {
+  return cnt == Vec<T>::size() ? v : Vec<T>::set(Vec<T>(T(0)), v, cnt);
+}
+
+template <typename T>
+struct RowBuffers {
+  std::vector<T> a, b, ga, gb;
+  explicit RowBuffers(int64_t n) : a(n), b(n), ga(n), gb(n) {}
+};
+
+struct CpuRowEngine {
+  template <typename scalar_t>
+  static void forward_rows(const DistillParams<scalar_t>& p) {
+    using acc_t = opmath_t<scalar_t>;
+    const int64_t R = p.g.rows(), C = p.g.C;
+    at::parallel_for(0, R, row_grain(C), [&](int64_t r0, int64_t r1) {
+      RowBuffers<acc_t> buf(std::min(kBlock, C));
+      for (int64_t r = r0; r < r1; ++r) {
+        if (p.ignored(r)) {
+          p.store_ignored_row(r);
+          continue;
+        }
+        const scalar_t* prow = p.p_in + p.offset(r, p.pN, p.pS);
+        const scalar_t* qrow = p.q_in + p.offset(r, p.qN, p.qS);
+        math::DistillRow<acc_t> d;
+        if (p.mode == kDistillKl) {
+          d = math::kl_finish(row_state<true>(p, prow, qrow, buf));
+        } else {
+          d = math::kl_finish(row_state<false>(p, prow, qrow, buf));
+          jsd_sweep(p, prow, qrow, buf, d);
+        }
+        p.store_row(r, d);
+      }
+    });
+  }
+
+  template <typename scalar_t>
+  static void backward_rows(const DistillParams<scalar_t>& p) {
+    using acc_t = opmath_t<scalar_t>;
+    const int64_t R = p.g.rows(), C = p.g.C;
+    constexpr bool kDirect = std::is_same_v<scalar_t, acc_t>;
+    at::parallel_for(0, R, row_grain(C), [&](int64_t r0, int64_t r1) {
+      RowBuffers<acc_t> buf(std::min(kBlock, C));
+      for (int64_t r = r0; r < r1; ++r) {
+        scalar_t* gp = p.grad_p != nullptr ? p.grad_p + r * C : nullptr;
+        scalar_t* gq = p.grad_q != nullptr ? p.grad_q + r * C : nullptr;
+        if (p.ignored(r)) {  // exactly zero, whatever the logits hold
+          if (gp != nullptr) std::fill(gp, gp + C, scalar_t(0));
+          if (gq != nullptr) std::fill(gq, gq + C, scalar_t(0));
+          continue;
+        }
+        const math::DistillRow<acc_t> d = p.saved_row(r);
+        const acc_t g = p.row_grad(r);
+        const bool jsd = p.mode == kDistillJsd;
+        // An infinite or NaN loss has a NaN gradient (torch's composite gives
+        // NaN too), except KL's Q gradient T (Q - P), which stays exact where
+        // only the Q row masks a class that P has mass on (KL = +inf).
+        const bool nan_p = p.row_not_finite(d);
+        const bool nan_q = nan_p && jsd;
+        const scalar_t nan = static_cast<scalar_t>(std::numeric_limits<acc_t>::quiet_NaN());
+        if (nan_p && gp != nullptr) std::fill(gp, gp + C, nan);
+        if (nan_q && gq != nullptr) std::fill(gq, gq + C, nan);
+        const bool want_p = gp != nullptr && !nan_p;
+        const bool want_q = gq != nullptr && !nan_q;
+        if (!want_p && !want_q) continue;
+        const scalar_t* prow = p.p_in + p.offset(r, p.pN, p.pS);
+        const scalar_t* qrow = p.q_in + p.offset(r, p.qN, p.qS);
+        const Vec<acc_t> vmp(d.mp), vlsp(d.lsp), vmq(d.mq), vlsq(d.lsq), vk1(d.k1), vk2(d.k2);
+        const Vec<acc_t> vbeta(p.beta);
+        // KL: gT on both rows. JSD: grad T beta (P), grad T (1 - beta) (Q).
+        const Vec<acc_t> vgp(jsd ? g * p.beta : g), vgq(jsd ? g * (acc_t(1) - p.beta) : g);
+        for (int64_t b0 = 0; b0 < C; b0 += kBlock) {
+          const int64_t len = std::min(kBlock, C - b0);
+          const acc_t* a = load_block(prow + b0, len, p, buf.a.data());
+          const acc_t* b = load_block(qrow + b0, len, p, buf.b.data());
+          acc_t* oa = kDirect && want_p ? reinterpret_cast<acc_t*>(gp + b0) : buf.ga.data();
+          acc_t* ob = kDirect && want_q ? reinterpret_cast<acc_t*>(gq + b0) : buf.gb.data();
+          for (int64_t i = 0; i < len; i += Vec<acc_t>::size()) {
+            const int64_t cnt = std::min<int64_t>(Vec<acc_t>::size(), len - i);
+            const Vec<acc_t> va = load_n(a + i, cnt), vb = load_n(b + i, cnt);
+            const Vec<acc_t> ar = va - vmp, br = vb - vmq;
+            const Vec<acc_t> lp = ar - vlsp, lq = br - vlsq;
+            const Vec<acc_t> pp = lp.exp(), qq = lq.exp();
+            Vec<acc_t> dp, dq;
+            if (jsd) {
+              const Vec<acc_t> lm = math::jsd_log_mixture(pp, qq, vbeta);
+              dp = math::jsd_grad(pp, lp, lm, vk1, vgp);
+              dq = math::jsd_grad(qq, lq, lm, vk2, vgq);
+            } else {
+              dp = math::kl_grad_p(pp, ar - br, vk1, vgp);
+              dq = math::kl_grad_q(pp, qq, vgq);
+            }
+            if (want_p) store_n(dp, oa + i, cnt);
+            if (want_q) store_n(dq, ob + i, cnt);
+          }
+          if (!kDirect && want_p) narrow(buf.ga.data(), gp + b0, len);
+          if (!kDirect && want_q) narrow(buf.gb.data(), gq + b0, len);
+        }
+      }
+    });
+  }
+
+ private:
+  template <typename T>
+  static void store_n(const Vec<T>& v, T* dst, int64_t cnt) {
+    if (cnt == Vec<T>::size()) {
+      v.store(dst);
+    } else {
+      v.store(dst, cnt);
+    }
+  }
+
+  // Both rows' running maxima and sums of exps in one read (and, kWithW, the
+  // KL sum w): per block, the block maxima first, then one exp per logit of
+  // each row against the running maxima.
+  template <bool kWithW, typename scalar_t>
+  static math::KlState<opmath_t<scalar_t>> row_state(const DistillParams<scalar_t>& p, const scalar_t* prow,
+                                                      const scalar_t* qrow, RowBuffers<opmath_t<scalar_t>>& buf) {
+    using acc_t = opmath_t<scalar_t>;
+    using V = Vec<acc_t>;
+    constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+    const int64_t C = p.g.C;
+    math::KlState<acc_t> st = math::kl_state_empty<acc_t>();
+    for (int64_t b0 = 0; b0 < C; b0 += kBlock) {
+      const int64_t len = std::min(kBlock, C - b0);
+      const acc_t* a = load_block(prow + b0, len, p, buf.a.data());
+      const acc_t* b = load_block(qrow + b0, len, p, buf.b.data());
+      V vma(kNegInf), vmb(kNegInf);
+      int64_t i = 0;
+      for (; i + V::size() <= len; i += V::size()) {
+        vma = at::vec::maximum(vma, V::loadu(a + i));
+        vmb = at::vec::maximum(vmb, V::loadu(b + i));
+      }
+      if (i < len) {
+        vma = at::vec::maximum(vma, V::set(V(kNegInf), V::loadu(a + i, len - i), len - i));
+        vmb = at::vec::maximum(vmb, V::set(V(kNegInf), V::loadu(b + i, len - i), len - i));
+      }
+      math::kl_rebase_p(st, math::Ops<acc_t>::max(st.mp, lane_max(vma)));
+      math::kl_rebase_q(st, math::Ops<acc_t>::max(st.mq, lane_max(vmb)));
+      const V rp(math::kl_ref(st.mp)), rq(math::kl_ref(st.mq));
+      V vsp(acc_t(0)), vsq(acc_t(0)), vw(acc_t(0));
+      for (i = 0; i < len; i += V::size()) {
+        const int64_t cnt = std::min<int64_t>(V::size(), len - i);
+        const V ar = load_n(a + i, cnt) - rp, br = load_n(b + i, cnt) - rq;
+        const V ea = ar.exp(), eb = br.exp();
+        vsp = vsp + keep_n(ea, cnt);
+        vsq = vsq + keep_n(eb, cnt);
+        if (kWithW) vw = vw + keep_n(math::kl_w_term(ea, ar, br), cnt);
+      }
+      st.sp += lane_sum(vsp);
+      st.sq += lane_sum(vsq);
+      if (kWithW) st.w += lane_sum(vw);
+    }
+    return st;
+  }
+
+  // JSD's second sweep: KL(P || M) into d.k1 and KL(Q || M) into d.k2.
+  template <typename scalar_t>
+  static void jsd_sweep(const DistillParams<scalar_t>& p, const scalar_t* prow, const scalar_t* qrow,
+                        RowBuffers<opmath_t<scalar_t>>& buf, math::DistillRow<opmath_t<scalar_t>>& d) {
+    using acc_t = opmath_t<scalar_t>;
+    using V = Vec<acc_t>;
+    const int64_t C = p.g.C;
+    const V vmp(d.mp), vlsp(d.lsp), vmq(d.mq), vlsq(d.lsq), vbeta(p.beta);
+    acc_t kp = 0, kq = 0;
+    for (int64_t b0 = 0; b0 < C; b0 += kBlock) {
+      const int64_t len = std::min(kBlock, C - b0);
+      const acc_t* a = load_block(prow + b0, len, p, buf.a.data());
+      const acc_t* b = load_block(qrow + b0, len, p, buf.b.data());
+      V vkp(acc_t(0)), vkq(acc_t(0));
+      for (int64_t i = 0; i < len; i += V::size()) {
+        const int64_t cnt = std::min<int64_t>(V::size(), len - i);
+        const V lp = (load_n(a + i, cnt) - vmp) - vlsp, lq = (load_n(b + i, cnt) - vmq) - vlsq;
+        const V pp = lp.exp(), qq = lq.exp();
+        const V lm = math::jsd_log_mixture(pp, qq, vbeta);
+        vkp = vkp + keep_n(math::jsd_term(pp, lp, lm), cnt);
+        vkq = vkq + keep_n(math::jsd_term(qq, lq, lm), cnt);
+      }
+      kp += lane_sum(vkp);
+      kq += lane_sum(vkq);
+    }
+    d.k1 = kp;
+    d.k2 = kq;
+  }
+};
+
+using Ops = DistillOps<CpuRowEngine, Engine>;
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedloss, CPU, m) { register_distill_ops<Ops>(m); }
+
+}  // namespace fusedloss::cpu

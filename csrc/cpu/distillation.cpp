@@ -147,19 +147,9 @@ struct CpuRowEngine {
           acc_t* ob = kDirect && want_q ? reinterpret_cast<acc_t*>(gq + b0) : buf.gb.data();
           for (int64_t i = 0; i < len; i += Vec<acc_t>::size()) {
             const int64_t cnt = std::min<int64_t>(Vec<acc_t>::size(), len - i);
-            const Vec<acc_t> va = load_n(a + i, cnt), vb = load_n(b + i, cnt);
-            const Vec<acc_t> ar = va - vmp, br = vb - vmq;
-            const Vec<acc_t> lp = ar - vlsp, lq = br - vlsq;
-            const Vec<acc_t> pp = lp.exp(), qq = lq.exp();
             Vec<acc_t> dp, dq;
-            if (jsd) {
-              const Vec<acc_t> lm = math::jsd_log_mixture(pp, qq, vbeta);
-              dp = math::jsd_grad(pp, lp, lm, vk1, vgp);
-              dq = math::jsd_grad(qq, lq, lm, vk2, vgq);
-            } else {
-              dp = math::kl_grad_p(pp, ar - br, vk1, vgp);
-              dq = math::kl_grad_q(pp, qq, vgq);
-            }
+            math::distill_class_grads(load_n(a + i, cnt) - vmp, load_n(b + i, cnt) - vmq, vlsp, vlsq, vk1, vk2, vbeta,
+                                      vgp, vgq, jsd, &dp, &dq);
             if (want_p) store_n(dp, oa + i, cnt);
             if (want_q) store_n(dq, ob + i, cnt);
           }
@@ -211,11 +201,11 @@ struct CpuRowEngine {
       V vsp(acc_t(0)), vsq(acc_t(0)), vw(acc_t(0));
       for (i = 0; i < len; i += V::size()) {
         const int64_t cnt = std::min<int64_t>(V::size(), len - i);
-        const V ar = load_n(a + i, cnt) - rp, br = load_n(b + i, cnt) - rq;
-        const V ea = ar.exp(), eb = br.exp();
+        V ea, eb, wt;
+        math::kl_class_terms(load_n(a + i, cnt) - rp, load_n(b + i, cnt) - rq, &ea, &eb, &wt);
         vsp = vsp + keep_n(ea, cnt);
         vsq = vsq + keep_n(eb, cnt);
-        if (kWithW) vw = vw + keep_n(math::kl_w_term(ea, ar, br), cnt);
+        if (kWithW) vw = vw + keep_n(wt, cnt);
       }
       st.sp += lane_sum(vsp);
       st.sq += lane_sum(vsq);
@@ -240,11 +230,10 @@ struct CpuRowEngine {
       V vkp(acc_t(0)), vkq(acc_t(0));
       for (int64_t i = 0; i < len; i += V::size()) {
         const int64_t cnt = std::min<int64_t>(V::size(), len - i);
-        const V lp = (load_n(a + i, cnt) - vmp) - vlsp, lq = (load_n(b + i, cnt) - vmq) - vlsq;
-        const V pp = lp.exp(), qq = lq.exp();
-        const V lm = math::jsd_log_mixture(pp, qq, vbeta);
-        vkp = vkp + keep_n(math::jsd_term(pp, lp, lm), cnt);
-        vkq = vkq + keep_n(math::jsd_term(qq, lq, lm), cnt);
+        V tp, tq;
+        math::jsd_class_terms((load_n(a + i, cnt) - vmp) - vlsp, (load_n(b + i, cnt) - vmq) - vlsq, vbeta, &tp, &tq);
+        vkp = vkp + keep_n(tp, cnt);
+        vkq = vkq + keep_n(tq, cnt);
       }
       kp += lane_sum(vkp);
       kq += lane_sum(vkq);

@@ -605,14 +605,23 @@ C10_HOST_DEVICE inline V kl_w_term(V ea, V ar, V br) {
   return O::where(O::gt(ea, V(0)), ea * (ar - br), V(0));
 }
 
+// A class's forward terms from ar = a - ref_p, br = b - ref_q: its exps in
+// both rows and its term of w. (The CPU's vector loops and kl_add both.)
+template <typename V>
+C10_HOST_DEVICE inline void kl_class_terms(V ar, V br, V* ea, V* eb, V* wt) {
+  *ea = Ops<V>::exp_fast(ar);
+  *eb = Ops<V>::exp_fast(br);
+  *wt = kl_w_term(*ea, ar, br);
+}
+
 // Adds one class (a <= st.mp, b <= st.mq after the rebases).
 template <typename T>
 C10_HOST_DEVICE inline void kl_add(KlState<T>& st, T a, T b) {
-  const T ar = a - kl_ref(st.mp), br = b - kl_ref(st.mq);
-  const T ea = Ops<T>::exp_fast(ar);
+  T ea, eb, wt;
+  kl_class_terms(a - kl_ref(st.mp), b - kl_ref(st.mq), &ea, &eb, &wt);
   st.sp = st.sp + ea;
-  st.sq = st.sq + Ops<T>::exp_fast(br);
-  st.w = st.w + kl_w_term(ea, ar, br);
+  st.sq = st.sq + eb;
+  st.w = st.w + wt;
 }
 
 template <typename T>
@@ -691,6 +700,35 @@ template <typename V>
 C10_HOST_DEVICE inline V jsd_grad(V p, V l, V lm, V kl, V gT) {
   using O = Ops<V>;
   return O::where(O::gt(p, V(0)), gT * (p * ((l - lm) - kl)), V(0));
+}
+
+// JSD's terms of one class, P (log P - log M) and Q (log Q - log M), from
+// lp = log P_c and lq = log Q_c (the forward's second sweep).
+template <typename V>
+C10_HOST_DEVICE inline void jsd_class_terms(V lp, V lq, V beta, V* tp, V* tq) {
+  const V p = Ops<V>::exp_fast(lp), q = Ops<V>::exp_fast(lq);
+  const V lm = jsd_log_mixture(p, q, beta);
+  *tp = jsd_term(p, lp, lm);
+  *tq = jsd_term(q, lq, lm);
+}
+
+// The gradients of one class of a distillation row, from ar = a - mp and
+// br = b - mq (the row's saved maxima) and the row's saved values: dp for the
+// P logit, dq for the Q logit. gp, gq: grad_output T (KL), times beta and
+// (1 - beta) (JSD).
+template <typename V>
+C10_HOST_DEVICE inline void distill_class_grads(V ar, V br, V lsp, V lsq, V k1, V k2, V beta, V gp, V gq, bool jsd,
+                                                V* dp, V* dq) {
+  const V lp = ar - lsp, lq = br - lsq;
+  const V p = Ops<V>::exp_fast(lp), q = Ops<V>::exp_fast(lq);
+  if (jsd) {
+    const V lm = jsd_log_mixture(p, q, beta);
+    *dp = jsd_grad(p, lp, lm, k1, gp);
+    *dq = jsd_grad(q, lq, lm, k2, gq);
+  } else {
+    *dp = kl_grad_p(p, ar - br, k1, gp);
+    *dq = kl_grad_q(p, q, gq);
+  }
 }
 
 }  // namespace math

@@ -48,3 +48,28 @@ def multi_margin_loss(input, target, p=1, margin=1.0, weight=None, reduction="me
     """torch's multi_margin_loss as differentiable ops (a NaN margin counts nothing,
     as in torch's kernels); an empty batch's mean is NaN."""
     return ops.multi_margin_composite(input, target, int(p), float(margin), weight, _REDUCTIONS[reduction])
+
+
+def sigmoid_focal_loss(inputs, targets, alpha=0.25, gamma=2, reduction="none"):
+    """torchvision's sigmoid_focal_loss with 1 - p_t formed exactly (see
+    fusedloss.functional.sigmoid_focal_loss)."""
+    return ops.sigmoid_focal_composite(inputs, targets, float(alpha), float(gamma), _REDUCTIONS[reduction])
+
+
+def multilabel_soft_margin_loss(input, target, weight=None, reduction="mean"):
+    """torch's multilabel_soft_margin_loss, op for op."""
+    return ops.multilabel_soft_margin_composite(input, target, weight, _REDUCTIONS[reduction])
+
+
+_DISTILL_REDUCTIONS = {"none": 0, "mean": 1, "sum": 2, "batchmean": 3}
+
+
+def distill(student_logits, teacher_logits, target=None, beta=0.0, temperature=1.0, reduction="batchmean",
+            ignore_index=-100):  # fmt: skip
+    """KL (beta 0: teacher || student; 1: student || teacher) or generalised JSD
+    on logits over the last dim, times T^2, with fusedloss's semantics for
+    ignored rows, reductions and masked (-inf) classes (0 log 0 = 0)."""
+    return ops.distill_composite(
+        student_logits, teacher_logits, target, float(beta), float(temperature), int(ignore_index),
+        _DISTILL_REDUCTIONS[reduction],
+    )  # fmt: skip

@@ -541,3 +541,301 @@ def multi_margin_loss(
             _on_refusal(e, input, "multi_margin_loss")
     # torch's own kernel (its errors for invalid arguments are its kernel's).
     return _as(torch._C._nn.multi_margin_loss(input, target, p, margin, weight, red), out_dtype)
+
+
+# ---------------------------------------------------------------------------
+# sigmoid_focal_loss (torchvision's), multilabel_soft_margin_loss, and
+# distillation on logits (kl_div_with_logits, jsd_with_logits)
+# ---------------------------------------------------------------------------
+
+__all__ += ["jsd_with_logits", "kl_div_with_logits", "multilabel_soft_margin_loss", "sigmoid_focal_loss"]
+
+
+def sigmoid_focal_loss(
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    alpha: float = 0.25,
+    gamma: float = 2,
+    reduction: str = "none",
+    *,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Sigmoid focal loss (RetinaNet, https://arxiv.org/abs/1708.02002) in one
+    fused pass forward and one backward, where torchvision runs ~7 ops and
+    saves full-size intermediates for its backward.
+
+    Same as :func:`torchvision.ops.sigmoid_focal_loss`: arguments, defaults
+    (``reduction="none"``), output dtype (inputs and targets promoted) and
+    shape, and its errors (``alpha`` outside [0, 1] other than -1, targets of
+    another shape, an invalid reduction, raised after the loss is computed as
+    torchvision does). ``alpha=-1`` turns the class weight off; ``gamma=0`` is
+    BCE with logits. Gradients reach ``inputs`` and (soft) ``targets``.
+    Computed in fp32 (fp64 if either is fp64) and rounded once;
+    ``out_dtype``: see the module docstring. Under ``torch.autocast`` the
+    loss is fp32, as torchvision's (its BCE runs in fp32).
+
+    Deviations: ``1 - p_t`` is formed as ``sigmoid(x) (1 - t) + sigmoid(-x) t``,
+    exact where torchvision's ``1 - (p t + (1 - p)(1 - t))`` rounds to 0 (a
+    confident correct prediction, |x| > ~17 in fp32): there fusedloss gives the
+    true, tiny loss and gradient (below 1e-20) where torchvision gives 0, and
+    for ``gamma < 1`` a finite gradient where torchvision's is NaN (the
+    gradient of ``0 ** gamma``). fp16/bf16 inputs are computed in fp32, not
+    rounded op by op.
+    """
+    if has_torch_function_variadic(inputs, targets):
+        return handle_torch_function(
+            sigmoid_focal_loss,
+            (inputs, targets),
+            inputs,
+            targets,
+            alpha=alpha,
+            gamma=gamma,
+            reduction=reduction,
+            out_dtype=out_dtype,
+        )
+    # torchvision's checks, in its order.
+    if not (0 <= alpha <= 1) and alpha != -1:
+        raise ValueError(f"Invalid alpha value: {alpha}. alpha must be in the range [0,1] or -1 for ignore.")
+    if not (targets.size() == inputs.size()):
+        raise ValueError(f"Target size ({targets.size()}) must be the same as input size ({inputs.size()})")
+    red = _REDUCTIONS.get(reduction) if isinstance(reduction, str) else None
+    a, g = float(alpha), float(gamma)
+    if red is None:
+        # torchvision computes the loss before it looks at the reduction.
+        ops.sigmoid_focal_composite(inputs, targets, a, g, 0, out_dtype)
+        raise ValueError(
+            f"Invalid Value for arg 'reduction': '{reduction} \n Supported reduction modes: 'none', 'mean', 'sum'"
+        )
+    if not _transformed(inputs, targets):
+        try:
+            return ops.sigmoid_focal(inputs, targets, a, g, red, out_dtype)
+        except _REFUSALS as e:
+            _on_refusal(e, inputs, "sigmoid_focal_loss")
+    return ops.sigmoid_focal_composite(inputs, targets, a, g, red, out_dtype)
+
+
+def multilabel_soft_margin_loss(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    size_average: bool | None = None,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+    *,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Multilabel soft margin loss: per row (the last dim) the mean of
+    ``-(y log sigmoid(x) + (1 - y) log sigmoid(-x))``, weighted, in one fused
+    pass forward (one read of each row) and one backward.
+
+    Same as :func:`torch.nn.functional.multilabel_soft_margin_loss`: class
+    ``weight`` (broadcast against the input; its gradient when it requires
+    grad, through torch's composite), the mean over classes then the
+    reduction, soft and integer (multi-hot) targets (broadcast to the input),
+    gradients for input and floating targets, inputs of any rank (the class
+    dim is the last), torch's dtype and errors (an invalid reduction is
+    raised after the loss is computed, as torch does). ``out_dtype``: see the
+    module docstring. Under CPU autocast the loss keeps the input's dtype, and
+    under CUDA autocast it is fp32, as torch's.
+
+    Deviations: fp16/bf16 inputs are computed in fp32 and rounded once (torch
+    rounds every intermediate to the input's dtype); integer targets are read
+    as one fp32 (fp64) copy.
+    """
+    if has_torch_function_variadic(input, target, weight):
+        return handle_torch_function(
+            multilabel_soft_margin_loss,
+            (input, target, weight),
+            input,
+            target,
+            weight=weight,
+            size_average=size_average,
+            reduce=reduce,
+            reduction=reduction,
+            out_dtype=out_dtype,
+        )
+    if size_average is not None or reduce is not None:
+        reduction = _Reduction.legacy_get_string(size_average, reduce)
+    red = _REDUCTIONS.get(reduction) if isinstance(reduction, str) else None
+    if red is None:
+        # torch computes the loss (and raises its errors) before it looks at the reduction.
+        ops.multilabel_soft_margin_composite(input, target, weight, 0, out_dtype)
+        raise ValueError(reduction + " is not valid")
+    if not _transformed(input, target, weight) and input.dim() >= 1:
+        try:
+            # A broadcast target is read in place; autograd sums its gradient back.
+            y = target if target.shape == input.shape else target.expand(input.shape)
+            return ops.multilabel_soft_margin(input, y, weight, red, out_dtype)
+        except _REFUSALS as e:
+            _on_refusal(e, input, "multilabel_soft_margin_loss")
+    return ops.multilabel_soft_margin_composite(input, target, weight, red, out_dtype)
+
+
+_DISTILL_REDUCTIONS = {"none": 0, "mean": 1, "sum": 2, "batchmean": 3}
+
+_DISTILL_DOC = """
+    Both logits have the same shape ``(..., C)``; the class dim is the last
+    (``(N, C)``, or ``(B, S, V)`` for language models, read with its strides,
+    e.g. a ``logits[:, :-1]`` slice, without a copy). Each row is a position;
+    ``P = softmax(teacher_logits / T)``, ``Q = softmax(student_logits / T)``,
+    ``T = temperature > 0``. Computed in one read of both rows forward (both
+    log-sum-exps online, fp32 registers for fp16/bf16/fp32, fp64 for fp64)
+    and one read of both rows plus one write per gradient backward; only the
+    logits, the target and six fp32 values per row are saved. Gradients reach
+    ``student_logits``, and ``teacher_logits`` when it requires grad.
+
+    * **T^2 scaling**: the loss is ``T**2`` times the divergence (Hinton et
+      al.), so gradient magnitudes do not shrink as ``1/T**2`` when T grows.
+    * **target, ignore_index**: with ``target`` (integer, shape ``(...)``), rows
+      whose target equals ``ignore_index`` are skipped: no loss, not counted by
+      the means, gradients exactly 0 (also where their logits are NaN).
+      ``target=None`` keeps every row.
+    * **reduction**: ``"batchmean"`` (default) divides the sum of the row
+      losses by the number of kept rows: per token for ``(B, S, V)`` logits,
+      as cross_entropy's mean over non-ignored targets, so the loss does not
+      scale with padding and mixes with a cross-entropy term at a fixed
+      weight. (``torch.nn.functional.kl_div``'s batchmean divides by
+      ``input.size(0)``: the same for ``(N, C)`` logits without ignored rows,
+      B instead of B*S for 3-d ones.) ``"mean"`` divides by kept rows times C,
+      as kl_div's elementwise mean; ``"sum"`` sums; ``"none"`` returns the
+      per-row losses, shape ``(...)`` (kl_div's ``"none"`` is per element: the
+      fused op never writes an ``(..., C)`` loss).
+    * **All rows ignored**: the means are NaN (0/0, as cross_entropy's with
+      every target ignored) with zero gradients; ``"sum"`` is 0.
+    * **Masked classes** (``-inf`` logits): ``0 log 0 = 0``, so a class with
+      no probability contributes nothing (masked in both, or only in the
+      distribution the KL is taken from). A KL is ``+inf`` where its second
+      distribution masks a class the first has mass on (forward KL: the
+      student masks a class the teacher does not); the second's gradient stays
+      finite there, ``T (Q - P)``, and the first's is NaN for that row. JSD
+      stays finite (M has mass wherever P or Q has). A row of all ``-inf``
+      logits gives NaN.
+    * **fp16/bf16** logits are read as they are and computed in fp32 (no
+      rounding of the scaled logits or probabilities to the input dtype); the
+      loss has the logits' dtype (``out_dtype`` to choose; teacher and student
+      of different dtypes are promoted, with one converted copy). Under
+      ``torch.autocast`` the loss is fp32, as torch's composite (log_softmax,
+      kl_div) is.
+"""
+
+
+def _distill(student_logits, teacher_logits, target, beta, temperature, reduction, ignore_index, out_dtype, name):
+    red = _DISTILL_REDUCTIONS.get(reduction) if isinstance(reduction, str) else None
+    if red is None:
+        raise ValueError(f"{reduction} is not a valid value for reduction")
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"{name}: student_logits of shape {tuple(student_logits.shape)} and teacher_logits of shape "
+            f"{tuple(teacher_logits.shape)} must have the same shape"
+        )
+    if student_logits.dim() < 1:
+        raise ValueError(f"{name}: the logits need a class dimension (the last), got a 0-d tensor")
+    if not (0.0 < float(temperature) < float("inf")):
+        raise ValueError(f"{name}: temperature must be a positive number, got {temperature}")
+    if not 0.0 <= float(beta) <= 1.0:
+        raise ValueError(f"{name}: beta must be in [0, 1], got {beta}")
+    if target is not None:
+        if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+            raise ValueError(f"{name}: target must hold integer class indices, got {target.dtype}")
+        if target.shape != student_logits.shape[:-1]:
+            raise ValueError(
+                f"{name}: target of shape {tuple(target.shape)} must have the logits' leading shape "
+                f"{tuple(student_logits.shape[:-1])}"
+            )
+    args = (float(beta), float(temperature), int(ignore_index), red, out_dtype)
+    if not _transformed(student_logits, teacher_logits, target):
+        try:
+            return ops.distill(student_logits, teacher_logits, target, *args)
+        except _REFUSALS as e:
+            _on_refusal(e, student_logits, name)
+    return ops.distill_composite(student_logits, teacher_logits, target, *args)
+
+
+def kl_div_with_logits(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    reduction: str = "batchmean",
+    ignore_index: int = -100,
+    target: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    if has_torch_function_variadic(student_logits, teacher_logits, target):
+        return handle_torch_function(
+            kl_div_with_logits,
+            (student_logits, teacher_logits, target),
+            student_logits,
+            teacher_logits,
+            temperature=temperature,
+            reduction=reduction,
+            ignore_index=ignore_index,
+            target=target,
+            out_dtype=out_dtype,
+        )
+    return _distill(
+        student_logits, teacher_logits, target, 0.0, temperature, reduction, ignore_index, out_dtype,
+        "kl_div_with_logits",
+    )  # fmt: skip
+
+
+kl_div_with_logits.__doc__ = (
+    """Knowledge distillation loss: the forward KL divergence of the student's
+    softmax from the teacher's, ``T**2 * KL(P || Q)``, per row
+    ``sum_c P_c (log P_c - log Q_c)``. Equals
+    ``kl_div(log_softmax(s / T, -1), log_softmax(t / T, -1), log_target=True,
+    reduction="batchmean") * T**2`` for ``(N, C)`` logits (5+ passes and an fp32
+    copy per input in torch).
+"""
+    + _DISTILL_DOC
+)
+
+
+def jsd_with_logits(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    reduction: str = "batchmean",
+    ignore_index: int = -100,
+    target: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    if has_torch_function_variadic(student_logits, teacher_logits, target):
+        return handle_torch_function(
+            jsd_with_logits,
+            (student_logits, teacher_logits, target),
+            student_logits,
+            teacher_logits,
+            beta=beta,
+            temperature=temperature,
+            reduction=reduction,
+            ignore_index=ignore_index,
+            target=target,
+            out_dtype=out_dtype,
+        )
+    return _distill(
+        student_logits, teacher_logits, target, beta, temperature, reduction, ignore_index, out_dtype,
+        "jsd_with_logits",
+    )  # fmt: skip
+
+
+jsd_with_logits.__doc__ = (
+    """Generalised Jensen-Shannon divergence between the teacher's and the
+    student's softmax, ``T**2 * JSD_beta``, per row
+
+        JSD_beta(P, Q) = beta KL(P || M) + (1 - beta) KL(Q || M),  M = beta P + (1 - beta) Q
+
+    with P the teacher's distribution and Q the student's (the definition of
+    GKD, Agarwal et al. 2024, as in TRL and Liger-Kernel). ``beta=0.5`` is the
+    symmetric JSD. The endpoints are the limits of JSD_beta / beta and
+    JSD_beta / (1 - beta), not the formula's value there (which is 0):
+    ``beta=0`` is the forward KL, ``KL(P || Q)`` (teacher || student, exactly
+    :func:`kl_div_with_logits`), and ``beta=1`` the reverse KL,
+    ``KL(Q || P)`` (student || teacher). ``beta`` must lie in [0, 1]. In the
+    fused forward the mixture needs both rows normalised first, so JSD reads
+    each row twice (the second time from cache).
+"""
+    + _DISTILL_DOC
+)

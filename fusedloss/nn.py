@@ -128,3 +128,104 @@ class HingeLoss(torch.nn.Module):
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return F.hinge_loss(input, target, margin=self.margin, squared=self.squared, reduction=self.reduction)
+
+
+# sigmoid_focal_loss (torchvision's function; torch has no module),
+# multilabel_soft_margin_loss and distillation on logits.
+
+__all__ += ["JSDWithLogitsLoss", "KLDivWithLogitsLoss", "MultiLabelSoftMarginLoss", "SigmoidFocalLoss"]
+
+
+class MultiLabelSoftMarginLoss(torch.nn.MultiLabelSoftMarginLoss):
+    """:class:`torch.nn.MultiLabelSoftMarginLoss`, computed by
+    :func:`fusedloss.functional.multilabel_soft_margin_loss`."""
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.multilabel_soft_margin_loss(input, target, weight=self.weight, reduction=self.reduction)
+
+
+class SigmoidFocalLoss(torch.nn.Module):
+    """Sigmoid focal loss as a module: :func:`torchvision.ops.sigmoid_focal_loss`
+    (which has no module) with its defaults, computed by
+    :func:`fusedloss.functional.sigmoid_focal_loss`. ``forward(inputs, targets)``."""
+
+    __constants__ = ["alpha", "gamma", "reduction"]
+
+    def __init__(self, alpha: float = 0.25, gamma: float = 2, reduction: str = "none") -> None:
+        super().__init__()
+        self.alpha = alpha
+        self.gamma = gamma
+        self.reduction = reduction
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, gamma={self.gamma}, reduction={self.reduction!r}"
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.sigmoid_focal_loss(inputs, targets, alpha=self.alpha, gamma=self.gamma, reduction=self.reduction)
+
+
+class KLDivWithLogitsLoss(torch.nn.Module):
+    """Distillation loss ``T**2 * KL(softmax(teacher / T) || softmax(student / T))``
+    over the last dim; see :func:`fusedloss.functional.kl_div_with_logits`.
+    ``forward(student_logits, teacher_logits, target=None)``: rows whose
+    ``target`` equals ``ignore_index`` are skipped."""
+
+    __constants__ = ["temperature", "reduction", "ignore_index"]
+
+    def __init__(self, *, temperature: float = 1.0, reduction: str = "batchmean", ignore_index: int = -100) -> None:
+        super().__init__()
+        self.temperature = temperature
+        self.reduction = reduction
+        self.ignore_index = ignore_index
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, reduction={self.reduction!r}, ignore_index={self.ignore_index}"
+
+    def forward(
+        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return F.kl_div_with_logits(
+            student_logits,
+            teacher_logits,
+            temperature=self.temperature,
+            reduction=self.reduction,
+            ignore_index=self.ignore_index,
+            target=target,
+        )
+
+
+class JSDWithLogitsLoss(torch.nn.Module):
+    """Generalised JSD distillation loss over the last dim (``beta=0``: forward
+    KL, teacher || student; ``beta=1``: reverse KL); see
+    :func:`fusedloss.functional.jsd_with_logits`.
+    ``forward(student_logits, teacher_logits, target=None)``."""
+
+    __constants__ = ["beta", "temperature", "reduction", "ignore_index"]
+
+    def __init__(
+        self, *, beta: float = 0.5, temperature: float = 1.0, reduction: str = "batchmean", ignore_index: int = -100
+    ) -> None:
+        super().__init__()
+        self.beta = beta
+        self.temperature = temperature
+        self.reduction = reduction
+        self.ignore_index = ignore_index
+
+    def extra_repr(self) -> str:
+        return (
+            f"beta={self.beta}, temperature={self.temperature}, reduction={self.reduction!r}, "
+            f"ignore_index={self.ignore_index}"
+        )
+
+    def forward(
+        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return F.jsd_with_logits(
+            student_logits,
+            teacher_logits,
+            beta=self.beta,
+            temperature=self.temperature,
+            reduction=self.reduction,
+            ignore_index=self.ignore_index,
+            target=target,
+        )

@@ -408,11 +408,15 @@ C10_HOST_DEVICE inline V multi_margin_grad_term(V z, int64_t p) {
 
 // ---------------------------------------------------------------------------
 // Sigmoid focal loss (torchvision.ops.sigmoid_focal_loss, RetinaNet):
-//   ce  = (1 - y) x - log_sigmoid(x)                    (BCE with logits, ATen's form)
+//   ce  = ((1 - y) x - min(x, 0)) + log1p(exp(-|x|))    (BCE with logits)
 //   u   = 1 - p_t = p (1 - y) + (1 - p) y,  p = sigmoid(x)
 //   loss = a_t ce u^gamma,  a_t = alpha y + (1 - alpha)(1 - y)  (1 when alpha < 0)
 // u is formed from sigmoid(x) and sigmoid(-x) separately, both accurate: 1 - p_t
 // as torchvision writes it rounds to 0 once p rounds to 1 (x > 17 in fp32).
+// ce is ATen's (1 - y) x - log_sigmoid(x) grouped so that (1 - y) x - min(x, 0)
+// cancels exactly: ATen's form rounds ce = log1p(exp(x)) to 0 for y = 0 and
+// x < -17 in fp32 (and for y = 1, x > 17 symmetrically it was already exact);
+// the NaN/inf cases (x = -inf; x = +inf with y = 1) are ATen's.
 // Gradients, with p q = sigmoid'(x), q = 1 - p:
 //   d/dx = a_t [((1 - y) p - y q) u^gamma + ce gamma u^(gamma - 1) p q (1 - 2y)]
 //   d/dy = (2 alpha - 1) ce u^gamma + a_t [-x u^gamma + ce gamma u^(gamma - 1) (q - p)]
@@ -470,11 +474,17 @@ C10_HOST_DEVICE inline V focal_modulator_slope(V u, V gamma, bool square, bool z
   return gamma * Ops<V>::pow(u, gamma - V(1));
 }
 
+// BCE with logits from e = exp(-|x|), grouped as above.
+template <typename V>
+C10_HOST_DEVICE inline V focal_bce(V x, V y, V e) {
+  using O = Ops<V>;
+  return ((V(1) - y) * x - O::min(x, V(0))) + O::log1p(e);
+}
+
 template <typename V>
 C10_HOST_DEVICE inline V sigmoid_focal(V x, V y, V alpha, bool has_alpha, V gamma, bool square) {
-  using O = Ops<V>;
   const V e = exp_neg_abs(x);
-  const V ce = (V(1) - y) * x - log_sigmoid_from(x, O::log1p(e));
+  const V ce = focal_bce(x, y, e);
   const SigmoidPair<V> s = sigmoid_pair(x, e);
   const V u = s.p * (V(1) - y) + s.q * y;
   const V loss = ce * focal_modulator(u, gamma, square);
@@ -488,7 +498,7 @@ C10_HOST_DEVICE inline void sigmoid_focal_grads(V x, V y, V alpha, bool has_alph
                                                 bool zero_gamma, bool want_y, V* dx, V* dy) {
   using O = Ops<V>;
   const V e = exp_neg_abs(x);
-  const V ce = (V(1) - y) * x - log_sigmoid_from(x, O::log1p(e));
+  const V ce = focal_bce(x, y, e);
   const SigmoidPair<V> s = sigmoid_pair(x, e);
   const V u = s.p * (V(1) - y) + s.q * y;
   const V m = focal_modulator(u, gamma, square);

@@ -175,10 +175,10 @@ namespace {
 
 // sum_c P_c (l_c - lr_c) over the last dim, with P = exp(l) and 0 log 0 = 0:
 // terms where P_c = 0 are 0, also in their gradients (the where()s keep -inf
-// out of every product, so masked classes give no NaN backward).
+// out of every product, so masked classes give no NaN backward). NaN stays NaN.
 at::Tensor kl_rows(const at::Tensor& l, const at::Tensor& lr) {
   const at::Tensor p = at::exp(l);
-  const at::Tensor pos = p > 0;
+  const at::Tensor pos = p != 0;
   const at::Tensor zero = at::zeros({}, l.options());
   return at::where(pos, p * (at::where(pos, l, zero) - at::where(pos, lr, zero)), zero).sum(-1);
 }
@@ -216,7 +216,7 @@ at::Tensor distill(const at::Tensor& student_, const at::Tensor& teacher_, const
     rows = kl_rows(lq, lp);
   } else {
     const at::Tensor m = beta * at::exp(lp) + (1 - beta) * at::exp(lq);
-    const at::Tensor lm = at::log(at::where(m > 0, m, at::ones({}, m.options())));
+    const at::Tensor lm = at::log(at::where(m != 0, m, at::ones({}, m.options())));
     rows = beta * kl_rows(lp, lm) + (1 - beta) * kl_rows(lq, lm);
   }
   rows = rows * (temperature * temperature);

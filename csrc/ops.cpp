@@ -149,8 +149,8 @@ TORCH_LIBRARY(fusedloss, m) {
   // between the generalised JSD; times temperature^2. Rows whose target equals
   // ignore_index are skipped. Reductions: 0 none (per row), 1 mean (over
   // kept rows x classes), 2 sum, 3 batchmean (over kept rows). distill_forward
-  // returns (loss, stats, denominator): per row (P max, log sum exp, Q max,
-  // log sum exp, two KL terms) and the mean's denominator, for the backward.
+  // returns (loss, stats, denominator): per row 8 values (maxima, log sums of
+  // exps, KL terms) and the mean's denominator, for the backward.
   m.def(
       "distill(Tensor student, Tensor teacher, Tensor? target=None, float beta=0.0, float temperature=1.0, "
       "int ignore_index=-100, int reduction=3, ScalarType? out_dtype=None) -> Tensor");

@@ -287,7 +287,7 @@ def _(student, teacher, target, beta, temperature, ignore_index, reduction, out_
         rows = rows * d
     return (
         student.new_empty(batch if reduction == 0 else (), dtype=out_dtype or dtype),
-        student.new_empty((rows, 6), dtype=acc),
+        student.new_empty((rows, 8), dtype=acc),
         student.new_empty((), dtype=acc),
     )
 

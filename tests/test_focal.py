@@ -13,8 +13,6 @@ from fusedloss import _composite
 from fusedloss.testing import assert_matches_torch
 
 tv_ops = pytest.importorskip("torchvision.ops")
-# torchvision's import path scripts a helper with the deprecated torch.jit.script.
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 
 NAME = "sigmoid_focal_loss"
 SHAPES = [(), (0,), (13,), (6, 7), (2, 3, 5, 5), (3, 2100)]

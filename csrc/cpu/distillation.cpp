@@ -52,11 +52,11 @@ const opmath_t<scalar_t>* load_block(const scalar_t* src, int64_t n, const Disti
   } else {
     widen(src, buf, n);
   }
-  if (p.scaled) {
-    const Vec<acc_t> vt(p.inv_t);
+  if (p.scaled) {  // a division, as torch's x / T: the same scaled logits bit for bit
+    const Vec<acc_t> vt(p.temperature);
     int64_t i = 0;
-    for (; i + Vec<acc_t>::size() <= n; i += Vec<acc_t>::size()) (Vec<acc_t>::loadu(buf + i) * vt).store(buf + i);
-    for (; i < n; ++i) buf[i] = buf[i] * p.inv_t;
+    for (; i + Vec<acc_t>::size() <= n; i += Vec<acc_t>::size()) (Vec<acc_t>::loadu(buf + i) / vt).store(buf + i);
+    for (; i < n; ++i) buf[i] = buf[i] / p.temperature;
   }
   return buf;
 }
@@ -94,9 +94,9 @@ struct CpuRowEngine {
         const scalar_t* qrow = p.q_in + p.offset(r, p.qN, p.qS);
         math::DistillRow<acc_t> d;
         if (p.mode == kDistillKl) {
-          d = math::kl_finish(row_state<true>(p, prow, qrow, buf));
+          d = math::kl_finish<acc_t>(row_state<true>(p, prow, qrow, buf));
         } else {
-          d = math::kl_finish(row_state<false>(p, prow, qrow, buf));
+          d = math::kl_finish<acc_t>(row_state<false>(p, prow, qrow, buf));
           jsd_sweep(p, prow, qrow, buf, d);
         }
         p.store_row(r, d);
@@ -122,11 +122,7 @@ struct CpuRowEngine {
         const math::DistillRow<acc_t> d = p.saved_row(r);
         const acc_t g = p.row_grad(r);
         const bool jsd = p.mode == kDistillJsd;
-        // An infinite or NaN loss has a NaN gradient (torch's composite gives
-        // NaN too), except KL's Q gradient T (Q - P), which stays exact where
-        // only the Q row masks a class that P has mass on (KL = +inf).
-        const bool nan_p = p.row_not_finite(d);
-        const bool nan_q = nan_p && jsd;
+        const bool nan_p = p.nan_grad_p(d), nan_q = p.nan_grad_q(d);
         const scalar_t nan = static_cast<scalar_t>(std::numeric_limits<acc_t>::quiet_NaN());
         if (nan_p && gp != nullptr) std::fill(gp, gp + C, nan);
         if (nan_q && gq != nullptr) std::fill(gq, gq + C, nan);
@@ -135,9 +131,9 @@ struct CpuRowEngine {
         if (!want_p && !want_q) continue;
         const scalar_t* prow = p.p_in + p.offset(r, p.pN, p.pS);
         const scalar_t* qrow = p.q_in + p.offset(r, p.qN, p.qS);
-        const Vec<acc_t> vmp(d.mp), vlsp(d.lsp), vmq(d.mq), vlsq(d.lsq), vk1(d.k1), vk2(d.k2);
+        const math::DistillRow<Vec<acc_t>> vd{d.mp, d.mq, d.sp, d.sq, d.k1, d.k2, d.c, d.c_lo};
         const Vec<acc_t> vbeta(p.beta);
-        // KL: gT on both rows. JSD: grad T beta (P), grad T (1 - beta) (Q).
+        // KL: grad T on both rows. JSD: grad T beta (P), grad T (1 - beta) (Q).
         const Vec<acc_t> vgp(jsd ? g * p.beta : g), vgq(jsd ? g * (acc_t(1) - p.beta) : g);
         for (int64_t b0 = 0; b0 < C; b0 += kBlock) {
           const int64_t len = std::min(kBlock, C - b0);
@@ -148,8 +144,8 @@ struct CpuRowEngine {
           for (int64_t i = 0; i < len; i += Vec<acc_t>::size()) {
             const int64_t cnt = std::min<int64_t>(Vec<acc_t>::size(), len - i);
             Vec<acc_t> dp, dq;
-            math::distill_class_grads(load_n(a + i, cnt) - vmp, load_n(b + i, cnt) - vmq, vlsp, vlsq, vk1, vk2, vbeta,
-                                      vgp, vgq, jsd, &dp, &dq);
+            math::distill_class_grads(load_n(a + i, cnt), load_n(b + i, cnt), vd, vbeta, vgp, vgq, jsd, want_p, &dp,
+                                      &dq);
             if (want_p) store_n(dp, oa + i, cnt);
             if (want_q) store_n(dq, ob + i, cnt);
           }
@@ -172,15 +168,17 @@ struct CpuRowEngine {
 
   // Both rows' running maxima and sums of exps in one read (and, kWithW, the
   // KL sum w): per block, the block maxima first, then one exp per logit of
-  // each row against the running maxima.
+  // each row against the running maxima, summed in vector lanes; the blocks'
+  // sums are added in double (the row's log-normalizer difference c needs
+  // them to ~1e-9: numerics.h DistillRow).
   template <bool kWithW, typename scalar_t>
-  static math::KlState<opmath_t<scalar_t>> row_state(const DistillParams<scalar_t>& p, const scalar_t* prow,
-                                                      const scalar_t* qrow, RowBuffers<opmath_t<scalar_t>>& buf) {
+  static math::KlState<double> row_state(const DistillParams<scalar_t>& p, const scalar_t* prow,
+                                         const scalar_t* qrow, RowBuffers<opmath_t<scalar_t>>& buf) {
     using acc_t = opmath_t<scalar_t>;
     using V = Vec<acc_t>;
     constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
     const int64_t C = p.g.C;
-    math::KlState<acc_t> st = math::kl_state_empty<acc_t>();
+    math::KlState<double> st = math::kl_state_empty<double>();
     for (int64_t b0 = 0; b0 < C; b0 += kBlock) {
       const int64_t len = std::min(kBlock, C - b0);
       const acc_t* a = load_block(prow + b0, len, p, buf.a.data());
@@ -195,9 +193,10 @@ struct CpuRowEngine {
         vma = at::vec::maximum(vma, V::set(V(kNegInf), V::loadu(a + i, len - i), len - i));
         vmb = at::vec::maximum(vmb, V::set(V(kNegInf), V::loadu(b + i, len - i), len - i));
       }
-      math::kl_rebase_p(st, math::Ops<acc_t>::max(st.mp, lane_max(vma)));
-      math::kl_rebase_q(st, math::Ops<acc_t>::max(st.mq, lane_max(vmb)));
-      const V rp(math::kl_ref(st.mp)), rq(math::kl_ref(st.mq));
+      math::kl_rebase_p(st, math::Ops<double>::max(st.mp, static_cast<double>(lane_max(vma))));
+      math::kl_rebase_q(st, math::Ops<double>::max(st.mq, static_cast<double>(lane_max(vmb))));
+      // The maxima are logits: exact in acc_t.
+      const V rp(static_cast<acc_t>(math::kl_ref(st.mp))), rq(static_cast<acc_t>(math::kl_ref(st.mq)));
       V vsp(acc_t(0)), vsq(acc_t(0)), vw(acc_t(0));
       for (i = 0; i < len; i += V::size()) {
         const int64_t cnt = std::min<int64_t>(V::size(), len - i);
@@ -221,8 +220,9 @@ struct CpuRowEngine {
     using acc_t = opmath_t<scalar_t>;
     using V = Vec<acc_t>;
     const int64_t C = p.g.C;
-    const V vmp(d.mp), vlsp(d.lsp), vmq(d.mq), vlsq(d.lsq), vbeta(p.beta);
-    acc_t kp = 0, kq = 0;
+    const math::DistillRow<V> vd{d.mp, d.mq, d.sp, d.sq, d.k1, d.k2, d.c, d.c_lo};
+    const V vbeta(p.beta);
+    double kp = 0, kq = 0;
     for (int64_t b0 = 0; b0 < C; b0 += kBlock) {
       const int64_t len = std::min(kBlock, C - b0);
       const acc_t* a = load_block(prow + b0, len, p, buf.a.data());
@@ -231,15 +231,15 @@ struct CpuRowEngine {
       for (int64_t i = 0; i < len; i += V::size()) {
         const int64_t cnt = std::min<int64_t>(V::size(), len - i);
         V tp, tq;
-        math::jsd_class_terms((load_n(a + i, cnt) - vmp) - vlsp, (load_n(b + i, cnt) - vmq) - vlsq, vbeta, &tp, &tq);
+        math::jsd_class_terms(load_n(a + i, cnt), load_n(b + i, cnt), vd, vbeta, &tp, &tq);
         vkp = vkp + keep_n(tp, cnt);
         vkq = vkq + keep_n(tq, cnt);
       }
       kp += lane_sum(vkp);
       kq += lane_sum(vkq);
     }
-    d.k1 = kp;
-    d.k2 = kq;
+    d.k1 = static_cast<acc_t>(kp);
+    d.k2 = static_cast<acc_t>(kq);
   }
 };
 

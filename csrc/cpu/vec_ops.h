@@ -33,6 +33,7 @@ struct Ops<at::vec::Vectorized<T>> {
   }
   static V tanh(const V& x) { return x.tanh(); }
   static V pow(const V& x, const V& y) { return x.pow(y); }
+  static V expm1(const V& x) { return x.expm1(); }
   static V abs(const V& x) { return x.abs(); }
   static V neg(const V& x) { return x.neg(); }
   static V min(const V& a, const V& b) { return at::vec::minimum(a, b); }  // propagates NaN

@@ -76,7 +76,7 @@ __device__ __forceinline__ acc_t group_sum(acc_t x, acc_t* smem) {
 template <typename scalar_t>
 __device__ __forceinline__ at::opmath_type<scalar_t> scaled(const DistillParams<scalar_t>& p, scalar_t v) {
   const at::opmath_type<scalar_t> x = static_cast<at::opmath_type<scalar_t>>(v);
-  return p.scaled ? x * p.inv_t : x;
+  return p.scaled ? x / p.temperature : x;  // as torch's x / T, bit for bit
 }
 
 // Calls f(c, a, b) for every class of the row this thread owns, a and b the
@@ -122,7 +122,7 @@ __global__ void __launch_bounds__(G > kWarp ? G : kRowBlock) distill_forward_row
   constexpr int kRowsPerBlock = G > kWarp ? 1 : kRowBlock / kWarp;
   __shared__ KlState<acc_t> smem[G > kWarp ? G / kWarp : 1];
   __shared__ acc_t sums[kWarp];
-  __shared__ acc_t row[4];
+  __shared__ acc_t row[6];
   const int lane = G > kWarp ? threadIdx.x : threadIdx.x % kWarp;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + (G > kWarp ? 0 : threadIdx.x / kWarp);
   if (r >= p.g.rows()) return;  // whole groups only: a block-wide group never splits here
@@ -148,26 +148,30 @@ __global__ void __launch_bounds__(G > kWarp ? G : kRowBlock) distill_forward_row
         for (int j = 0; j < VEC; ++j) math::kl_add(st, a[j], b[j]);
       });
   st = group_merge<G>(st, smem);
-  math::DistillRow<acc_t> d = math::kl_finish(st);  // right in the group's first thread
+  math::DistillRow<acc_t> d = math::kl_finish<acc_t>(st);  // right in the group's first thread
   if (p.mode == kDistillJsd) {
     // Every thread of the group needs the row's maxima and log sums.
     if constexpr (G > kWarp) {
       if (threadIdx.x == 0) {
         row[0] = d.mp;
-        row[1] = d.lsp;
-        row[2] = d.mq;
-        row[3] = d.lsq;
+        row[1] = d.mq;
+        row[2] = d.sp;
+        row[3] = d.sq;
+        row[4] = d.c;
+        row[5] = d.c_lo;
       }
       __syncthreads();
       d.mp = row[0];
-      d.lsp = row[1];
-      d.mq = row[2];
-      d.lsq = row[3];
+      d.mq = row[1];
+      d.sp = row[2];
+      d.sq = row[3];
+      d.c = row[4];
+      d.c_lo = row[5];
     }
     acc_t kp = acc_t(0), kq = acc_t(0);
     auto terms = [&](acc_t a, acc_t b) {
       acc_t tp, tq;
-      math::jsd_class_terms((a - d.mp) - d.lsp, (b - d.mq) - d.lsq, p.beta, &tp, &tq);
+      math::jsd_class_terms(a, b, d, p.beta, &tp, &tq);
       kp += tp;
       kq += tq;
     };
@@ -198,8 +202,8 @@ __global__ void __launch_bounds__(G > kWarp ? G : kRowBlock) distill_backward_ro
   scalar_t* gq = p.grad_q != nullptr ? p.grad_q + r * C : nullptr;
   const math::DistillRow<acc_t> d = p.saved_row(r);
   const bool jsd = p.mode == kDistillJsd;
-  // As the CPU kernel: ignored rows get exact zeros; an infinite or NaN loss a
-  // NaN gradient (but KL's Q gradient, exact also there).
+  // As the CPU kernel: ignored rows get exact zeros; an infinite or NaN loss
+  // NaN gradients (DistillParams::nan_grad_p / nan_grad_q).
   if (p.ignored(r)) {
     for (int64_t c = lane; c < C; c += G) {
       if (gp != nullptr) gp[c] = scalar_t(0);
@@ -207,15 +211,14 @@ __global__ void __launch_bounds__(G > kWarp ? G : kRowBlock) distill_backward_ro
     }
     return;
   }
-  const bool nan_p = p.row_not_finite(d);
-  const bool nan_q = nan_p && jsd;
-  if (nan_p) {
+  const bool nan_p = p.nan_grad_p(d), nan_q = p.nan_grad_q(d);
+  if (nan_p || nan_q) {
     const scalar_t nan = static_cast<scalar_t>(std::numeric_limits<acc_t>::quiet_NaN());
     for (int64_t c = lane; c < C; c += G) {
-      if (gp != nullptr) gp[c] = nan;
+      if (gp != nullptr && nan_p) gp[c] = nan;
       if (gq != nullptr && nan_q) gq[c] = nan;
     }
-    gp = nullptr;
+    if (nan_p) gp = nullptr;
     if (nan_q) gq = nullptr;
   }
   if (gp == nullptr && gq == nullptr) return;
@@ -225,13 +228,14 @@ __global__ void __launch_bounds__(G > kWarp ? G : kRowBlock) distill_backward_ro
   const scalar_t* brow = p.q_in + p.offset(r, p.qN, p.qS);
   const int64_t head = split_row(arow, C).head;
   const bool packable = (gp == nullptr || split_row(gp, C).head == head) && (gq == nullptr || split_row(gq, C).head == head);
+  const bool want_p = gp != nullptr;
   auto grads = [&](acc_t a, acc_t b, acc_t* dp, acc_t* dq) {
-    math::distill_class_grads(a - d.mp, b - d.mq, d.lsp, d.lsq, d.k1, d.k2, p.beta, wp, wq, jsd, dp, dq);
+    math::distill_class_grads(a, b, d, p.beta, wp, wq, jsd, want_p, dp, dq);
   };
   for_row<G>(
       p, arow, brow, lane, packable,
       [&](int64_t c, acc_t a, acc_t b) {
-        acc_t dp, dq;
+        acc_t dp = acc_t(0), dq = acc_t(0);
         grads(a, b, &dp, &dq);
         if (gp != nullptr) gp[c] = static_cast<scalar_t>(dp);
         if (gq != nullptr) gq[c] = static_cast<scalar_t>(dq);
@@ -240,7 +244,7 @@ __global__ void __launch_bounds__(G > kWarp ? G : kRowBlock) distill_backward_ro
         Pack<scalar_t, VEC> op, oq;
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
-          acc_t dp, dq;
+          acc_t dp = acc_t(0), dq = acc_t(0);
           grads(a[j], b[j], &dp, &dq);
           op.v[j] = static_cast<scalar_t>(dp);
           oq.v[j] = static_cast<scalar_t>(dq);

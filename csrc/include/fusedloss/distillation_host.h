@@ -3,7 +3,7 @@
 // shared by the CPU and CUDA implementations: geometry, checks, the kernel
 // parameter block and the op bodies templated on a device Engine that runs the
 // per-row kernels:
-//   Engine::forward_rows<scalar_t>(DistillParams&)   per row: loss, mean weight, saved state
+//   Engine::forward_rows<scalar_t>(DistillParams&)   per row: loss, mean weight, saved state (8 values)
 //   Engine::backward_rows<scalar_t>(DistillParams&)  the gradients, one read of both rows
 // plus the elementwise engine for the deterministic sum of the row losses.
 //
@@ -43,8 +43,9 @@ namespace fusedloss {
 
 enum DistillReduction : int64_t { kDistillBatchmean = 3 };
 enum DistillMode : int { kDistillKl = 0, kDistillJsd = 1 };
-// Columns of the saved per-row state (DistillRow): P max, log sum, Q max, log sum, k1, k2.
-constexpr int64_t kDistillStats = 6;
+// Columns of the saved per-row state (DistillRow: P max, Q max, P sum of
+// exps, Q sum, k1, k2, c, c_lo).
+constexpr int64_t kDistillStats = 8;
 
 // A row's offset: rows are (n, s) over the flattened leading dims, classes contiguous.
 struct DistillGeometry {
@@ -91,7 +92,7 @@ struct DistillParams {
   int64_t qN = 0, qS = 0;
   const int64_t* target = nullptr;  // one per row, contiguous; null: every row counts
   int64_t ignore_index = -100;
-  acc_t inv_t = 1;        // 1 / T
+  acc_t temperature = 1;  // T: logits are divided by it, as torch's x / T
   bool scaled = false;    // T != 1
   acc_t beta = 0;         // JSD's weight of P
   acc_t t2 = 1;           // T^2
@@ -130,23 +131,39 @@ struct DistillParams {
   C10_HOST_DEVICE void store_row(int64_t row, const math::DistillRow<acc_t>& d) const {
     acc_t* s = stats_out + row * kDistillStats;
     s[0] = d.mp;
-    s[1] = d.lsp;
-    s[2] = d.mq;
-    s[3] = d.lsq;
+    s[1] = d.mq;
+    s[2] = d.sp;
+    s[3] = d.sq;
     s[4] = d.k1;
     s[5] = d.k2;
-    const acc_t loss = mode == kDistillKl ? d.k2 : beta * d.k1 + (acc_t(1) - beta) * d.k2;
-    loss_out[row] = t2 * loss;
+    s[6] = d.c;
+    s[7] = d.c_lo;
+    loss_out[row] = t2 * row_loss(d);
     weight_out[row] = row_weight;
+  }
+  // KL(P || Q), or beta KL(P || M) + (1 - beta) KL(Q || M); NaN for a JSD row
+  // whose log-sum-exps are not finite (NaN logits, or all -inf), whose terms
+  // the 0 log 0 rule would otherwise drop.
+  C10_HOST_DEVICE acc_t row_loss(const math::DistillRow<acc_t>& d) const {
+    if (mode == kDistillKl) return d.k2;
+    if (!(d.c - d.c == acc_t(0))) return d.c - d.c;
+    return beta * d.k1 + (acc_t(1) - beta) * d.k2;
   }
   C10_HOST_DEVICE math::DistillRow<acc_t> saved_row(int64_t row) const {
     const acc_t* s = stats + row * kDistillStats;
-    return {s[0], s[1], s[2], s[3], s[4], s[5]};
+    return {s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]};
   }
-  // Whether the P gradient of a row is the NaN of an infinite (or NaN) loss.
-  C10_HOST_DEVICE bool row_not_finite(const math::DistillRow<acc_t>& d) const {
-    const acc_t v = mode == kDistillKl ? d.k2 : d.k1 + d.k2;
+  // Where a row's loss is infinite or NaN, its gradients are NaN (the
+  // composite's are not finite either), but for the Q gradient of a KL that
+  // is +inf (not NaN): T (Q - P) stays exact where only Q masks a class P has
+  // mass on.
+  C10_HOST_DEVICE bool nan_grad_p(const math::DistillRow<acc_t>& d) const {
+    const acc_t v = row_loss(d);
     return !(v - v == acc_t(0));
+  }
+  C10_HOST_DEVICE bool nan_grad_q(const math::DistillRow<acc_t>& d) const {
+    const acc_t v = row_loss(d);
+    return mode == kDistillKl ? v != v : !(v - v == acc_t(0));
   }
 };
 
@@ -183,7 +200,7 @@ inline at::ScalarType distill_compute_dtype(const at::Tensor& student, const at:
 
 template <typename Engine, typename ElementwiseEngine>
 struct DistillOps {
-  // (loss, stats (rows, 6), denominator ()): the backward reads stats and the
+  // (loss, stats (rows, 8), denominator ()): the backward reads stats and the
   // denominator (1 unless the reduction is a mean).
   static std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& student_,
                                                                 const at::Tensor& teacher_,
@@ -343,7 +360,7 @@ struct DistillOps {
     p.qS = k.qS;
     p.target = k.target.defined() ? k.target.template const_data_ptr<int64_t>() : nullptr;
     p.ignore_index = ignore_index;
-    p.inv_t = static_cast<acc_t>(1.0 / temperature);
+    p.temperature = static_cast<acc_t>(temperature);
     p.scaled = temperature != 1.0;
     p.beta = static_cast<acc_t>(beta);
     p.t2 = static_cast<acc_t>(temperature * temperature);

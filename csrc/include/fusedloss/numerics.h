@@ -39,6 +39,7 @@ struct ScalarOps {
   C10_HOST_DEVICE static T exp_fast(T x) { return ::exp(x); }
   C10_HOST_DEVICE static T log(T x) { return ::log(x); }
   C10_HOST_DEVICE static T log1p(T x) { return ::log1p(x); }
+  C10_HOST_DEVICE static T expm1(T x) { return ::expm1(x); }
   C10_HOST_DEVICE static T tanh(T x) { return ::tanh(x); }
   C10_HOST_DEVICE static T pow(T x, T y) { return ::pow(x, y); }
   C10_HOST_DEVICE static T abs(T x) { return ::fabs(x); }
@@ -71,6 +72,7 @@ struct Ops<float> : ScalarOps<float> {
   }
   C10_HOST_DEVICE static float log(float x) { return ::logf(x); }
   C10_HOST_DEVICE static float log1p(float x) { return ::log1pf(x); }
+  C10_HOST_DEVICE static float expm1(float x) { return ::expm1f(x); }
   C10_HOST_DEVICE static float tanh(float x) { return ::tanhf(x); }
   C10_HOST_DEVICE static float pow(float x, float y) { return ::powf(x, y); }
   C10_HOST_DEVICE static float abs(float x) { return ::fabsf(x); }
@@ -652,92 +654,96 @@ C10_HOST_DEVICE inline KlState<T> kl_merge(KlState<T> x, KlState<T> y) {
 }
 
 // What a row keeps for its backward (and JSD's second sweep): the maxima, the
-// logs of the sums, and KL(P || Q) = kl (JSD: KL(P || M) and KL(Q || M)).
+// sums of exps, two KL values, and c = (mp - mq) - log(sq / sp), so that
+// log Q_c - log P_c = (b_c - a_c) + c. Probabilities are exp(a - mp) / sp:
+// exp((a - mp) - log sp) would carry the rounding of log sp (~1e-7 log C, the
+// same for the whole row) into every P_c and into the sums the gradients
+// subtract. The per-class log ratios are formed from t = log Q_c - log P_c
+// for the same reason, with c kept to double precision as a pair
+// (c + c_lo): where P_c is near Q_c, t is a small difference of b - a and c.
 template <typename T>
 struct DistillRow {
-  T mp, lsp, mq, lsq;
+  T mp, mq, sp, sq;
   T k1, k2;  // KL: w / sp and KL(P || Q); JSD: KL(P || M) and KL(Q || M)
+  T c, c_lo;
 };
 
-template <typename T>
-C10_HOST_DEVICE inline DistillRow<T> kl_finish(const KlState<T>& st) {
-  const T lsp = Ops<T>::log(st.sp), lsq = Ops<T>::log(st.sq);
-  const T wbar = st.w / st.sp;
-  return {st.mp, lsp, st.mq, lsq, wbar, wbar + (lsq - lsp)};
+// The row's saved values from its state (computed in double, once per row;
+// S is the state's type, double on the CPU, whose blocks add in double).
+template <typename T, typename S>
+C10_HOST_DEVICE inline DistillRow<T> kl_finish(const KlState<S>& st) {
+  const double sp = st.sp, sq = st.sq;
+  const double lr = ::log(sq / sp);
+  const double wbar = static_cast<double>(st.w) / sp;
+  const double c = (static_cast<double>(st.mp) - static_cast<double>(st.mq)) - lr;
+  const T c_hi = static_cast<T>(c);
+  return {static_cast<T>(st.mp), static_cast<T>(st.mq), static_cast<T>(sp), static_cast<T>(sq),
+          static_cast<T>(wbar),  static_cast<T>(wbar + lr), c_hi, static_cast<T>(c - static_cast<double>(c_hi))};
 }
 
-// log P_c and log Q_c of a class from the row's saved values.
+// log Q_c - log P_c from the scaled logits a, b: (b - a) is exact for logits
+// of one dtype, and adding c in two parts keeps t exact to its own rounding.
 template <typename V>
-C10_HOST_DEVICE inline V distill_log_prob(V x, V m, V ls) {
-  return (x - m) - ls;
+C10_HOST_DEVICE inline V distill_log_ratio(V a, V b, const DistillRow<V>& r) {
+  return ((b - a) + r.c) + r.c_lo;
 }
 
-// KL gradients of one class from p = P_c, q = Q_c, times gT = grad_output T
-// (over the mean's denominator): kl_grad_q for the Q logit, kl_grad_p for the P
-// logit (0 where P_c = 0; d = (a - mp) - (b - mq), wbar = w / sp). Where a
-// row's KL is infinite, the kernels write NaN for its P gradient instead (the
-// gradient of an infinite loss; torch's composite gives NaN there too).
+// log(P_c / M_c) and log(Q_c / M_c), M = beta P + (1 - beta) Q, from
+// t = log Q_c - log P_c: their difference is -t, and the smaller one is
+// -log1p(w expm1(-|t|)) (w = beta for t >= 0, else 1 - beta), exact near
+// P_c = Q_c (where both vanish) and free of overflow where they are far apart.
 template <typename V>
-C10_HOST_DEVICE inline V kl_grad_q(V p, V q, V gT) {
-  return gT * (q - p);
-}
-
-template <typename V>
-C10_HOST_DEVICE inline V kl_grad_p(V p, V d, V wbar, V gT) {
+C10_HOST_DEVICE inline void jsd_log_ratios(V t, V beta, V* lpm, V* lqm) {
   using O = Ops<V>;
-  return O::where(O::gt(p, V(0)), gT * (p * (d - wbar)), V(0));
+  const auto pos = O::ge(t, V(0));
+  const V u = O::expm1(O::neg(O::abs(t)));
+  const V small = O::neg(O::log1p(O::where(pos, beta, V(1) - beta) * u));
+  *lpm = O::where(pos, small - t, small);
+  *lqm = O::where(pos, small, small + t);
 }
 
-// log M_c, M = beta P + (1 - beta) Q (1 where M_c = 0: never used there).
+// JSD's terms of one class, P (log P - log M) and Q (log Q - log M) with
+// 0 log 0 = 0, from the scaled logits a (P row) and b (Q row) and the row's
+// saved values (the forward's second sweep).
 template <typename V>
-C10_HOST_DEVICE inline V jsd_log_mixture(V p, V q, V beta) {
+C10_HOST_DEVICE inline void jsd_class_terms(V a, V b, const DistillRow<V>& r, V beta, V* tp, V* tq) {
   using O = Ops<V>;
-  const V m = beta * p + (V(1) - beta) * q;
-  return O::log(O::where(O::gt(m, V(0)), m, V(1)));
+  const V p = O::exp_fast(a - r.mp) / r.sp, q = O::exp_fast(b - r.mq) / r.sq;
+  V lpm, lqm;
+  jsd_log_ratios(distill_log_ratio(a, b, r), beta, &lpm, &lqm);
+  *tp = O::where(O::gt(p, V(0)), p * lpm, V(0));
+  *tq = O::where(O::gt(q, V(0)), q * lqm, V(0));
 }
 
-// A JSD term of one class, p (l - lm) with l = log p: 0 log 0 = 0.
+// The gradients of one class of a distillation row (per unit of the T^2-scaled
+// loss, times gp / gq = grad_output T, and beta / (1 - beta) for JSD), from the
+// scaled logits a (P row), b (Q row) and the row's saved values:
+//   KL:  dQ = Q_c - P_c, as -Q expm1(-t) or P expm1(t) (t = log Q_c - log P_c:
+//        exact where Q_c is near P_c); dP = P_c (d_c - w / sp),
+//        d_c = (a - b) + (mq - mp)          (only when want_p: one exp less)
+//   JSD: dP = P_c (log(P_c / M_c) - KL(P || M)), dQ = Q_c (log(Q_c / M_c) - KL(Q || M))
+// with 0 where the probability is 0.
 template <typename V>
-C10_HOST_DEVICE inline V jsd_term(V p, V l, V lm) {
+C10_HOST_DEVICE inline void distill_class_grads(V a, V b, const DistillRow<V>& r, V beta, V gp, V gq, bool jsd,
+                                                bool want_p, V* dp, V* dq) {
   using O = Ops<V>;
-  return O::where(O::gt(p, V(0)), p * (l - lm), V(0));
-}
-
-// JSD gradient of one class of either row: with p, l = log p and kl = KL(that
-// row || M), gT times d/dlogit = p (log p - log M - kl); gT carries grad T beta
-// (P row) or grad T (1 - beta) (Q row).
-template <typename V>
-C10_HOST_DEVICE inline V jsd_grad(V p, V l, V lm, V kl, V gT) {
-  using O = Ops<V>;
-  return O::where(O::gt(p, V(0)), gT * (p * ((l - lm) - kl)), V(0));
-}
-
-// JSD's terms of one class, P (log P - log M) and Q (log Q - log M), from
-// lp = log P_c and lq = log Q_c (the forward's second sweep).
-template <typename V>
-C10_HOST_DEVICE inline void jsd_class_terms(V lp, V lq, V beta, V* tp, V* tq) {
-  const V p = Ops<V>::exp_fast(lp), q = Ops<V>::exp_fast(lq);
-  const V lm = jsd_log_mixture(p, q, beta);
-  *tp = jsd_term(p, lp, lm);
-  *tq = jsd_term(q, lq, lm);
-}
-
-// The gradients of one class of a distillation row, from ar = a - mp and
-// br = b - mq (the row's saved maxima) and the row's saved values: dp for the
-// P logit, dq for the Q logit. gp, gq: grad_output T (KL), times beta and
-// (1 - beta) (JSD).
-template <typename V>
-C10_HOST_DEVICE inline void distill_class_grads(V ar, V br, V lsp, V lsq, V k1, V k2, V beta, V gp, V gq, bool jsd,
-                                                V* dp, V* dq) {
-  const V lp = ar - lsp, lq = br - lsq;
-  const V p = Ops<V>::exp_fast(lp), q = Ops<V>::exp_fast(lq);
+  const V ar = a - r.mp, br = b - r.mq;
+  const V t = distill_log_ratio(a, b, r);
   if (jsd) {
-    const V lm = jsd_log_mixture(p, q, beta);
-    *dp = jsd_grad(p, lp, lm, k1, gp);
-    *dq = jsd_grad(q, lq, lm, k2, gq);
-  } else {
-    *dp = kl_grad_p(p, ar - br, k1, gp);
-    *dq = kl_grad_q(p, q, gq);
+    const V p = O::exp_fast(ar) / r.sp, q = O::exp_fast(br) / r.sq;
+    V lpm, lqm;
+    jsd_log_ratios(t, beta, &lpm, &lqm);
+    *dp = O::where(O::gt(p, V(0)), gp * (p * (lpm - r.k1)), V(0));
+    *dq = O::where(O::gt(q, V(0)), gq * (q * (lqm - r.k2)), V(0));
+    return;
+  }
+  const auto pos = O::gt(t, V(0));
+  const V big = O::exp_fast(O::where(pos, br, ar)) / O::where(pos, r.sq, r.sp);  // max(P_c, Q_c)
+  const V u = O::expm1(O::neg(O::abs(t)));
+  *dq = O::where(O::gt(big, V(0)), gq * O::where(pos, O::neg(big * u), big * u), V(0));
+  if (want_p) {
+    const V p = O::exp_fast(ar) / r.sp;
+    *dp = O::where(O::gt(p, V(0)), gp * (p * (((a - b) + (r.mq - r.mp)) - r.k1)), V(0));
   }
 }
 

@@ -125,7 +125,13 @@ def test_cpu_gradients_within_two_ulp_of_exact_rounding():
         for shape, T in (((16, 1000), 1.0), ((4, 3, 257), 2.0), ((2, 32000), 1.0)):
             s, t = logits(shape, torch.bfloat16, "cpu", 4), logits(shape, torch.bfloat16, "cpu", 4)
             assert_matches_torch(
-                "jsd_with_logits", s, t, beta=beta, temperature=T, reduction="none", native=exactly_rounded(composite_jsd)
+                "jsd_with_logits",
+                s,
+                t,
+                beta=beta,
+                temperature=T,
+                reduction="none",
+                native=exactly_rounded(composite_jsd),
             )
 
 
@@ -439,7 +445,9 @@ def test_modules(device):
     assert dict(m.state_dict()) == {} and dict(j.state_dict()) == {}
     s, t = logits((5, 20), torch.float32, device), logits((5, 20), torch.float32, device)
     target = torch.tensor([0, 1, 2, 0, 3], device=device)
-    torch.testing.assert_close(m(s, t, target), FF.kl_div_with_logits(s, t, temperature=2.0, ignore_index=0, target=target))
+    torch.testing.assert_close(
+        m(s, t, target), FF.kl_div_with_logits(s, t, temperature=2.0, ignore_index=0, target=target)
+    )
     torch.testing.assert_close(j(s, t), FF.jsd_with_logits(s, t, beta=0.25, reduction="sum"))
 
 

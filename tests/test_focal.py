@@ -109,9 +109,10 @@ def test_special_values_match_torchvision(device, dtype):
     # gamma < 1: torchvision's gradient is NaN at x = +-20 in fp32, where its
     # 1 - p_t rounds to 0 and pow's gradient there is infinite; the exact
     # gradient is finite (~1e-14), as fusedloss's and torchvision's in float64.
-    assert torch.isnan(torch.autograd.grad(torchvision_focal(x, y, gamma=0.5).sum(), x)[0]).sum() > torch.isnan(
-        torch.autograd.grad(FF.sigmoid_focal_loss(x, y, gamma=0.5).sum(), x)[0]
-    ).sum()
+    assert (
+        torch.isnan(torch.autograd.grad(torchvision_focal(x, y, gamma=0.5).sum(), x)[0]).sum()
+        > torch.isnan(torch.autograd.grad(FF.sigmoid_focal_loss(x, y, gamma=0.5).sum(), x)[0]).sum()
+    )
     assert_matches_torch(NAME, x, y, gamma=0.5, alpha=-1, reduction="none", native=torchvision_in_float64)
 
 

@@ -60,7 +60,9 @@ def test_non_contiguous(device, layout):
     w = make((21,), torch.float32, device, 0, 2, layout=layout)
     assert_matches_torch(NAME, x, y, weight=w, reduction="none")
     out = FF.multilabel_soft_margin_loss(x, y, weight=w, reduction="none")
-    ref = FF.multilabel_soft_margin_loss(x.detach().contiguous(), y.detach().contiguous(), w.contiguous(), reduction="none")
+    ref = FF.multilabel_soft_margin_loss(
+        x.detach().contiguous(), y.detach().contiguous(), w.contiguous(), reduction="none"
+    )
     assert torch.equal(out.detach(), ref)
 
 

@@ -128,3 +128,59 @@ def test_dynamic_shapes_recompile_boundedly():
         x = make((n, c), torch.float32, "cpu", requires_grad=True)
         ce(x, torch.randint(0, c, (n,))).backward()
     assert counter.frame_count <= 2
+
+
+# ---------------------------------------------------------------------------
+# sigmoid_focal_loss, multilabel_soft_margin_loss, distillation: the same
+# checks as above, over their own cases (added to CASES, which the checks read).
+# ---------------------------------------------------------------------------
+
+
+def _focal(device, n=8, c=5):
+    x = make((n, c), torch.float32, device, requires_grad=True)
+    y = make((n, c), torch.float32, device, 0, 1, requires_grad=True)
+    m = fusedloss.nn.SigmoidFocalLoss(gamma=1.5, reduction="sum")
+    return (lambda a, b: FF.sigmoid_focal_loss(a, b, reduction="mean") + m(a, b)), (x, y)
+
+
+def _multilabel(device, n=8, c=5):
+    x = make((n, c), torch.float32, device, requires_grad=True)
+    y = torch.randint(0, 2, (n, c), device=device)
+    w = make((c,), torch.float32, device, 0.5, 2)
+    m = fusedloss.nn.MultiLabelSoftMarginLoss(weight=w, reduction="none")
+    return (lambda a: FF.multilabel_soft_margin_loss(a, y, weight=w) + m(a, y).sum()), (x,)
+
+
+def _distill(device, b=2, s=6, v=33):
+    x = make((b, s, v), torch.float32, device, requires_grad=True)
+    t = make((b, s, v), torch.float32, device, requires_grad=True)
+    target = torch.randint(0, v, (b, s), device=device)
+    target[0, 0] = -100
+    m = fusedloss.nn.JSDWithLogitsLoss(beta=0.3, reduction="sum")
+    return (lambda a, c: FF.kl_div_with_logits(a, c, temperature=2.0, target=target) + m(a, c, target)), (x, t)
+
+
+NEW_CASES = {"focal": _focal, "multilabel_soft_margin": _multilabel, "distill": _distill}
+CASES.update(NEW_CASES)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", list(NEW_CASES))
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_new_losses_compiled_match_eager(device, case, backend, dynamic):
+    test_compiled_matches_eager(device, case, backend, dynamic)
+
+
+@pytest.mark.parametrize("case", list(NEW_CASES))
+def test_new_losses_have_no_graph_breaks(case):
+    test_no_graph_breaks(case)
+
+
+def test_distill_dynamic_shapes_recompile_boundedly():
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounter()
+    fn = torch.compile(lambda a, b: FF.kl_div_with_logits(a, b), backend=counter, dynamic=True, fullgraph=True)
+    for n, c in [(3, 40), (5, 70), (9, 20), (17, 330), (2, 1000)]:
+        fn(make((n, c), torch.float32, "cpu", requires_grad=True), make((n, c), torch.float32, "cpu")).backward()
+    assert counter.frame_count <= 2

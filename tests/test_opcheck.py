@@ -219,3 +219,84 @@ def test_every_op_is_sampled():
     }
     defined = {name for name in dir(ops) if isinstance(getattr(ops, name), torch._ops.OpOverloadPacket)}
     assert defined <= {s.split("::")[-1] for s in sampled}, defined - {s.split("::")[-1] for s in sampled}
+
+
+# ---------------------------------------------------------------------------
+# sigmoid_focal, multilabel_soft_margin, distill: their samples join the two
+# generators above (wrapped here, so that this block stands on its own).
+# ---------------------------------------------------------------------------
+
+
+def sigmoid_multilabel_distill_forward_samples(device):
+    for dtype in (torch.float32, torch.bfloat16):
+        for reduction in (0, 1, 2):
+            for rg in (False, True):
+                for shape in ((4, 7), (0, 3), ()):
+                    x = make(shape, dtype, device, requires_grad=rg)
+                    y = make(shape, dtype, device, 0, 1, requires_grad=rg)
+                    yield ops.sigmoid_focal, (x, y, 0.25, 2.0, reduction)
+                    yield ops.sigmoid_focal, (x, y, -1.0, 1.5, reduction, torch.float32)
+                for shape in ((4, 7), (0, 3), (7,), (2, 3, 5)):
+                    x = make(shape, dtype, device, requires_grad=rg)
+                    y = make(shape, dtype, device, 0, 1, requires_grad=rg)
+                    w = make(shape[-1:], dtype, device, 0.5, 2)
+                    yield ops.multilabel_soft_margin, (x, y, w if rg else None, reduction)
+                    yield ops.multilabel_soft_margin, (x, torch.randint(0, 2, shape, device=device), None, reduction)
+        for reduction in (0, 1, 2, 3):
+            for rg in (False, True):
+                for shape in ((4, 7), (2, 3, 5), (7,), (0, 4)):
+                    s = make(shape, dtype, device, requires_grad=rg)
+                    t = make(shape, dtype, device, requires_grad=rg)
+                    target = torch.randint(0, 5, shape[:-1], device=device)
+                    if target.numel():
+                        target.view(-1)[0] = -100
+                    for beta in (0.0, 0.5, 1.0):
+                        yield ops.distill, (s, t, target if rg else None, beta, 2.0, -100, reduction)
+                    yield ops.distill_forward, (s, t, target, 0.3, 1.0, -100, reduction, torch.float32)
+    x = make((5, 9), torch.float32, device, requires_grad=True)
+    y = make((5, 9), torch.float32, device, 0, 1, requires_grad=True)
+    target = torch.tensor([1, -100, 2, 3, 4], device=device)
+    for reduction in (0, 1, 2):
+        yield ops.sigmoid_focal_composite, (x, y, 0.25, 2.0, reduction)
+        yield ops.multilabel_soft_margin_composite, (x, y, make((9,), torch.float32, device, 0.5, 2), reduction)
+    for reduction in (0, 1, 2, 3):
+        for beta in (0.0, 0.4, 1.0):
+            yield ops.distill_composite, (x, y, target, beta, 1.5, -100, reduction)
+
+
+def sigmoid_multilabel_distill_backward_samples(device):
+    for dtype in (torch.float32, torch.float16):
+        for reduction in (0, 1, 2):
+            x = make((4, 7), dtype, device)
+            y = make((4, 7), dtype, device, 0, 1)
+            for mask in ([True, True], [True, False], [False, True]):
+                g = make((4, 7) if reduction == 0 else (), dtype, device)
+                yield ops.sigmoid_focal_backward, (g, x, y, 0.25, 2.0, reduction, mask)
+                yield ops.sigmoid_focal_backward, (g, x, y, -1.0, 0.5, reduction, mask)
+                g = make((4,) if reduction == 0 else (), dtype, device)
+                yield ops.multilabel_soft_margin_backward, (g, x, y, make((7,), dtype, device), reduction, mask)
+        for reduction in (0, 1, 2, 3):
+            for shape in ((4, 7), (2, 3, 5)):
+                s = make(shape, dtype, device)
+                t = make(shape, dtype, device)
+                target = torch.randint(0, 5, shape[:-1], device=device)
+                target.view(-1)[0] = -100
+                for beta in (0.0, 0.5, 1.0):
+                    _, stats, denom = ops.distill_forward(s, t, target, beta, 2.0, -100, reduction, None)
+                    g = make(shape[:-1] if reduction == 0 else (), dtype, device)
+                    for mask in ([True, True], [True, False], [False, True]):
+                        yield ops.distill_backward, (g, s, t, target, stats, denom, beta, 2.0, -100, reduction, mask)
+
+
+_forward_samples_without_new_losses = forward_samples
+_backward_samples_without_new_losses = backward_samples
+
+
+def forward_samples(device):  # noqa: F811
+    yield from _forward_samples_without_new_losses(device)
+    yield from sigmoid_multilabel_distill_forward_samples(device)
+
+
+def backward_samples(device):  # noqa: F811
+    yield from _backward_samples_without_new_losses(device)
+    yield from sigmoid_multilabel_distill_backward_samples(device)

@@ -188,6 +188,74 @@ def cmd_verify(args) -> int:
     return 1 if failures else 0
 
 
+# sigmoid_focal_loss (against torchvision's, where installed), multilabel soft
+# margin, and distillation (against torch.nn.functional's log_softmax and
+# kl_div: fusedloss.testing's references). Joined to verify_cases here, so
+# that this block stands alone.
+
+
+def new_loss_verify_cases(device: str, quick: bool):
+    import torch
+
+    dtypes = [torch.float32, torch.bfloat16] if quick else [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+    g = torch.Generator().manual_seed(1)
+
+    def t(shape, dtype, lo=-4.0, hi=4.0, rg=False):
+        x = torch.rand(shape, generator=g, dtype=torch.float64) * (hi - lo) + lo
+        return x.to(device=device, dtype=dtype).requires_grad_(rg)
+
+    for dtype in dtypes:
+        dn = str(dtype).replace("torch.", "")
+        for shape in [(16, 33)] if quick else [(16, 33), (2, 80, 6, 6)]:
+            sn = "x".join(map(str, shape))
+            for red in ("none", "mean", "sum"):
+                tag = f"{dn} {sn} {red}"
+                yield (
+                    f"sigmoid_focal {tag}",
+                    "sigmoid_focal_loss",
+                    (t(shape, dtype, rg=True), t(shape, dtype, 0, 1, rg=True)),
+                    {"reduction": red},
+                )
+                yield (
+                    f"sigmoid_focal alpha=-1,gamma=1.5 {tag}",
+                    "sigmoid_focal_loss",
+                    (t(shape, dtype, rg=True), t(shape, dtype, 0, 1)),
+                    {"reduction": red, "alpha": -1, "gamma": 1.5},
+                )
+                yield (
+                    f"multilabel_soft_margin+weight {tag}",
+                    "multilabel_soft_margin_loss",
+                    (t(shape, dtype, rg=True), t(shape, dtype, 0, 1, rg=True)),
+                    {"reduction": red, "weight": t(shape[-1:], dtype, 0.5, 2)},
+                )
+        for red in ("batchmean", "none", "mean", "sum"):
+            tag = f"{dn} 4x5x1000 {red}"
+            target = torch.randint(0, 1000, (4, 5), generator=g)
+            target[0, :2] = -100
+            target = target.to(device)
+            yield (
+                f"kl_div_with_logits T=2,ignored rows {tag}",
+                "kl_div_with_logits",
+                (t((4, 5, 1000), dtype, rg=True), t((4, 5, 1000), dtype, rg=True)),
+                {"reduction": red, "temperature": 2.0, "target": target},
+            )
+            yield (
+                f"jsd_with_logits beta=0.3 {tag}",
+                "jsd_with_logits",
+                (t((4, 5, 1000), dtype, rg=True), t((4, 5, 1000), dtype, rg=True)),
+                {"reduction": red, "beta": 0.3, "target": target},
+            )
+
+
+_verify_cases_without_new_losses = verify_cases
+
+
+def verify_cases(device: str, quick: bool):  # noqa: F811
+    """(label, loss name, args, kwargs) covering every loss and its main options."""
+    yield from _verify_cases_without_new_losses(device, quick)
+    yield from new_loss_verify_cases(device, quick)
+
+
 # ---------------------------------------------------------------------------
 # bench
 # ---------------------------------------------------------------------------

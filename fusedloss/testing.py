@@ -464,3 +464,78 @@ def assert_rows_match_float64(
             raise ValueError("loss rows can only be checked for reduction='none'")
         assert_as_accurate_as_torch(loss[idx], native_loss, oracle_loss, f"cross_entropy loss, rows [{shown}]")
     return err
+
+
+# ---------------------------------------------------------------------------
+# References of the losses torch.nn.functional has not: torchvision's focal
+# loss, and distillation written with torch.nn.functional's log_softmax.
+# ---------------------------------------------------------------------------
+
+
+def _sigmoid_focal_loss_reference(inputs, targets, alpha=0.25, gamma=2, reduction="none"):
+    """torchvision.ops.sigmoid_focal_loss where torchvision is installed, else
+    the same ops written out (torchvision's formula, op for op)."""
+    try:
+        from torchvision.ops import sigmoid_focal_loss
+    except ImportError:
+        p = torch.sigmoid(inputs)
+        ce = F.binary_cross_entropy_with_logits(inputs, targets, reduction="none")
+        p_t = p * targets + (1 - p) * (1 - targets)
+        loss = ce * ((1 - p_t) ** gamma)
+        if alpha >= 0:
+            loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
+        return {"none": loss, "mean": loss.mean(), "sum": loss.sum()}[reduction]
+    return sigmoid_focal_loss(inputs, targets, alpha=alpha, gamma=gamma, reduction=reduction)
+
+
+def _distill_reference(student, teacher, beta, temperature, reduction, ignore_index, target):
+    ls = F.log_softmax(student / temperature, dim=-1)
+    lt = F.log_softmax(teacher / temperature, dim=-1)
+
+    def kl(lp, lq):  # sum P (log P - log Q), 0 log 0 = 0
+        p = lp.exp()
+        pos = p != 0
+        return torch.where(pos, p * (torch.where(pos, lp, 0) - torch.where(pos, lq, 0)), 0).sum(-1)
+
+    if beta == 0:
+        rows = kl(lt, ls)
+    elif beta == 1:
+        rows = kl(ls, lt)
+    else:
+        m = beta * lt.exp() + (1 - beta) * ls.exp()
+        lm = torch.where(m != 0, m, 1).log()
+        rows = beta * kl(lt, lm) + (1 - beta) * kl(ls, lm)
+    rows = rows * temperature**2
+    keep = torch.ones_like(rows, dtype=torch.bool) if target is None else target != ignore_index
+    rows = torch.where(keep, rows, 0)
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    count = keep.sum() * (student.shape[-1] if reduction == "mean" else 1)
+    return rows.sum() / count
+
+
+def _kl_div_with_logits_reference(
+    student_logits, teacher_logits, *, temperature=1.0, reduction="batchmean", ignore_index=-100, target=None
+):
+    """T^2 KL(softmax(teacher / T) || softmax(student / T)) per row, with
+    torch.nn.functional ops: kl_div(log_softmax(s / T), log_softmax(t / T),
+    log_target=True) * T^2, with fusedloss's rows, ignored rows and 0 log 0 = 0."""
+    return _distill_reference(student_logits, teacher_logits, 0.0, temperature, reduction, ignore_index, target)
+
+
+def _jsd_with_logits_reference(
+    student_logits, teacher_logits, *, beta=0.5, temperature=1.0, reduction="batchmean", ignore_index=-100, target=None
+):
+    """T^2 (beta KL(P || M) + (1 - beta) KL(Q || M)) with torch.nn.functional ops."""
+    return _distill_reference(student_logits, teacher_logits, beta, temperature, reduction, ignore_index, target)
+
+
+_EXTRA_REFERENCES.update(
+    {
+        "sigmoid_focal_loss": _sigmoid_focal_loss_reference,
+        "kl_div_with_logits": _kl_div_with_logits_reference,
+        "jsd_with_logits": _jsd_with_logits_reference,
+    }
+)

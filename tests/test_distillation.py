@@ -469,3 +469,24 @@ def test_thread_count_invariance_and_repeatability():
                 assert all(torch.equal(a, b) for a, b in zip(got, one, strict=True))
     finally:
         torch.set_num_threads(n)
+
+
+def test_verify_cases_of_the_new_losses_pass():
+    # What `python -m fusedloss verify --quick` runs for focal, multilabel soft
+    # margin and distillation (the references of fusedloss.testing).
+    from fusedloss.__main__ import new_loss_verify_cases
+
+    names = set()
+    for _label, name, args, kwargs in new_loss_verify_cases("cpu", quick=True):
+        assert_matches_torch(name, *args, **kwargs)
+        names.add(name)
+    assert names == {"sigmoid_focal_loss", "multilabel_soft_margin_loss", "kl_div_with_logits", "jsd_with_logits"}
+
+
+def test_distillation_reference_is_torchs_kl_div():
+    from fusedloss.testing import reference
+
+    s, t = make((6, 40), torch.float64, "cpu"), make((6, 40), torch.float64, "cpu")
+    ref = F.kl_div(F.log_softmax(s / 3, -1), F.log_softmax(t / 3, -1), log_target=True, reduction="batchmean") * 9
+    torch.testing.assert_close(reference("kl_div_with_logits")(s, t, temperature=3.0), ref)
+    torch.testing.assert_close(reference("jsd_with_logits")(s, t, beta=0.0, temperature=3.0), ref)

@@ -3,9 +3,10 @@
 // do not depend on the thread count), each row vectorized with at::vec in
 // L1-sized blocks of both rows: one read from memory per row forward (the
 // block max, then one exp per logit of each row against the running maxima)
-// and one read of both rows plus one write per gradient backward. fp16/bf16
-// logits are widened (and divided by T) block by block; nothing of the
-// logits' size is allocated besides the gradients.
+// and one read of both rows plus one write per gradient backward. Logits are
+// read in their own dtype, widened (fp16/bf16) and divided by T in registers,
+// and gradients rounded once on store: nothing of the logits' size is
+// allocated besides the gradients, and no pass copies a row.
 //
 // JSD's mixture needs both rows normalised before its log, so its forward
 // sweeps a row twice: the log-sum-exps, then the terms; the second sweep
@@ -14,6 +15,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <fusedloss/dispatch.h>
 #include <fusedloss/distillation_host.h>
 
 #include <limits>
@@ -40,30 +42,42 @@ T lane_max(const Vec<T>& v) {
 
 int64_t row_grain(int64_t C) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1)); }
 
-// n logits as accumulation-type values divided by T: in place when they
-// already are, else widened and scaled into buf.
-template <typename scalar_t>
-const opmath_t<scalar_t>* load_block(const scalar_t* src, int64_t n, const DistillParams<scalar_t>& p,
-                                     opmath_t<scalar_t>* buf) {
-  using acc_t = opmath_t<scalar_t>;
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    if (!p.scaled) return src;
-    std::memcpy(buf, src, n * sizeof(acc_t));
-  } else {
-    widen(src, buf, n);
-  }
-  if (p.scaled) {  // a division, as torch's x / T: the same scaled logits bit for bit
-    const Vec<acc_t> vt(p.temperature);
-    int64_t i = 0;
-    for (; i + Vec<acc_t>::size() <= n; i += Vec<acc_t>::size()) (Vec<acc_t>::loadu(buf + i) / vt).store(buf + i);
-    for (; i < n; ++i) buf[i] = buf[i] / p.temperature;
-  }
-  return buf;
-}
-
 template <typename T>
 Vec<T> load_n(const T* x, int64_t cnt) {
   return cnt == Vec<T>::size() ? Vec<T>::loadu(x) : Vec<T>::loadu(x, cnt);
+}
+
+// cnt (<= one vector's) logits at x as accumulation-type values, widened in
+// registers (fp16/bf16), times 1 / T when kScaled (x * (1 / T): within an ulp
+// of torch's x / T, at a fraction of a division's cost). Lanes past cnt are 0.
+template <bool kScaled, typename scalar_t>
+Vec<opmath_t<scalar_t>> load_vec(const scalar_t* x, int64_t cnt, const Vec<opmath_t<scalar_t>>& inv_t) {
+  using acc_t = opmath_t<scalar_t>;
+  Vec<acc_t> v;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    v = load_n(x, cnt);
+  } else if (cnt == Vec<acc_t>::size()) {
+    at::vec::load_to_float(x, v);
+  } else {
+    alignas(64) acc_t tmp[Vec<acc_t>::size()] = {};
+    for (int64_t k = 0; k < cnt; ++k) tmp[k] = static_cast<acc_t>(x[k]);
+    v = Vec<acc_t>::loadu(tmp);
+  }
+  return kScaled ? v * inv_t : v;
+}
+
+// cnt values of v into dst, rounded once to its dtype.
+template <typename scalar_t>
+void store_vec(const Vec<opmath_t<scalar_t>>& v, scalar_t* dst, int64_t cnt) {
+  if constexpr (std::is_same_v<scalar_t, opmath_t<scalar_t>>) {
+    if (cnt == Vec<scalar_t>::size()) {
+      v.store(dst);
+    } else {
+      v.store(dst, cnt);
+    }
+  } else {
+    at::vec::convert_from_float<scalar_t>(v, v).store(dst, cnt);  // the first half of the lanes is v
+  }
 }
 
 // Zero beyond the first cnt lanes.
@@ -72,19 +86,12 @@ Vec<T> keep_n(const Vec<T>& v, int64_t cnt) {
   return cnt == Vec<T>::size() ? v : Vec<T>::set(Vec<T>(T(0)), v, cnt);
 }
 
-template <typename T>
-struct RowBuffers {
-  std::vector<T> a, b, ga, gb;
-  explicit RowBuffers(int64_t n) : a(n), b(n), ga(n), gb(n) {}
-};
-
 struct CpuRowEngine {
   template <typename scalar_t>
   static void forward_rows(const DistillParams<scalar_t>& p) {
     using acc_t = opmath_t<scalar_t>;
     const int64_t R = p.g.rows(), C = p.g.C;
     at::parallel_for(0, R, row_grain(C), [&](int64_t r0, int64_t r1) {
-      RowBuffers<acc_t> buf(std::min(kBlock, C));
       for (int64_t r = r0; r < r1; ++r) {
         if (p.ignored(r)) {
           p.store_ignored_row(r);
@@ -93,12 +100,15 @@ struct CpuRowEngine {
         const scalar_t* prow = p.p_in + p.offset(r, p.pN, p.pS);
         const scalar_t* qrow = p.q_in + p.offset(r, p.qN, p.qS);
         math::DistillRow<acc_t> d;
-        if (p.mode == kDistillKl) {
-          d = math::kl_finish<acc_t>(row_state<true>(p, prow, qrow, buf));
-        } else {
-          d = math::kl_finish<acc_t>(row_state<false>(p, prow, qrow, buf));
-          jsd_sweep(p, prow, qrow, buf, d);
-        }
+        bool_switch(p.scaled, [&](auto scaled) {
+          constexpr bool kScaled = decltype(scaled)::value;
+          if (p.mode == kDistillKl) {
+            d = math::kl_finish<acc_t>(row_state<true, kScaled>(p, prow, qrow));
+          } else {
+            d = math::kl_finish<acc_t>(row_state<false, kScaled>(p, prow, qrow));
+            jsd_sweep<kScaled>(p, prow, qrow, d);
+          }
+        });
         p.store_row(r, d);
       }
     });
@@ -108,9 +118,7 @@ struct CpuRowEngine {
   static void backward_rows(const DistillParams<scalar_t>& p) {
     using acc_t = opmath_t<scalar_t>;
     const int64_t R = p.g.rows(), C = p.g.C;
-    constexpr bool kDirect = std::is_same_v<scalar_t, acc_t>;
     at::parallel_for(0, R, row_grain(C), [&](int64_t r0, int64_t r1) {
-      RowBuffers<acc_t> buf(std::min(kBlock, C));
       for (int64_t r = r0; r < r1; ++r) {
         scalar_t* gp = p.grad_p != nullptr ? p.grad_p + r * C : nullptr;
         scalar_t* gq = p.grad_q != nullptr ? p.grad_q + r * C : nullptr;
@@ -132,76 +140,65 @@ struct CpuRowEngine {
         const scalar_t* prow = p.p_in + p.offset(r, p.pN, p.pS);
         const scalar_t* qrow = p.q_in + p.offset(r, p.qN, p.qS);
         const math::DistillRow<Vec<acc_t>> vd{d.mp, d.mq, d.sp, d.sq, d.k1, d.k2, d.c, d.c_lo};
-        const Vec<acc_t> vbeta(p.beta);
+        const Vec<acc_t> vbeta(p.beta), vinv_sp(acc_t(1) / d.sp), vinv_sq(acc_t(1) / d.sq);
         // KL: grad T on both rows. JSD: grad T beta (P), grad T (1 - beta) (Q).
         const Vec<acc_t> vgp(jsd ? g * p.beta : g), vgq(jsd ? g * (acc_t(1) - p.beta) : g);
-        for (int64_t b0 = 0; b0 < C; b0 += kBlock) {
-          const int64_t len = std::min(kBlock, C - b0);
-          const acc_t* a = load_block(prow + b0, len, p, buf.a.data());
-          const acc_t* b = load_block(qrow + b0, len, p, buf.b.data());
-          acc_t* oa = kDirect && want_p ? reinterpret_cast<acc_t*>(gp + b0) : buf.ga.data();
-          acc_t* ob = kDirect && want_q ? reinterpret_cast<acc_t*>(gq + b0) : buf.gb.data();
-          for (int64_t i = 0; i < len; i += Vec<acc_t>::size()) {
-            const int64_t cnt = std::min<int64_t>(Vec<acc_t>::size(), len - i);
+        const Vec<acc_t> vt(p.inv_t);
+        bool_switch(p.scaled, [&](auto scaled) {
+          constexpr bool kScaled = decltype(scaled)::value;
+          for (int64_t i = 0; i < C; i += Vec<acc_t>::size()) {
+            const int64_t cnt = std::min<int64_t>(Vec<acc_t>::size(), C - i);
             Vec<acc_t> dp, dq;
-            math::distill_class_grads(load_n(a + i, cnt), load_n(b + i, cnt), vd, vbeta, vgp, vgq, jsd, want_p, &dp,
-                                      &dq);
-            if (want_p) store_n(dp, oa + i, cnt);
-            if (want_q) store_n(dq, ob + i, cnt);
+            math::distill_class_grads(load_vec<kScaled>(prow + i, cnt, vt), load_vec<kScaled>(qrow + i, cnt, vt), vd,
+                                      vinv_sp, vinv_sq, vbeta, vgp, vgq, jsd, want_p, &dp, &dq);
+            if (want_p) store_vec(dp, gp + i, cnt);
+            if (want_q) store_vec(dq, gq + i, cnt);
           }
-          if (!kDirect && want_p) narrow(buf.ga.data(), gp + b0, len);
-          if (!kDirect && want_q) narrow(buf.gb.data(), gq + b0, len);
-        }
+        });
       }
     });
   }
 
  private:
-  template <typename T>
-  static void store_n(const Vec<T>& v, T* dst, int64_t cnt) {
-    if (cnt == Vec<T>::size()) {
-      v.store(dst);
-    } else {
-      v.store(dst, cnt);
-    }
-  }
-
   // Both rows' running maxima and sums of exps in one read (and, kWithW, the
   // KL sum w): per block, the block maxima first, then one exp per logit of
   // each row against the running maxima, summed in vector lanes; the blocks'
   // sums are added in double (the row's log-normalizer difference c needs
   // them to ~1e-9: numerics.h DistillRow).
-  template <bool kWithW, typename scalar_t>
+  template <bool kWithW, bool kScaled, typename scalar_t>
   static math::KlState<double> row_state(const DistillParams<scalar_t>& p, const scalar_t* prow,
-                                         const scalar_t* qrow, RowBuffers<opmath_t<scalar_t>>& buf) {
+                                         const scalar_t* qrow) {
     using acc_t = opmath_t<scalar_t>;
     using V = Vec<acc_t>;
     constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
     const int64_t C = p.g.C;
     math::KlState<double> st = math::kl_state_empty<double>();
+    const V vt(p.inv_t);
     for (int64_t b0 = 0; b0 < C; b0 += kBlock) {
       const int64_t len = std::min(kBlock, C - b0);
-      const acc_t* a = load_block(prow + b0, len, p, buf.a.data());
-      const acc_t* b = load_block(qrow + b0, len, p, buf.b.data());
+      const scalar_t* a = prow + b0;
+      const scalar_t* b = qrow + b0;
+      // The block maxima of the raw logits, scaled once (1 / T > 0 keeps the order).
       V vma(kNegInf), vmb(kNegInf);
-      int64_t i = 0;
-      for (; i + V::size() <= len; i += V::size()) {
-        vma = at::vec::maximum(vma, V::loadu(a + i));
-        vmb = at::vec::maximum(vmb, V::loadu(b + i));
+      for (int64_t i = 0; i < len; i += V::size()) {
+        const int64_t cnt = std::min<int64_t>(V::size(), len - i);
+        vma = at::vec::maximum(vma, V::set(V(kNegInf), load_vec<false>(a + i, cnt, vt), cnt));
+        vmb = at::vec::maximum(vmb, V::set(V(kNegInf), load_vec<false>(b + i, cnt, vt), cnt));
       }
-      if (i < len) {
-        vma = at::vec::maximum(vma, V::set(V(kNegInf), V::loadu(a + i, len - i), len - i));
-        vmb = at::vec::maximum(vmb, V::set(V(kNegInf), V::loadu(b + i, len - i), len - i));
+      if (kScaled) {
+        vma = vma * vt;
+        vmb = vmb * vt;
       }
       math::kl_rebase_p(st, math::Ops<double>::max(st.mp, static_cast<double>(lane_max(vma))));
       math::kl_rebase_q(st, math::Ops<double>::max(st.mq, static_cast<double>(lane_max(vmb))));
       // The maxima are logits: exact in acc_t.
       const V rp(static_cast<acc_t>(math::kl_ref(st.mp))), rq(static_cast<acc_t>(math::kl_ref(st.mq)));
       V vsp(acc_t(0)), vsq(acc_t(0)), vw(acc_t(0));
-      for (i = 0; i < len; i += V::size()) {
+      for (int64_t i = 0; i < len; i += V::size()) {
         const int64_t cnt = std::min<int64_t>(V::size(), len - i);
         V ea, eb, wt;
-        math::kl_class_terms(load_n(a + i, cnt) - rp, load_n(b + i, cnt) - rq, &ea, &eb, &wt);
+        math::kl_class_terms(load_vec<kScaled>(a + i, cnt, vt) - rp, load_vec<kScaled>(b + i, cnt, vt) - rq, &ea, &eb,
+                             &wt);
         vsp = vsp + keep_n(ea, cnt);
         vsq = vsq + keep_n(eb, cnt);
         if (kWithW) vw = vw + keep_n(wt, cnt);
@@ -214,24 +211,25 @@ struct CpuRowEngine {
   }
 
   // JSD's second sweep: KL(P || M) into d.k1 and KL(Q || M) into d.k2.
-  template <typename scalar_t>
+  template <bool kScaled, typename scalar_t>
   static void jsd_sweep(const DistillParams<scalar_t>& p, const scalar_t* prow, const scalar_t* qrow,
-                        RowBuffers<opmath_t<scalar_t>>& buf, math::DistillRow<opmath_t<scalar_t>>& d) {
+                        math::DistillRow<opmath_t<scalar_t>>& d) {
     using acc_t = opmath_t<scalar_t>;
     using V = Vec<acc_t>;
     const int64_t C = p.g.C;
     const math::DistillRow<V> vd{d.mp, d.mq, d.sp, d.sq, d.k1, d.k2, d.c, d.c_lo};
-    const V vbeta(p.beta);
+    const V vbeta(p.beta), vt(p.inv_t);
     double kp = 0, kq = 0;
     for (int64_t b0 = 0; b0 < C; b0 += kBlock) {
       const int64_t len = std::min(kBlock, C - b0);
-      const acc_t* a = load_block(prow + b0, len, p, buf.a.data());
-      const acc_t* b = load_block(qrow + b0, len, p, buf.b.data());
+      const scalar_t* a = prow + b0;
+      const scalar_t* b = qrow + b0;
       V vkp(acc_t(0)), vkq(acc_t(0));
       for (int64_t i = 0; i < len; i += V::size()) {
         const int64_t cnt = std::min<int64_t>(V::size(), len - i);
         V tp, tq;
-        math::jsd_class_terms(load_n(a + i, cnt), load_n(b + i, cnt), vd, vbeta, &tp, &tq);
+        math::jsd_class_terms(load_vec<kScaled>(a + i, cnt, vt), load_vec<kScaled>(b + i, cnt, vt), vd, vbeta, &tp,
+                              &tq);
         vkp = vkp + keep_n(tp, cnt);
         vkq = vkq + keep_n(tq, cnt);
       }

@@ -18,6 +18,7 @@ template <typename T>
 struct Ops<at::vec::Vectorized<T>> {
   using V = at::vec::Vectorized<T>;
   using Mask = V;  // lanes of all ones / all zeros, as at::vec comparisons return
+  static constexpr bool kWide = sizeof(T) == 8;  // fp64 math
   static V exp(const V& x) { return x.exp(); }  // Sleef, 1 ulp
   static V exp_fast(const V& x) { return x.exp(); }
   static V log(const V& x) { return x.log(); }
@@ -41,6 +42,7 @@ struct Ops<at::vec::Vectorized<T>> {
   static Mask eq(const V& a, const V& b) { return a == b; }
   static Mask ne(const V& a, const V& b) { return a != b; }
   static Mask gt(const V& a, const V& b) { return a > b; }
+  static Mask lt(const V& a, const V& b) { return a < b; }
   static Mask ge(const V& a, const V& b) { return a >= b; }
   static V where(const Mask& m, const V& a, const V& b) { return V::blendv(b, a, m); }
 };

@@ -76,7 +76,7 @@ __device__ __forceinline__ acc_t group_sum(acc_t x, acc_t* smem) {
 template <typename scalar_t>
 __device__ __forceinline__ at::opmath_type<scalar_t> scaled(const DistillParams<scalar_t>& p, scalar_t v) {
   const at::opmath_type<scalar_t> x = static_cast<at::opmath_type<scalar_t>>(v);
-  return p.scaled ? x / p.temperature : x;  // as torch's x / T, bit for bit
+  return p.scaled ? x * p.inv_t : x;
 }
 
 // Calls f(c, a, b) for every class of the row this thread owns, a and b the
@@ -229,8 +229,9 @@ __global__ void __launch_bounds__(G > kWarp ? G : kRowBlock) distill_backward_ro
   const int64_t head = split_row(arow, C).head;
   const bool packable = (gp == nullptr || split_row(gp, C).head == head) && (gq == nullptr || split_row(gq, C).head == head);
   const bool want_p = gp != nullptr;
+  const acc_t inv_sp = acc_t(1) / d.sp, inv_sq = acc_t(1) / d.sq;
   auto grads = [&](acc_t a, acc_t b, acc_t* dp, acc_t* dq) {
-    math::distill_class_grads(a, b, d, p.beta, wp, wq, jsd, want_p, dp, dq);
+    math::distill_class_grads(a, b, d, inv_sp, inv_sq, p.beta, wp, wq, jsd, want_p, dp, dq);
   };
   for_row<G>(
       p, arow, brow, lane, packable,

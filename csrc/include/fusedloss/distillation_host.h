@@ -92,7 +92,7 @@ struct DistillParams {
   int64_t qN = 0, qS = 0;
   const int64_t* target = nullptr;  // one per row, contiguous; null: every row counts
   int64_t ignore_index = -100;
-  acc_t temperature = 1;  // T: logits are divided by it, as torch's x / T
+  acc_t inv_t = 1;        // 1 / T: logits are multiplied by it
   bool scaled = false;    // T != 1
   acc_t beta = 0;         // JSD's weight of P
   acc_t t2 = 1;           // T^2
@@ -360,7 +360,7 @@ struct DistillOps {
     p.qS = k.qS;
     p.target = k.target.defined() ? k.target.template const_data_ptr<int64_t>() : nullptr;
     p.ignore_index = ignore_index;
-    p.temperature = static_cast<acc_t>(temperature);
+    p.inv_t = static_cast<acc_t>(1.0 / temperature);
     p.scaled = temperature != 1.0;
     p.beta = static_cast<acc_t>(beta);
     p.t2 = static_cast<acc_t>(temperature * temperature);

@@ -33,6 +33,7 @@ template <typename T>
 struct ScalarOps {
   using V = T;
   using Mask = bool;
+  static constexpr bool kWide = sizeof(T) == 8;  // fp64 math
   C10_HOST_DEVICE static T exp(T x) { return ::exp(x); }
   // exp for softmax sums and probabilities, where a few ulp do not matter
   // (see the float specialisation).
@@ -49,6 +50,7 @@ struct ScalarOps {
   C10_HOST_DEVICE static Mask eq(T a, T b) { return a == b; }
   C10_HOST_DEVICE static Mask ne(T a, T b) { return a != b; }
   C10_HOST_DEVICE static Mask gt(T a, T b) { return a > b; }
+  C10_HOST_DEVICE static Mask lt(T a, T b) { return a < b; }
   C10_HOST_DEVICE static Mask ge(T a, T b) { return a >= b; }
   C10_HOST_DEVICE static T where(Mask m, T a, T b) { return m ? a : b; }
 };
@@ -688,6 +690,33 @@ C10_HOST_DEVICE inline V distill_log_ratio(V a, V b, const DistillRow<V>& r) {
   return ((b - a) + r.c) + r.c_lo;
 }
 
+// expm1(x) for |x| <= kExpm1Poly: in fp32 math Taylor to x^7 / 7! (relative
+// error below 1e-9 there; beyond, exp(x) - 1 loses at most ~4.5 ulp, so callers
+// switch to it), in fp64 math the library's. Sleef's fp32 vector expm1 costs
+// several exps; this is 7 multiply-adds.
+constexpr double kExpm1Poly = 0.25;
+
+template <typename V>
+C10_HOST_DEVICE inline V expm1_small(V x) {
+  if constexpr (Ops<V>::kWide) return Ops<V>::expm1(x);
+  V r = V(1.0 / 5040);
+  r = r * x + V(1.0 / 720);
+  r = r * x + V(1.0 / 120);
+  r = r * x + V(1.0 / 24);
+  r = r * x + V(1.0 / 6);
+  r = r * x + V(0.5);
+  r = r * x + V(1);
+  return r * x;
+}
+
+// expm1(-|t|), for the log ratios below.
+template <typename V>
+C10_HOST_DEVICE inline V expm1_neg_abs(V t) {
+  using O = Ops<V>;
+  const V x = O::neg(O::abs(t));
+  return O::where(O::gt(x, V(-kExpm1Poly)), expm1_small(x), O::exp(x) - V(1));
+}
+
 // log(P_c / M_c) and log(Q_c / M_c), M = beta P + (1 - beta) Q, from
 // t = log Q_c - log P_c: their difference is -t, and the smaller one is
 // -log1p(w expm1(-|t|)) (w = beta for t >= 0, else 1 - beta), exact near
@@ -696,7 +725,7 @@ template <typename V>
 C10_HOST_DEVICE inline void jsd_log_ratios(V t, V beta, V* lpm, V* lqm) {
   using O = Ops<V>;
   const auto pos = O::ge(t, V(0));
-  const V u = O::expm1(O::neg(O::abs(t)));
+  const V u = expm1_neg_abs(t);
   const V small = O::neg(O::log1p(O::where(pos, beta, V(1) - beta) * u));
   *lpm = O::where(pos, small - t, small);
   *lqm = O::where(pos, small, small + t);
@@ -717,15 +746,17 @@ C10_HOST_DEVICE inline void jsd_class_terms(V a, V b, const DistillRow<V>& r, V 
 
 // The gradients of one class of a distillation row (per unit of the T^2-scaled
 // loss, times gp / gq = grad_output T, and beta / (1 - beta) for JSD), from the
-// scaled logits a (P row), b (Q row) and the row's saved values:
-//   KL:  dQ = Q_c - P_c, as -Q expm1(-t) or P expm1(t) (t = log Q_c - log P_c:
-//        exact where Q_c is near P_c); dP = P_c (d_c - w / sp),
-//        d_c = (a - b) + (mq - mp)          (only when want_p: one exp less)
+// scaled logits a (P row), b (Q row) and the row's saved values; inv_sp and
+// inv_sq are 1 / sp and 1 / sq (KL only: there a scale error of half an ulp
+// shared by a row's probabilities is harmless):
+//   KL:  dQ = Q_c - P_c, for |t| < kExpm1Poly as max(P_c, Q_c) expm1(-|t|)
+//        (t = log Q_c - log P_c: exact where Q_c is near P_c), beyond as the
+//        plain difference; dP = P_c (d_c - w / sp), d_c = (a - b) + (mq - mp)
 //   JSD: dP = P_c (log(P_c / M_c) - KL(P || M)), dQ = Q_c (log(Q_c / M_c) - KL(Q || M))
-// with 0 where the probability is 0.
+// with 0 where the probability is 0. KL's dP is computed only when want_p.
 template <typename V>
-C10_HOST_DEVICE inline void distill_class_grads(V a, V b, const DistillRow<V>& r, V beta, V gp, V gq, bool jsd,
-                                                bool want_p, V* dp, V* dq) {
+C10_HOST_DEVICE inline void distill_class_grads(V a, V b, const DistillRow<V>& r, V inv_sp, V inv_sq, V beta, V gp,
+                                                V gq, bool jsd, bool want_p, V* dp, V* dq) {
   using O = Ops<V>;
   const V ar = a - r.mp, br = b - r.mq;
   const V t = distill_log_ratio(a, b, r);
@@ -737,14 +768,11 @@ C10_HOST_DEVICE inline void distill_class_grads(V a, V b, const DistillRow<V>& r
     *dq = O::where(O::gt(q, V(0)), gq * (q * (lqm - r.k2)), V(0));
     return;
   }
+  const V p = O::exp_fast(ar) * inv_sp, q = O::exp_fast(br) * inv_sq;
   const auto pos = O::gt(t, V(0));
-  const V big = O::exp_fast(O::where(pos, br, ar)) / O::where(pos, r.sq, r.sp);  // max(P_c, Q_c)
-  const V u = O::expm1(O::neg(O::abs(t)));
-  *dq = O::where(O::gt(big, V(0)), gq * O::where(pos, O::neg(big * u), big * u), V(0));
-  if (want_p) {
-    const V p = O::exp_fast(ar) / r.sp;
-    *dp = O::where(O::gt(p, V(0)), gp * (p * (((a - b) + (r.mq - r.mp)) - r.k1)), V(0));
-  }
+  const V near = O::where(pos, q, p) * expm1_small(O::neg(O::abs(t)));
+  *dq = gq * O::where(O::lt(O::abs(t), V(kExpm1Poly)), O::where(pos, O::neg(near), near), q - p);
+  if (want_p) *dp = O::where(O::gt(p, V(0)), gp * (p * (((a - b) + (r.mq - r.mp)) - r.k1)), V(0));
 }
 
 }  // namespace math

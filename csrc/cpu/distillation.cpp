@@ -146,11 +146,26 @@ struct CpuRowEngine {
         const Vec<acc_t> vt(p.inv_t);
         bool_switch(p.scaled, [&](auto scaled) {
           constexpr bool kScaled = decltype(scaled)::value;
-          for (int64_t i = 0; i < C; i += Vec<acc_t>::size()) {
-            const int64_t cnt = std::min<int64_t>(Vec<acc_t>::size(), C - i);
-            Vec<acc_t> dp, dq;
+          constexpr int64_t W = Vec<acc_t>::size();
+          auto grads = [&](int64_t i, int64_t cnt, Vec<acc_t>* dp, Vec<acc_t>* dq) {
             math::distill_class_grads(load_vec<kScaled>(prow + i, cnt, vt), load_vec<kScaled>(qrow + i, cnt, vt), vd,
-                                      vinv_sp, vinv_sq, vbeta, vgp, vgq, jsd, want_p, &dp, &dq);
+                                      vinv_sp, vinv_sq, vbeta, vgp, vgq, jsd, want_p, dp, dq);
+          };
+          int64_t i = 0;
+          if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+            // Two float vectors per step: one full store of 2W fp16/bf16 values.
+            for (; i + 2 * W <= C; i += 2 * W) {
+              Vec<acc_t> dp0, dq0, dp1, dq1;
+              grads(i, W, &dp0, &dq0);
+              grads(i + W, W, &dp1, &dq1);
+              if (want_p) at::vec::convert_from_float<scalar_t>(dp0, dp1).store(gp + i);
+              if (want_q) at::vec::convert_from_float<scalar_t>(dq0, dq1).store(gq + i);
+            }
+          }
+          for (; i < C; i += W) {
+            const int64_t cnt = std::min<int64_t>(W, C - i);
+            Vec<acc_t> dp, dq;
+            grads(i, cnt, &dp, &dq);
             if (want_p) store_vec(dp, gp + i, cnt);
             if (want_q) store_vec(dq, gq + i, cnt);
           }

@@ -1,0 +1,6 @@
+"""multilabel_soft_margin: fusedloss vs torch eager vs torch.compile."""
+
+from _runner import run_loss
+
+if __name__ == "__main__":
+    run_loss("multilabel_soft_margin")

@@ -490,3 +490,16 @@ def test_distillation_reference_is_torchs_kl_div():
     ref = F.kl_div(F.log_softmax(s / 3, -1), F.log_softmax(t / 3, -1), log_target=True, reduction="batchmean") * 9
     torch.testing.assert_close(reference("kl_div_with_logits")(s, t, temperature=3.0), ref)
     torch.testing.assert_close(reference("jsd_with_logits")(s, t, beta=0.0, temperature=3.0), ref)
+
+
+def test_torch_func_transforms():
+    # vmap and grad run the composite (the kernels have no batching rules).
+    x, y = make((4, 6, 7), torch.float64, "cpu"), make((4, 6, 7), torch.float64, "cpu")
+    target = torch.randint(0, 7, (4, 6))
+    target[0, 0] = -100
+    batched = torch.func.vmap(lambda u, v, w: FF.kl_div_with_logits(u, v, target=w, temperature=2.0))(x, y, target)
+    looped = torch.stack([FF.kl_div_with_logits(x[i], y[i], target=target[i], temperature=2.0) for i in range(4)])
+    torch.testing.assert_close(batched, looped)
+    u = x[0].clone().requires_grad_()
+    (expected,) = torch.autograd.grad(FF.jsd_with_logits(u, y[0], beta=0.3), u)
+    torch.testing.assert_close(torch.func.grad(lambda v: FF.jsd_with_logits(v, y[0], beta=0.3))(x[0]), expected)

@@ -282,3 +282,9 @@ def test_thread_count_invariance_and_repeatability():
         torch.set_num_threads(n)
     for out, g in many:
         assert torch.equal(out, one[0]) and torch.equal(g, one[1])
+
+
+def test_torch_func_transforms():
+    x, y = make((4, 6, 7), torch.float64, "cpu"), make((4, 6, 7), torch.float64, "cpu", 0, 1)
+    batched = torch.func.vmap(lambda u, v: FF.sigmoid_focal_loss(u, v, reduction="sum"))(x, y)
+    torch.testing.assert_close(batched, torch.stack([torchvision_focal(x[i], y[i], reduction="sum") for i in range(4)]))

@@ -208,3 +208,9 @@ def test_thread_count_invariance_and_repeatability():
                 assert torch.equal(out, one[0]) and torch.equal(g, one[1])
     finally:
         torch.set_num_threads(n)
+
+
+def test_torch_func_transforms():
+    x, y = make((4, 6, 7), torch.float64, "cpu"), make((4, 6, 7), torch.float64, "cpu", 0, 1)
+    batched = torch.func.vmap(lambda u, v: FF.multilabel_soft_margin_loss(u, v))(x, y)
+    torch.testing.assert_close(batched, torch.stack([F.multilabel_soft_margin_loss(x[i], y[i]) for i in range(4)]))

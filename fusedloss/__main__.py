@@ -49,7 +49,7 @@ def cmd_info(args) -> int:
         "fusedloss": b["version"],
         "torch (built against)": b["torch_version"],
         "torch (running)": torch.__version__,
-        "CUDA kernels": "yes" if b["cuda"] else "no",
+        "CUDA kernels": "yes" if b["cuda"] else f"no ({b.get('cuda_skipped_reason') or 'not built'})",
         "CUDA archs": ";".join(b["cuda_archs"]) or "-",
         "CUDA toolkit": b.get("cuda_home") or "-",
         "torch CUDA": torch.version.cuda or "-",

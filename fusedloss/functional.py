@@ -70,6 +70,13 @@ def _transformed(*tensors) -> bool:
     return any(t is not None and _is_functorch_wrapped(t) for t in tensors)
 
 
+def _decomposed(composite, *args):
+    """A `<loss>_composite` op run as its ATen decomposition: under torch.func
+    transforms each of its ATen ops is batched or differentiated by torch (the
+    op itself has no batching rule)."""
+    return composite.default.decompose(*args)
+
+
 def _autocast(t: torch.Tensor) -> bool:
     try:
         return torch.is_autocast_enabled(t.device.type)
@@ -91,9 +98,15 @@ def _on_refusal(error: BaseException, input: torch.Tensor, name: str) -> None:
         and not _warned_no_kernels
     ):
         _warned_no_kernels = True
+        hint = BUILD_INFO.get("cuda_enable_hint")
         warnings.warn(
-            f"fusedloss was built without CUDA kernels, so {name} on CUDA tensors runs torch's own "
-            f"implementation (unfused). Rebuild fusedloss with nvcc available to get them:\n    {rebuild_command()}",
+            f"fusedloss was built without CUDA kernels ({BUILD_INFO.get('cuda_skipped_reason') or 'not built'}), "
+            f"so {name} on CUDA tensors runs torch's own implementation, unfused. "
+            + (
+                f"To build them:\n{hint}"
+                if hint
+                else f"Rebuild fusedloss with nvcc available:\n    {rebuild_command()}"
+            ),
             RuntimeWarning,
             stacklevel=3,
         )
@@ -140,11 +153,12 @@ def binary_cross_entropy_with_logits(
     red = _reduction_enum(size_average, reduce, reduction)
     if not (target.size() == input.size()):
         raise ValueError(f"Target size ({target.size()}) must be the same as input size ({input.size()})")
-    if not _transformed(input, target):
-        try:
-            return ops.bce_with_logits(input, target, weight, pos_weight, red, out_dtype)
-        except _REFUSALS as e:
-            _on_refusal(e, input, "binary_cross_entropy_with_logits")
+    if _transformed(input, target):
+        return _decomposed(ops.bce_with_logits_composite, input, target, weight, pos_weight, red, out_dtype)
+    try:
+        return ops.bce_with_logits(input, target, weight, pos_weight, red, out_dtype)
+    except _REFUSALS as e:
+        _on_refusal(e, input, "binary_cross_entropy_with_logits")
     return ops.bce_with_logits_composite(input, target, weight, pos_weight, red, out_dtype)
 
 
@@ -182,11 +196,12 @@ def _mse_loss(input, target, size_average, reduce, reduction, weight, out_dtype)
             return _as(loss / weight.sum() if red == 1 else loss, out_dtype)
     else:
         red = _reduction_enum(None, None, reduction)
-    if not _transformed(x, y, weight):
-        try:
-            return ops.mse(x, y, weight, red, out_dtype)
-        except _REFUSALS as e:
-            _on_refusal(e, input, "mse_loss")
+    if _transformed(x, y, weight):
+        return _decomposed(ops.mse_composite, x, y, weight, red, out_dtype)
+    try:
+        return ops.mse(x, y, weight, red, out_dtype)
+    except _REFUSALS as e:
+        _on_refusal(e, input, "mse_loss")
     return ops.mse_composite(x, y, weight, red, out_dtype)
 
 
@@ -332,16 +347,21 @@ def cross_entropy(
         raise ValueError(f"softcap must be a positive number or None, got {softcap}")
     if inplace_backward and torch.compiler.is_compiling():
         inplace_backward = False
-    fused = not _transformed(input, target, weight)
+    if _transformed(input, target, weight):
+        return _decomposed(
+            ops.cross_entropy_composite,
+            input, target, weight, ignore_index, red, label_smoothing, lse_square_scale, softcap, False, out_dtype,
+        )  # fmt: skip
+    # torch refuses a class weight of another dtype for class indices (under
+    # autocast, or with an out_dtype, the computation is fp32 for both): the
+    # composite below raises torch's error.
     if (
-        fused
-        and weight is not None
-        and weight.dtype != input.dtype
-        and not target.is_floating_point()
-        and not _autocast(input)
+        weight is None
+        or weight.dtype == input.dtype
+        or target.is_floating_point()
+        or out_dtype is not None
+        or _autocast(input)
     ):
-        fused = False  # torch refuses a class weight of another dtype: the composite raises its error
-    if fused:
         if _validation._enabled and input.device.type != "cpu" and not target.is_floating_point():
             _validation.check_class_indices(target, input.shape[0 if input.dim() == 1 else 1], ignore_index)
         try:
@@ -349,11 +369,9 @@ def cross_entropy(
                 input, target, weight, ignore_index, red, label_smoothing, lse_square_scale, softcap,
                 inplace_backward, out_dtype,
             )  # fmt: skip
-        except ValueError:
-            if inplace_backward:
-                raise  # the in-place gradient was refused: say why
-            fused = False
         except _REFUSALS as e:
+            if inplace_backward and isinstance(e, ValueError):
+                raise  # the in-place gradient was refused: say why
             _on_refusal(e, input, "cross_entropy")
     return ops.cross_entropy_composite(
         input, target, weight, ignore_index, red, label_smoothing, lse_square_scale, softcap, False, out_dtype
@@ -392,12 +410,13 @@ def hinge_embedding_loss(
             out_dtype=out_dtype,
         )
     red = _reduction_enum(size_average, reduce, reduction)
-    if not _transformed(input, target):
-        try:
-            x, y = _broadcast_pair(input, target)
-            return ops.hinge_embedding(x, y, float(margin), red, out_dtype)
-        except _REFUSALS as e:
-            _on_refusal(e, input, "hinge_embedding_loss")
+    if _transformed(input, target):
+        return _decomposed(ops.hinge_embedding_composite, input, target, float(margin), red, out_dtype)
+    try:
+        x, y = _broadcast_pair(input, target)
+        return ops.hinge_embedding(x, y, float(margin), red, out_dtype)
+    except _REFUSALS as e:
+        _on_refusal(e, input, "hinge_embedding_loss")
     return ops.hinge_embedding_composite(input, target, float(margin), red, out_dtype)
 
 
@@ -434,7 +453,7 @@ def soft_margin_loss(
         )
     red = _reduction_enum(size_average, reduce, reduction)
     if _transformed(input, target):
-        return ops.soft_margin_composite(input, target, red, out_dtype)
+        return _decomposed(ops.soft_margin_composite, input, target, red, out_dtype)
     try:
         y = target if target.shape == input.shape else target.expand(input.shape)
         return ops.soft_margin(input, y, red, out_dtype)
@@ -476,12 +495,13 @@ def hinge_loss(
             out_dtype=out_dtype,
         )
     red = _Reduction.get_enum(reduction)
-    if not _transformed(input, target):
-        try:
-            x, y = _broadcast_pair(input, target)
-            return ops.hinge(x, y, float(margin), bool(squared), red, out_dtype)
-        except _REFUSALS as e:
-            _on_refusal(e, input, "hinge_loss")
+    if _transformed(input, target):
+        return _decomposed(ops.hinge_composite, input, target, float(margin), bool(squared), red, out_dtype)
+    try:
+        x, y = _broadcast_pair(input, target)
+        return ops.hinge(x, y, float(margin), bool(squared), red, out_dtype)
+    except _REFUSALS as e:
+        _on_refusal(e, input, "hinge_loss")
     return ops.hinge_composite(input, target, float(margin), bool(squared), red, out_dtype)
 
 
@@ -530,9 +550,10 @@ def multi_margin_loss(
     if weight is not None and weight.dim() != 1:
         raise ValueError("weight must be one-dimensional")
     if _transformed(input, target, weight):
-        return ops.multi_margin_composite(input, target, int(p), float(margin), weight, red, out_dtype)
-    # torch refuses a class weight of another dtype (autocast makes both fp32).
-    if weight is None or weight.dtype == input.dtype or _autocast(input):
+        return _decomposed(ops.multi_margin_composite, input, target, int(p), float(margin), weight, red, out_dtype)
+    # torch refuses a class weight of another dtype (under autocast, or with an
+    # out_dtype, the computation is fp32 for both).
+    if weight is None or weight.dtype == input.dtype or out_dtype is not None or _autocast(input):
         if _validation._enabled and input.device.type != "cpu":
             _validation.check_multi_margin_targets(target, input.shape[-1] if input.dim() else 1)
         try:

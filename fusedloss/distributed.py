@@ -95,7 +95,9 @@ def vocab_offsets(local_size: int, group=None, device=None) -> tuple[int, int]:
         world = dist.get_world_size(group)
         mine = torch.tensor([int(local_size)], dtype=torch.int64, device=device)
         every = torch.empty(world, dtype=torch.int64, device=device)
-        dist.all_gather_into_tensor(every, mine, group=group)
+        # all_gather_single is all_gather_into_tensor's name from torch 2.14 on.
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        gather(every, mine, group=group)
         sizes = tuple(int(s) for s in every.tolist())  # the one host sync, on the first call only
         _slice_sizes[key] = sizes
     elif sizes[rank] != local_size:
@@ -290,6 +292,16 @@ def vocab_parallel_cross_entropy(
 # ---------------------------------------------------------------------------
 # DTensor: fusedloss.functional.cross_entropy of logits sharded on the class
 # dimension runs here (the same result as torch's loss_parallel()).
+
+
+def is_dtensor(t) -> bool:
+    if not dist.is_available():
+        return False
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return False
+    return isinstance(t, DTensor)
 
 
 def dtensor_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale,

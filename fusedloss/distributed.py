@@ -47,6 +47,7 @@ import torch
 import torch.distributed as dist
 from torch.nn import _reduction as _Reduction
 
+from . import _validation
 from ._ops import ops
 
 __all__ = ["clear_vocab_offsets", "vocab_offsets", "vocab_parallel_cross_entropy"]
@@ -130,36 +131,116 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx, local_logits, target, weight, group, vocab_start, ignore_index, reduction, label_smoothing,
-        lse_square_scale, softcap, loss_dtype,
+        lse_square_scale, softcap, loss_dtype, out,
     ):  # fmt: skip
+        # A weight that does not cover this rank's slice is known here only:
+        # rather than raise before the collectives (leaving the other ranks
+        # waiting in them), take part without it and poison the class count,
+        # so that every rank learns of it from the SUM; this rank raises after.
+        local_size = local_logits.shape[1]
+        usable = weight is None or (weight.dim() == 1 and weight.numel() >= vocab_start + local_size)
         local_max, packed, mass = ops.vocab_parallel_ce_local(
-            local_logits, target, weight, vocab_start, ignore_index, label_smoothing, softcap
+            local_logits, target, weight if usable else None, vocab_start, ignore_index, label_smoothing, softcap
         )
+        if not usable:
+            packed[-1:].fill_(float("nan"))
         global_max = local_max.clone()
         dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
         packed = ops.vocab_parallel_ce_rebase(packed, local_max, global_max, mass)
         dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+        if not usable:
+            raise RuntimeError(
+                "weight tensor should be defined either for all classes or no classes but got weight tensor of "
+                f"shape: {list(weight.shape)}, short of this rank's classes [{vocab_start}, {vocab_start + local_size})"
+            )
         loss, state, stats = ops.vocab_parallel_ce_finalize(
             packed, global_max, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale,
             loss_dtype,
         )  # fmt: skip
         ctx.save_for_backward(local_logits, target, weight, state, stats)
         ctx.options = (vocab_start, ignore_index, reduction, label_smoothing, lse_square_scale, softcap)
+        ctx.group, ctx.loss_dtype = group, loss_dtype
+        out["stats"] = stats  # for strict validation (fusedloss.set_validation)
         return loss
 
     @staticmethod
     def backward(ctx, grad):
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "fusedloss.distributed.vocab_parallel_cross_entropy does not support higher-order gradients "
-                "(backward with create_graph=True): its backward is a fused kernel without a graph. Use "
-                "torch's cross entropy on gathered logits for second derivatives."
-            )
         logits, target, weight, state, stats = ctx.saved_tensors
-        grad_logits = None
-        if ctx.needs_input_grad[0]:
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 12
+        if torch.is_grad_enabled():
+            # create_graph=True: the gradient as a graph of torch ops, for
+            # higher derivatives (see _composite_loss).
+            # (see _composite_loss). Every rank holds the whole loss: as a
+            # share of a sum over ranks it counts 1 / world, so that the
+            # all_reduces' summing backward gives each rank d loss / d slice.
+            loss = _composite_loss(logits, target, weight, ctx.group, stats, ctx.loss_dtype, *ctx.options)
+            loss = loss / dist.get_world_size(ctx.group)
+            (grad_logits,) = torch.autograd.grad(loss, logits, grad, create_graph=True)
+        else:
             grad_logits = ops.vocab_parallel_ce_backward(grad, logits, target, weight, state, stats, *ctx.options)
-        return (grad_logits,) + (None,) * 10
+        return (grad_logits,) + (None,) * 11
+
+
+class _SumOverGroup(torch.autograd.Function):
+    """all_reduce(SUM) as a differentiable function, for objectives that are
+    sums over ranks of each rank's own term: the gradient of every rank's input
+    is then the sum of every rank's output gradient (its exact adjoint, also
+    for higher derivatives)."""
+
+    @staticmethod
+    def forward(ctx, t, group):
+        ctx.group = group
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+        return t
+
+    @staticmethod
+    def backward(ctx, g):
+        return _SumOverGroup.apply(g, ctx.group), None
+
+
+def _composite_loss(x, target, weight, group, stats, loss_dtype, start, ignore_index, reduction, eps, z, softcap):
+    """The loss as torch ops with differentiable all_reduces (_SumOverGroup),
+    whose gradient is a graph: the create_graph=True
+    path. It costs three collectives more (four with label smoothing), run in
+    that backward, and its second derivatives run more all_reduces (theirs).
+    An all-ignored mean divides by 1 here: its gradient is 0, as the fused one."""
+    summed = _SumOverGroup.apply
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xc = x.to(acc)
+    if softcap is not None:
+        xc = softcap * torch.tanh(xc / softcap)
+    n, c = xc.shape
+    m = torch.full((n,), -torch.inf, dtype=acc, device=x.device)
+    if c:
+        m = torch.maximum(m, xc.detach().amax(1))
+    dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)  # a constant: the loss does not depend on it
+    lse = m + torch.log(summed(torch.exp(xc - m.unsqueeze(1)).sum(1), group))
+    keep = target != ignore_index
+    local = target - start
+    own = keep & (local >= 0) & (local < c)
+    x_t = xc.gather(1, local.clamp(0, max(c - 1, 0)).unsqueeze(1)).squeeze(1) if c else torch.zeros_like(m)
+    x_t = summed(torch.where(own, x_t, 0), group)
+    safe = torch.where(keep, target, 0).long()
+    w = None if weight is None else weight.to(acc)
+    w_t = torch.where(keep, 1.0 if w is None else w[safe], 0.0).to(acc)
+    loss = w_t * (lse - x_t)
+    if eps > 0:
+        vocab = stats[2]
+        w_local = torch.ones(c, dtype=acc, device=x.device) if w is None else w[start : start + c]
+        rel = summed((xc * w_local).sum(1), group)
+        smooth = (vocab if w is None else w.sum()) * lse - rel
+        loss = (1 - eps) * loss + eps / vocab * torch.where(keep, smooth, 0)
+    if z:
+        loss = loss + z * w_t * lse * lse
+    loss = torch.where(keep, loss, 0)
+    if reduction == 1:
+        denom = w_t.sum()
+        loss = loss.sum() / torch.where(denom == 0, 1, denom)
+    elif reduction == 2:
+        loss = loss.sum()
+    return loss.to(loss_dtype)
 
 
 def vocab_parallel_cross_entropy(
@@ -208,14 +289,28 @@ def vocab_parallel_cross_entropy(
       :func:`fusedloss.functional.cross_entropy`. Under ``torch.autocast`` an
       fp16/bf16 call returns an fp32 loss, as torch's cross entropy does.
 
+    The arguments must agree across the group (the same N, targets and
+    options): a rank refused before the collectives leaves the others waiting
+    in them until the backend's timeout, as with any collective. The one
+    rank-specific check, a ``weight`` too short for this rank's slice, is made
+    without that risk: the rank takes part in the collectives, every rank
+    learns of it from the SUM (the CPU raises, CUDA gives NaN losses), and
+    that rank raises torch's weight error.
+
     Deviations and limits: class-probability targets, K-dimensional logits
     ``(N, C, d1, ...)`` (flatten them to ``(N * d1 * ..., C)``) and
     ``size_average``/``reduce`` are not supported. Out-of-range targets: torch's
     ``IndexError`` on the CPU (raised on every rank, after the collectives, so
     that none is left waiting), a NaN loss and NaN gradients for the row on
     CUDA (``fusedloss.set_validation(True)`` raises instead, at the cost of a
-    device sync). Higher-order gradients (``create_graph=True``) raise a
-    ``RuntimeError``. ``V`` must stay below 2^24 classes for fp16/bf16/fp32
+    device sync). Higher-order gradients: a backward with
+    ``create_graph=True`` differentiates the loss written as torch ops with
+    differentiable all_reduces instead of running
+    the fused kernel, which costs 3 more collectives (4 with label smoothing)
+    in that backward. Second derivatives are those of the sum over ranks of
+    each rank's objective (each rank's gradient slice being its own part, as
+    in ``(grad * v_slice).sum()``), and run more all_reduces (every rank must
+    take them). ``V`` must stay below 2^24 classes for fp16/bf16/fp32
     logits (the class counts travel in the fp32 SUM).
 
     Accuracy: the row sums are added in another order than in one process
@@ -282,10 +377,21 @@ def vocab_parallel_cross_entropy(
                 f"weight tensor should be defined either for all {vocab_size} classes or no classes but got "
                 f"weight tensor of shape: {list(weight.shape)}"
             )
+    out = {}
     loss = _VocabParallelCrossEntropy.apply(
         local_logits, target, weight, group, int(vocab_start_index), int(ignore_index), red,
-        float(label_smoothing), float(lse_square_scale), None if softcap is None else float(softcap), out_dtype,
+        float(label_smoothing), float(lse_square_scale), None if softcap is None else float(softcap), out_dtype, out,
     )  # fmt: skip
+    if _validation.wanted(local_logits):
+        # Strict mode off the CPU: torch's errors, at the cost of a device sync
+        # (every rank raises alike: all hold the same targets and V).
+        vocab_size = int(out["stats"][2])
+        if weight is not None and weight.numel() != vocab_size:
+            raise RuntimeError(
+                f"weight tensor should be defined either for all {vocab_size} classes or no classes but got "
+                f"weight tensor of shape: {list(weight.shape)}"
+            )
+        _validation.check_class_indices(target, vocab_size, ignore_index)
     return loss.squeeze(0) if unbatched and red == 0 else loss
 
 

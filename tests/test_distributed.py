@@ -280,6 +280,23 @@ def test_simulated_strided_logits_and_uint8_target():
         check_case(loss, grad, x, t, g, {"label_smoothing": 0.1}, torch.float32)
 
 
+def test_simulated_bits_do_not_depend_on_threads_and_logits_stay_unchanged():
+    x, t, gen = _inputs(64, 3000, torch.bfloat16, seed=8)
+    before = x.clone()
+    opts = {"label_smoothing": 0.1, "weight": torch.rand(3000, generator=gen).bfloat16() + 0.5, "softcap": 20.0}
+    runs = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 1):
+            torch.set_num_threads(n)
+            runs.append(simulate(x, t, [1234, 1766], torch.tensor(1.0, dtype=torch.bfloat16), opts))
+    finally:
+        torch.set_num_threads(threads)
+    for loss, grad in runs[1:]:
+        assert torch.equal(loss, runs[0][0]) and torch.equal(grad, runs[0][1])
+    assert torch.equal(x, before)
+
+
 def test_target_out_of_range_raises_on_cpu():
     x, t, _ = _inputs(3, 10, torch.float32, seed=5)
     t[2] = 10
@@ -547,14 +564,37 @@ def _errors_worker(rank, world):
     catch("weight_dtype", lambda: vp(x.bfloat16(), t, vocab_start_index=start, weight=torch.ones(10)))
     catch("weight_size", lambda: vp(x, t, weight=torch.ones(9)))  # default start: checked on the host
     catch("weight_size_explicit", lambda: vp(x, t, vocab_start_index=start, weight=torch.ones(12)))
+    # Too short for rank 1's slice only: rank 1 raises torch's weight error,
+    # rank 0 learns of it from the SUM (and raises too); neither waits forever.
+    catch("weight_short", lambda: vp(x, t, vocab_start_index=start, weight=torch.ones(7)))
     catch("out_of_range", lambda: vp(x, torch.tensor([0, 3, 10, 1]), vocab_start_index=start))
     catch("integer_logits", lambda: vp(x.long(), t, vocab_start_index=start))
 
-    def double_backward():
-        loss = vp(x, t, vocab_start_index=start)
-        (g,) = torch.autograd.grad(loss, x, create_graph=True)
-
-    catch("create_graph", double_backward)
+    # Second derivatives (create_graph=True): the gradient, and a
+    # Hessian-vector product, equal the single-process ones slice by slice.
+    gen = torch.Generator().manual_seed(3)
+    xf, v = torch.randn(4, 10, generator=gen, dtype=torch.float64), torch.randn(4, 10, generator=gen).double()
+    kw = {"weight": torch.rand(10, generator=gen).double() + 0.5, "ignore_index": 3, "label_smoothing": 0.1}
+    kw.update(lse_square_scale=1e-2, softcap=3.0)
+    tt, mine = torch.tensor([0, 3, 9, 6]), slice(start, start + 5)
+    xl = xf[:, mine].clone().requires_grad_()
+    (g,) = torch.autograd.grad(vp(xl, tt, vocab_start_index=start, **kw), xl, create_graph=True)
+    (hv,) = torch.autograd.grad((g * v[:, mine]).sum(), xl)  # this rank's share of the global g . v
+    xs = xf.clone().requires_grad_()
+    (gs,) = torch.autograd.grad(FF.cross_entropy(xs, tt, **kw), xs, create_graph=True)
+    (hvs,) = torch.autograd.grad((gs * v).sum(), xs)
+    seen["create_graph"] = (
+        bool(torch.allclose(g, gs[:, mine], rtol=1e-12, atol=1e-15)),
+        bool(torch.allclose(hv, hvs[:, mine], rtol=1e-10, atol=1e-13)),
+    )
+    # torch.compile(fullgraph=True) traces it (dynamo turns the collectives
+    # into functional ones) and gives eager's loss and gradient.
+    xc, xe = x.detach().clone().requires_grad_(), x.detach().clone().requires_grad_()
+    f = lambda a: vp(a, t, vocab_start_index=start, label_smoothing=0.1, weight=torch.linspace(0.5, 2, 10))
+    lc, le = torch.compile(f, backend="aot_eager", fullgraph=True)(xc), f(xe)
+    lc.backward()
+    le.backward()
+    seen["compiled"] = (bool(torch.equal(lc, le)), bool(torch.equal(xc.grad, xe.grad)))
     # unbatched (C_local,) logits with a 0-d target equal a batch of one
     un = vp(x[1], t[1], vocab_start_index=start, reduction="none")
     one = vp(x[1:2], t[1:2], vocab_start_index=start, reduction="none")
@@ -567,6 +607,12 @@ def _errors_worker(rank, world):
 
 def test_errors_match_torch():
     res = spawn(_errors_worker, 2)
+    short = [r.pop("weight_short") for r in res]
+    assert short[0].startswith("RuntimeError: vocab_parallel_cross_entropy: another rank of the group"), short[0]
+    assert short[1].startswith(
+        "RuntimeError: weight tensor should be defined either for all classes or no classes but got weight tensor "
+        "of shape: [7], short of this rank's classes [5, 10)"
+    ), short[1]
     assert res[0] == res[1]
     e = res[0]
     assert e["reduction"] == "ValueError: avg is not a valid value for reduction"
@@ -582,7 +628,8 @@ def test_errors_match_torch():
     assert e["weight_size_explicit"].startswith(f"RuntimeError: {msg}[12]")
     assert e["out_of_range"].startswith("IndexError: Target 10 is out of bounds.")
     assert e["integer_logits"].startswith("NotImplementedError")
-    assert e["create_graph"].startswith("RuntimeError: fusedloss.distributed.vocab_parallel_cross_entropy does not")
+    assert e["create_graph"] == (True, True)
+    assert e["compiled"] == (True, True)
     assert e["unbatched"] == (True, True)
     assert e["autocast_dtype"] == "torch.float32"
 

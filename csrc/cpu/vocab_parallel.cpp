@@ -136,7 +136,9 @@ struct CpuVpEngine {
   template <typename acc_t>
   static void check_finalized(const int64_t* target, int64_t N, int64_t ignore_index, const acc_t* stats,
                               int64_t weight_numel) {
-    const int64_t V = static_cast<int64_t>(stats[2]);
+    const int64_t V = vp_vocab_size(stats[2]);
+    TORCH_CHECK(V >= 0, "vocab_parallel_cross_entropy: another rank of the group could not take its arguments "
+                "(its error says why), so this call has no result");
     TORCH_CHECK(weight_numel < 0 || weight_numel == V, "weight tensor should be defined either for all ", V,
                 " classes or no classes but got weight tensor of shape: [", weight_numel, "]");
     for (int64_t r = 0; r < N; ++r) {

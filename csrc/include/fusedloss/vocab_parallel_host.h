@@ -54,6 +54,15 @@ constexpr int64_t vp_max_classes() {
   return int64_t(1) << std::numeric_limits<acc_t>::digits;
 }
 
+// The vocabulary size V as the SUM delivered it, or -1 when it is no class
+// count: a rank poisons its count with NaN when its arguments are unusable (so
+// that every rank learns it without another collective), and converting NaN
+// to an integer would be undefined.
+template <typename acc_t>
+C10_HOST_DEVICE inline int64_t vp_vocab_size(acc_t v) {
+  return v >= acc_t(0) && v <= acc_t(vp_max_classes<acc_t>()) ? static_cast<int64_t>(v) : int64_t(-1);
+}
+
 // Everything a row kernel needs, as plain data (passed by value to CUDA kernels).
 template <typename scalar_t>
 struct VpParams {
@@ -105,7 +114,7 @@ struct VpParams {
   // device, in a kernel).
   C10_HOST_DEVICE math::CeOptions<acc_t> options() const {
     math::CeOptions<acc_t> o;
-    o.num_classes = static_cast<int64_t>(stats[2]);
+    o.num_classes = vp_vocab_size(stats[2]);
     o.ignore_index = ignore_index;
     o.smoothing = smoothing;
     o.z_loss = z_loss;
@@ -145,8 +154,8 @@ struct VpRebaseRow {
 
 // After the SUM: a row's loss and its share of the mean's denominator (as
 // cross entropy's CeParams::store_index_row), and (max, ls, s_other) for the
-// backward. A target outside [0, V), or a weight that does not hold exactly V
-// classes, gives the row a NaN loss and a NaN max (so NaN gradients); the CPU
+// backward. A target outside [0, V), a weight that does not hold exactly V
+// classes, or a poisoned V (see vp_vocab_size) gives the row a NaN loss and a NaN max (so NaN gradients); the CPU
 // raises torch's errors for them afterwards (check_finalized).
 template <typename acc_t>
 struct VpFinalizeRow {
@@ -170,8 +179,7 @@ struct VpFinalizeRow {
       state_out[3 * r] = state_out[3 * r + 1] = state_out[3 * r + 2] = acc_t(0);
       return;
     }
-    const acc_t v = stats[2];
-    const int64_t V = static_cast<int64_t>(v);
+    const int64_t V = vp_vocab_size(stats[2]);
     const bool valid = t >= 0 && t < V && (weight == nullptr || weight_numel == V);
     if (!valid) {
       const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();

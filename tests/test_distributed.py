@@ -369,19 +369,21 @@ def _entry(rank, world, port, results, fn_name, args):
 def spawn(fn, world, *args, limit_s=150):
     """Runs fn(rank, world, *args) on `world` gloo processes; returns their
     results by rank. Fails (and kills the processes) after about limit_s."""
-    results = mp.Manager().dict()
-    ctx = mp.start_processes(
-        _entry, args=(world, _free_port(), results, fn.__name__, args), nprocs=world, join=False, start_method="spawn"
-    )
-    for _ in range(limit_s):
-        if ctx.join(timeout=1):
-            break
-    else:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-        pytest.fail(f"{fn.__name__} on {world} ranks did not finish within ~{limit_s} s")
-    return [results[r] for r in range(world)]
+    with mp.Manager() as manager:
+        results = manager.dict()
+        ctx = mp.start_processes(
+            _entry, args=(world, _free_port(), results, fn.__name__, args), nprocs=world, join=False,
+            start_method="spawn",
+        )  # fmt: skip
+        for _ in range(limit_s):
+            if ctx.join(timeout=1):
+                break
+        else:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            pytest.fail(f"{fn.__name__} on {world} ranks did not finish within ~{limit_s} s")
+        return [results[r] for r in range(world)]
 
 
 _COMMUNICATING = (
@@ -513,7 +515,15 @@ def _default_offsets_and_counts(rank, world):
             loss = FD.vocab_parallel_cross_entropy(xl, t)
         counts.append(([n for n, _ in c.calls], c.backend))
     ref = FF.cross_entropy(x, t)
+    # All targets ignored: torch's NaN mean (0 for sum), a zero gradient.
+    ignored = []
+    for red in REDS:
+        xi = xl.clone().requires_grad_()
+        li = FD.vocab_parallel_cross_entropy(xi, torch.full((5,), 2), ignore_index=2, reduction=red)
+        li.sum().backward()
+        ignored.append((li.sum().isnan().item(), li.sum().item() if red != "mean" else 0.0, xi.grad.eq(0).all().item()))
     return {
+        "all_ignored": ignored,
         "default_counts": counts,
         "default_loss_ok": bool(torch.allclose(loss, ref, rtol=1e-6, atol=0)),
         "offsets": FD.vocab_offsets(sizes[rank]),
@@ -533,6 +543,7 @@ def test_vocab_parallel_over_gloo(world):
             r["default_counts"] == [([gather, "all_reduce", "all_reduce"], 3)] + [(["all_reduce", "all_reduce"], 2)] * 2
         )
         assert r["default_loss_ok"]
+        assert r["all_ignored"] == [(False, 0.0, True), (True, 0.0, True), (False, 0.0, True)]
     sizes = SPLITS[world][1]
     assert [tuple(r["offsets"]) for r in res] == [(s, sum(sizes)) for s in _starts(sizes)]
 

@@ -11,7 +11,7 @@
 // thread needs to know where the target is but by its index.
 // Backward: the same groups, one read and one write per logit; the target's
 // entry needs no reduction within the row (its s_other was summed over every
-// rank in the forward), so there is no barrier at all.
+// rank in the forward), only a group barrier before it is written.
 // O(N) row steps (rebase, finalize): one thread per row.
 // Rows with a class stride other than 1 take the same kernels element by
 // element. Out-of-range targets give NaN rows (finalize), never a read.
@@ -147,8 +147,9 @@ __global__ void __launch_bounds__(G > kWarp ? G : kVpRowBlock) vp_local_kernel(c
   if (lane == 0) p.store_local(r, st, tl >= 0 ? vp_capped(p, row[tl * p.sC]) : acc_t(0));
 }
 
-// The gradient of one logit of a row, in fp32 before rounding.
-template <typename scalar_t>
+// The gradient of one logit of a row, in fp32 before rounding, but for the
+// target's own entry (target()). kPlain: no smoothing and no softcap.
+template <typename scalar_t, bool kPlain>
 struct VpRowGrad {
   using acc_t = at::opmath_type<scalar_t>;
   math::CeOptions<acc_t> o;
@@ -157,28 +158,34 @@ struct VpRowGrad {
   int64_t tl;
 
   __device__ __forceinline__ acc_t operator()(const VpParams<scalar_t>& p, int64_t c, acc_t x) const {
-    acc_t v;
-    if (c == tl) {
-      // The target's own entry, from the other classes' share summed over
-      // every rank in the forward: no cancellation, no reduction here.
-      v = math::ce_index_target_grad(g, math::Ops<acc_t>::exp((x - m) - ls), s_other, m + ls, w_t, o);
-    } else {
-      v = math::Ops<acc_t>::exp_fast((x - m) - ls) * k.ga;
+    acc_t v = math::Ops<acc_t>::exp_fast((x - m) - ls) * k.ga;
+    if constexpr (!kPlain) {
       if (k.m_scale != acc_t(0)) v -= k.m_scale * p.local_weight(c);
+      if (p.has_softcap) v *= math::softcap_slope(x, p.inv_softcap);
     }
-    if (p.has_softcap) v *= math::softcap_slope(x, p.inv_softcap);
+    return v;
+  }
+
+  // The target's own entry, from the other classes' share summed over every
+  // rank in the forward: no cancellation, and no reduction within the row.
+  __device__ __forceinline__ acc_t target(const VpParams<scalar_t>& p, acc_t x_t) const {
+    acc_t v = math::ce_index_target_grad(g, math::Ops<acc_t>::exp((x_t - m) - ls), s_other, m + ls, w_t, o);
+    if (p.has_softcap) v *= math::softcap_slope(x_t, p.inv_softcap);
     return v;
   }
 };
 
-template <typename scalar_t, int G>
+// Every element takes the general formula; then the group's first thread
+// rewrites the target's entry, after a group barrier that orders the
+// provisional store (by whichever thread held the target) before its own.
+template <typename scalar_t, int G, bool kPlain>
 __global__ void __launch_bounds__(G > kWarp ? G : kVpRowBlock) vp_backward_kernel(const VpParams<scalar_t> p) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int VEC = pack_size<scalar_t>();
   constexpr int kRowsPerBlock = G > kWarp ? 1 : kVpRowBlock / kWarp;
   const int lane = G > kWarp ? threadIdx.x : threadIdx.x % kWarp;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + (G > kWarp ? 0 : threadIdx.x / kWarp);
-  if (r >= p.N) return;
+  if (r >= p.N) return;  // whole groups only
   const int64_t C = p.C;
   const scalar_t* row = p.row(r);
   scalar_t* out = p.grad_input + r * p.gN;
@@ -187,7 +194,7 @@ __global__ void __launch_bounds__(G > kWarp ? G : kVpRowBlock) vp_backward_kerne
     for (int64_t c = lane; c < C; c += G) out[c * p.gC] = scalar_t(0);
     return;
   }
-  VpRowGrad<scalar_t> rg;
+  VpRowGrad<scalar_t, kPlain> rg;
   rg.o = p.options();
   rg.m = p.state[3 * r];
   rg.ls = p.state[3 * r + 1];
@@ -199,26 +206,39 @@ __global__ void __launch_bounds__(G > kWarp ? G : kVpRowBlock) vp_backward_kerne
   const RowSplit sp = split_row(row, C);
   const bool packed = p.sC == 1 && p.gC == 1 && split_row(static_cast<const scalar_t*>(out), C).head == sp.head;
   if (!packed) {
-    for (int64_t c = lane; c < C; c += G) out[c * p.gC] = static_cast<scalar_t>(rg(p, c, vp_capped(p, row[c * p.sC])));
-    return;
-  }
-  for (int64_t c = lane; c < sp.head; c += G) out[c] = static_cast<scalar_t>(rg(p, c, vp_capped(p, row[c])));
-  constexpr int kUnroll = vp_unroll<scalar_t>();
-  for (int64_t k0 = lane; k0 < sp.packs; k0 += static_cast<int64_t>(G) * kUnroll) {
-    Pack<scalar_t, VEC> pk[kUnroll];
-    load_packs<G>(row + sp.head, k0, sp.packs, pk);
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t k = k0 + static_cast<int64_t>(u) * G;
-      if (k >= sp.packs) break;
-      const int64_t c0 = sp.head + k * VEC;
-      Pack<scalar_t, VEC> go;
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) go.v[j] = static_cast<scalar_t>(rg(p, c0 + j, vp_capped(p, pk[u].v[j])));
-      store_pack(out + c0, go);
+    for (int64_t c = lane; c < C; c += G) {
+      out[c * p.gC] = static_cast<scalar_t>(rg(p, c, vp_capped(p, row[c * p.sC])));
     }
+  } else {
+    for (int64_t c = lane; c < sp.head; c += G) out[c] = static_cast<scalar_t>(rg(p, c, vp_capped(p, row[c])));
+    constexpr int kUnroll = vp_unroll<scalar_t>();
+    for (int64_t k0 = lane; k0 < sp.packs; k0 += static_cast<int64_t>(G) * kUnroll) {
+      Pack<scalar_t, VEC> pk[kUnroll];
+      load_packs<G>(row + sp.head, k0, sp.packs, pk);
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t k = k0 + static_cast<int64_t>(u) * G;
+        if (k >= sp.packs) break;
+        const int64_t c0 = sp.head + k * VEC;
+        Pack<scalar_t, VEC> go;
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          const acc_t x = kPlain ? static_cast<acc_t>(pk[u].v[j]) : vp_capped(p, pk[u].v[j]);
+          go.v[j] = static_cast<scalar_t>(rg(p, c0 + j, x));
+        }
+        store_pack(out + c0, go);
+      }
+    }
+    for (int64_t c = sp.tail + lane; c < C; c += G) out[c] = static_cast<scalar_t>(rg(p, c, vp_capped(p, row[c])));
   }
-  for (int64_t c = sp.tail + lane; c < C; c += G) out[c] = static_cast<scalar_t>(rg(p, c, vp_capped(p, row[c])));
+  if (rg.tl >= 0) {  // uniform over the group
+    if constexpr (G > kWarp) {
+      __syncthreads();
+    } else {
+      __syncwarp();
+    }
+    if (lane == 0) out[rg.tl * p.gC] = static_cast<scalar_t>(rg.target(p, vp_capped(p, row[rg.tl * p.sC])));
+  }
 }
 
 template <typename F>
@@ -240,7 +260,12 @@ struct CudaVpEngine {
 
   template <typename scalar_t>
   static void backward_rows(const VpParams<scalar_t>& p) {
-    launch<scalar_t, false, false>(p);
+    const bool plain = p.smoothing == 0 && !p.has_softcap;
+    if (plain) {
+      launch<scalar_t, false, true>(p);
+    } else {
+      launch<scalar_t, false, false>(p);
+    }
   }
 
   template <typename F>
@@ -274,7 +299,7 @@ struct CudaVpEngine {
       vp_local_kernel<scalar_t, G, kPlain><<<blocks, threads, 0, stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else {
-      vp_backward_kernel<scalar_t, G><<<blocks, threads, 0, stream>>>(p);
+      vp_backward_kernel<scalar_t, G, kPlain><<<blocks, threads, 0, stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   }

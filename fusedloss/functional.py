@@ -324,6 +324,16 @@ def cross_entropy(
     probability-target call whose weight requires grad, and forward-mode AD,
     are computed by the composite (the fused kernels have no weight gradient
     and no jvp).
+
+    DTensor logits of shape (N, C) sharded on the class dimension (``Shard(1)``
+    on one mesh dimension, ``Replicate`` on the others) with a replicated
+    target and weight are computed by
+    :func:`fusedloss.distributed.vocab_parallel_cross_entropy` on the local
+    shards: the result of torch's ``loss_parallel()`` (a replicated DTensor
+    loss, the gradient sharded as the logits), with two collectives per call
+    and no fp32 copy of the shard, and with label smoothing, z-loss and softcap
+    too (``loss_parallel`` has no label smoothing); ``inplace_backward`` is
+    ignored there. Other DTensor layouts take DTensor's own path.
     """
     if has_torch_function_variadic(input, target, weight):
         return handle_torch_function(
@@ -345,6 +355,17 @@ def cross_entropy(
     red = _reduction_enum(size_average, reduce, reduction)
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap must be a positive number or None, got {softcap}")
+    if type(input) is not torch.Tensor:
+        # A DTensor sharded on the class dimension: the vocabulary-parallel
+        # kernels (fusedloss.distributed), the result of torch's loss_parallel().
+        from . import distributed
+
+        if distributed.is_dtensor(input):
+            loss = distributed.dtensor_cross_entropy(
+                input, target, weight, ignore_index, red, label_smoothing, lse_square_scale, softcap, out_dtype
+            )
+            if loss is not None:
+                return loss
     if inplace_backward and torch.compiler.is_compiling():
         inplace_backward = False
     if _transformed(input, target, weight):

@@ -53,7 +53,7 @@ _REDUCTION_NAMES = {0: "none", 1: "mean", 2: "sum"}
 # What an op raises for arguments it does not take.
 _REFUSALS = (RuntimeError, ValueError, IndexError, TypeError, NotImplementedError)
 
-_is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_functorch_stack = torch._C._functorch.peek_interpreter_stack
 
 
 def _reduction_enum(size_average, reduce, reduction) -> int:
@@ -63,11 +63,9 @@ def _reduction_enum(size_average, reduce, reduction) -> int:
     return _Reduction.get_enum(reduction) if enum is None else enum
 
 
-def _transformed(*tensors) -> bool:
-    """Whether a torch.func transform (vmap, grad, jvp) wraps any of the tensors."""
-    if torch.compiler.is_compiling():
-        return False
-    return any(t is not None and _is_functorch_wrapped(t) for t in tensors)
+def _transformed() -> bool:
+    """Whether a torch.func transform (vmap, grad, jvp) is active."""
+    return not torch.compiler.is_compiling() and _functorch_stack() is not None
 
 
 def _decomposed(composite, *args):
@@ -153,13 +151,13 @@ def binary_cross_entropy_with_logits(
     red = _reduction_enum(size_average, reduce, reduction)
     if not (target.size() == input.size()):
         raise ValueError(f"Target size ({target.size()}) must be the same as input size ({input.size()})")
-    if _transformed(input, target):
+    if _transformed():
         return _decomposed(ops.bce_with_logits_composite, input, target, weight, pos_weight, red, out_dtype)
     try:
-        return ops.bce_with_logits(input, target, weight, pos_weight, red, out_dtype)
+        return ops.bce_with_logits.default(input, target, weight, pos_weight, red, out_dtype)
     except _REFUSALS as e:
         _on_refusal(e, input, "binary_cross_entropy_with_logits")
-    return ops.bce_with_logits_composite(input, target, weight, pos_weight, red, out_dtype)
+    return ops.bce_with_logits_composite.default(input, target, weight, pos_weight, red, out_dtype)
 
 
 def _as(loss: torch.Tensor, out_dtype: torch.dtype | None) -> torch.Tensor:
@@ -196,13 +194,13 @@ def _mse_loss(input, target, size_average, reduce, reduction, weight, out_dtype)
             return _as(loss / weight.sum() if red == 1 else loss, out_dtype)
     else:
         red = _reduction_enum(None, None, reduction)
-    if _transformed(x, y, weight):
+    if _transformed():
         return _decomposed(ops.mse_composite, x, y, weight, red, out_dtype)
     try:
-        return ops.mse(x, y, weight, red, out_dtype)
+        return ops.mse.default(x, y, weight, red, out_dtype)
     except _REFUSALS as e:
         _on_refusal(e, input, "mse_loss")
-    return ops.mse_composite(x, y, weight, red, out_dtype)
+    return ops.mse_composite.default(x, y, weight, red, out_dtype)
 
 
 _MSE_DOC = """Squared error in one fused pass (forward) and one (backward).
@@ -368,7 +366,7 @@ def cross_entropy(
                 return loss
     if inplace_backward and torch.compiler.is_compiling():
         inplace_backward = False
-    if _transformed(input, target, weight):
+    if _transformed():
         return _decomposed(
             ops.cross_entropy_composite,
             input, target, weight, ignore_index, red, label_smoothing, lse_square_scale, softcap, False, out_dtype,
@@ -386,7 +384,7 @@ def cross_entropy(
         if _validation._enabled and input.device.type != "cpu" and not target.is_floating_point():
             _validation.check_class_indices(target, input.shape[0 if input.dim() == 1 else 1], ignore_index)
         try:
-            return ops.cross_entropy(
+            return ops.cross_entropy.default(
                 input, target, weight, ignore_index, red, label_smoothing, lse_square_scale, softcap,
                 inplace_backward, out_dtype,
             )  # fmt: skip
@@ -394,7 +392,7 @@ def cross_entropy(
             if inplace_backward and isinstance(e, ValueError):
                 raise  # the in-place gradient was refused: say why
             _on_refusal(e, input, "cross_entropy")
-    return ops.cross_entropy_composite(
+    return ops.cross_entropy_composite.default(
         input, target, weight, ignore_index, red, label_smoothing, lse_square_scale, softcap, False, out_dtype
     )
 
@@ -431,14 +429,14 @@ def hinge_embedding_loss(
             out_dtype=out_dtype,
         )
     red = _reduction_enum(size_average, reduce, reduction)
-    if _transformed(input, target):
+    if _transformed():
         return _decomposed(ops.hinge_embedding_composite, input, target, float(margin), red, out_dtype)
     try:
         x, y = _broadcast_pair(input, target)
-        return ops.hinge_embedding(x, y, float(margin), red, out_dtype)
+        return ops.hinge_embedding.default(x, y, float(margin), red, out_dtype)
     except _REFUSALS as e:
         _on_refusal(e, input, "hinge_embedding_loss")
-    return ops.hinge_embedding_composite(input, target, float(margin), red, out_dtype)
+    return ops.hinge_embedding_composite.default(input, target, float(margin), red, out_dtype)
 
 
 def soft_margin_loss(
@@ -473,11 +471,11 @@ def soft_margin_loss(
             out_dtype=out_dtype,
         )
     red = _reduction_enum(size_average, reduce, reduction)
-    if _transformed(input, target):
+    if _transformed():
         return _decomposed(ops.soft_margin_composite, input, target, red, out_dtype)
     try:
         y = target if target.shape == input.shape else target.expand(input.shape)
-        return ops.soft_margin(input, y, red, out_dtype)
+        return ops.soft_margin.default(input, y, red, out_dtype)
     except _REFUSALS as e:
         _on_refusal(e, input, "soft_margin_loss")
     # torch's own kernel (its errors for invalid arguments are its kernel's).
@@ -516,14 +514,14 @@ def hinge_loss(
             out_dtype=out_dtype,
         )
     red = _Reduction.get_enum(reduction)
-    if _transformed(input, target):
+    if _transformed():
         return _decomposed(ops.hinge_composite, input, target, float(margin), bool(squared), red, out_dtype)
     try:
         x, y = _broadcast_pair(input, target)
-        return ops.hinge(x, y, float(margin), bool(squared), red, out_dtype)
+        return ops.hinge.default(x, y, float(margin), bool(squared), red, out_dtype)
     except _REFUSALS as e:
         _on_refusal(e, input, "hinge_loss")
-    return ops.hinge_composite(input, target, float(margin), bool(squared), red, out_dtype)
+    return ops.hinge_composite.default(input, target, float(margin), bool(squared), red, out_dtype)
 
 
 def multi_margin_loss(
@@ -570,7 +568,7 @@ def multi_margin_loss(
         raise ValueError("only p == 1 and p == 2 supported")
     if weight is not None and weight.dim() != 1:
         raise ValueError("weight must be one-dimensional")
-    if _transformed(input, target, weight):
+    if _transformed():
         return _decomposed(ops.multi_margin_composite, input, target, int(p), float(margin), weight, red, out_dtype)
     # torch refuses a class weight of another dtype (under autocast, or with an
     # out_dtype, the computation is fp32 for both).
@@ -578,7 +576,7 @@ def multi_margin_loss(
         if _validation._enabled and input.device.type != "cpu":
             _validation.check_multi_margin_targets(target, input.shape[-1] if input.dim() else 1)
         try:
-            return ops.multi_margin(input, target, int(p), float(margin), weight, red, out_dtype)
+            return ops.multi_margin.default(input, target, int(p), float(margin), weight, red, out_dtype)
         except _REFUSALS as e:
             _on_refusal(e, input, "multi_margin_loss")
     # torch's own kernel (its errors for invalid arguments are its kernel's).

@@ -14,12 +14,12 @@
 namespace fusedloss::composite {
 namespace {
 
-// out_dtype wider than the computation (e.g. an fp32 loss of bf16 inputs):
-// compute in it, as the fused kernels do in registers. Narrower: round the
-// result.
+// With an out_dtype, fp16/bf16 operands are computed on in fp32, as the
+// fused kernels do in registers (the loss is then rounded once into
+// out_dtype); without one, the composite is torch's loss, rounding included.
 at::Tensor in_dtype(const at::Tensor& t, const std::optional<at::ScalarType>& out_dtype) {
-  if (!out_dtype.has_value() || !t.defined() || !t.is_floating_point()) return t;
-  return c10::promoteTypes(t.scalar_type(), *out_dtype) == t.scalar_type() ? t : t.to(*out_dtype);
+  if (!out_dtype.has_value() || !t.defined()) return t;
+  return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16 ? t.to(at::kFloat) : t;
 }
 
 std::optional<at::Tensor> in_dtype(const std::optional<at::Tensor>& t,
@@ -96,7 +96,9 @@ at::Tensor multi_margin(const at::Tensor& input_, const at::Tensor& target, int6
   const at::Tensor t = target.reshape({-1, 1});
   const at::Tensor z = margin - x.gather(1, t) + x;
   at::Tensor h = at::where(z > 0, p == 1 ? z : z * z, at::zeros_like(z));
-  h = h.masked_fill(at::zeros_like(h, h.options().dtype(at::kBool)).scatter_(1, t, true), 0);
+  // The target's own term is not counted (a comparison, not a scatter: it has
+  // a vmap batching rule).
+  h = h.masked_fill(at::arange(c10::Scalar(x.sym_size(1)), t.options()).unsqueeze(0) == t, 0);
   if (weight_.has_value() && weight_->defined()) h = h * in_dtype(*weight_, out_dtype).index({t});
   at::Tensor loss = h.sum(1) / x.sym_size(1);
   if (reduction == kReductionNone) return as_out(loss.reshape_symint(target.sym_sizes()), out_dtype);

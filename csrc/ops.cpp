@@ -122,6 +122,27 @@ TORCH_LIBRARY(fusedloss, m) {
       "cross_entropy_composite(Tensor input, Tensor target, Tensor? weight=None, int ignore_index=-100, "
       "int reduction=1, float label_smoothing=0.0, float lse_square_scale=0.0, float? softcap=None, "
       "bool inplace_backward=False, ScalarType? out_dtype=None) -> Tensor");
+  // Vocabulary-parallel cross entropy (fusedloss/distributed.py): the local
+  // steps around its two collectives, on this rank's (N, C_local) logits whose
+  // class 0 is global class vocab_start; targets are global class indices and
+  // weight the full (V) class weight. local -> (local max, packed
+  // [S_other | x_t | rel (smoothing only) | C_local], sum of this slice's class
+  // weights); all_reduce(MAX) of the max; rebase -> packed measured from the
+  // global max; all_reduce(SUM) of it; finalize -> (loss, per row (max, ls,
+  // s_other), [denominator, W, V]); backward -> the local logits' gradient.
+  // csrc/include/fusedloss/vocab_parallel_host.h has the details.
+  m.def(
+      "vocab_parallel_ce_local(Tensor input, Tensor target, Tensor? weight, int vocab_start, int ignore_index, "
+      "float label_smoothing, float? softcap) -> (Tensor, Tensor, Tensor)");
+  m.def("vocab_parallel_ce_rebase(Tensor packed, Tensor local_max, Tensor global_max, Tensor mass) -> Tensor");
+  m.def(
+      "vocab_parallel_ce_finalize(Tensor packed, Tensor global_max, Tensor target, Tensor? weight, int ignore_index, "
+      "int reduction, float label_smoothing, float lse_square_scale, ScalarType loss_dtype) -> "
+      "(Tensor, Tensor, Tensor)");
+  m.def(
+      "vocab_parallel_ce_backward(Tensor grad, Tensor input, Tensor target, Tensor? weight, Tensor state, "
+      "Tensor stats, int vocab_start, int ignore_index, int reduction, float label_smoothing, "
+      "float lse_square_scale, float? softcap) -> Tensor");
   // sigmoid_focal_loss (torchvision.ops.sigmoid_focal_loss): alpha in [0, 1],
   // or -1 for no class weight; reduction defaults to none, as torchvision's.
   m.def(

@@ -13,6 +13,7 @@ import copy
 from . import autograd, functional, nn
 from ._ops import _C, ops
 from ._ops import BUILD_INFO as _BUILD_INFO
+from ._patch import patch_torch, unpatch_torch
 from ._validation import set_validation
 from ._version import __version__
 
@@ -25,7 +26,9 @@ __all__ = [
     "functional",
     "nn",
     "ops",
+    "patch_torch",
     "set_validation",
+    "unpatch_torch",
 ]
 
 

@@ -49,7 +49,7 @@ def cmd_info(args) -> int:
         "fusedloss": b["version"],
         "torch (built against)": b["torch_version"],
         "torch (running)": torch.__version__,
-        "CUDA kernels": "yes" if b["cuda"] else "no",
+        "CUDA kernels": "yes" if b["cuda"] else f"no ({b.get('cuda_skipped_reason') or 'not built'})",
         "CUDA archs": ";".join(b["cuda_archs"]) or "-",
         "CUDA toolkit": b.get("cuda_home") or "-",
         "torch CUDA": torch.version.cuda or "-",
@@ -261,9 +261,14 @@ def verify_cases(device: str, quick: bool):  # noqa: F811
 # ---------------------------------------------------------------------------
 
 
+SUITES = ("losses", "small", "autocast", "step")
+
+
 def cmd_bench(args) -> int:
     from fusedloss import benchmark as B
+    from fusedloss import benchmark_suites as S
 
+    suites = args.suite or (["losses", "small", "autocast"] if args.quick else list(SUITES))
     losses = args.loss or list(B.LOSSES)
     unknown = [name for name in losses if name not in B.LOSSES]
     if unknown:
@@ -275,28 +280,48 @@ def cmd_bench(args) -> int:
             raise CliError("--plot needs matplotlib (pip install matplotlib)") from None
     all_rows = []
     copies = {}
+    tty = sys.stderr.isatty()
+    progress = B.progress_bar if tty else None
+    torch_version = __import__("torch").__version__
     for device in _devices(args.device):
-        cases = [c for loss in losses for c in B.cases_for(loss, device, args.quick)]
-        copy = B.measure_copy_gbps(device)
-        copies[device] = copy
-        reps = args.reps or (5 if args.quick else 10)
-        tty = sys.stderr.isatty()
-        rows = B.run(cases, device, warmup=args.warmup, reps=reps, progress=B.progress_bar if tty else None)
-        if tty:
-            sys.stderr.write("\n")
-        all_rows += rows
-        print(
-            f"\n{B.device_name(device)}, torch {__import__('torch').__version__}, copy {copy:.1f} GB/s "
-            f"(read+write); fwd+bwd medians; ratio = fusedloss time / other time"
-        )
-        print(B.format_table(rows, copy))
+        header = f"\n{B.device_name(device)}, torch {torch_version}"
+        if "losses" in suites:
+            cases = [c for loss in losses for c in B.cases_for(loss, device, args.quick)]
+            copy = B.measure_copy_gbps(device)
+            copies[device] = copy
+            reps = args.reps or (5 if args.quick else 10)
+            rows = B.run(cases, device, warmup=args.warmup, reps=reps, progress=progress)
+            all_rows += rows
+            print(
+                f"{header}, copy {copy:.1f} GB/s (read+write); fwd+bwd medians; "
+                "ratio = fusedloss time / other time; peak MB beyond the inputs"
+            )
+            print(B.format_table(rows, copy))
+        if "small" in suites:
+            rows = S.run_small(device, progress=progress)
+            all_rows += rows
+            print(f"{header}: small calls, microseconds per call (fwd+bwd, and forward under no_grad)")
+            print(S.format_small(rows))
+        if "autocast" in suites:
+            rows = S.run_autocast(device, args.quick, progress=progress)
+            all_rows += rows
+            print(f"{header}: bf16 inputs, fwd+bwd, outside and inside torch.autocast(bf16); peak MB beyond the inputs")
+            print(S.format_autocast(rows))
+        if "step" in suites:
+            rows = S.run_step(device, args.quick, progress=progress)
+            all_rows += rows
+            print(f"{header}: a TinyLlama training step (2 layers, V=32000), eager and torch.compile'd")
+            print(S.format_step(rows))
     if args.csv:
         B.write_csv(all_rows, args.csv)
     if args.json:
         dev = "cuda" if "cuda" in copies else "cpu"
         B.write_json(all_rows, args.json, copies.get(dev), dev)
     if args.plot:
-        B.plot(all_rows, args.plot, copies.get("cuda") or copies.get("cpu"))
+        loss_rows = [r for r in all_rows if r["case"] not in ("small", "plain", "autocast")]
+        loss_rows = [r for r in loss_rows if r["loss"] != "training_step"]
+        if loss_rows:
+            B.plot(loss_rows, args.plot, copies.get("cuda") or copies.get("cpu"))
     return 0
 
 
@@ -311,6 +336,14 @@ def main(argv=None) -> int:
     pb = sub.add_parser("bench", help="time fusedloss against torch eager and torch.compile")
     pb.add_argument("--device", choices=["auto", "cpu", "cuda", "all"], default="auto")
     pb.add_argument("--loss", action="append", help="a loss to time (repeatable); default: all")
+    pb.add_argument(
+        "--suite",
+        action="append",
+        choices=SUITES,
+        help="losses: each loss at scale; small: per-call time of small losses; autocast: inside "
+        "torch.autocast vs outside; step: a compiled training step (repeatable; default: all, "
+        "or losses, small and autocast with --quick)",
+    )
     pb.add_argument("--quick", action="store_true", help="fewer sizes and repetitions")
     pb.add_argument("--reps", type=int, default=0, help="timed repetitions per measurement")
     pb.add_argument("--warmup", type=int, default=3)

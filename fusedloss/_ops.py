@@ -243,6 +243,40 @@ def _(grad, input, *rest):
     return None
 
 
+# Vocabulary-parallel cross entropy (fusedloss/distributed.py): the local ops
+# around its two collectives. Every buffer is in the accumulation dtype.
+@torch.library.register_fake("fusedloss::vocab_parallel_ce_local")
+def _(input, target, weight, vocab_start, ignore_index, label_smoothing, softcap):
+    acc = _acc(input)
+    n = input.shape[0]
+    fields = 3 if label_smoothing > 0 else 2
+    return (
+        input.new_empty((n,), dtype=acc),
+        input.new_empty((fields * n + 1,), dtype=acc),
+        input.new_empty((), dtype=acc),
+    )
+
+
+@torch.library.register_fake("fusedloss::vocab_parallel_ce_rebase")
+def _(packed, local_max, global_max, mass):
+    return packed.new_empty(packed.shape)
+
+
+@torch.library.register_fake("fusedloss::vocab_parallel_ce_finalize")
+def _(packed, global_max, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale, loss_dtype):
+    n = global_max.shape[0]
+    return (
+        packed.new_empty((n,) if reduction == 0 else (), dtype=loss_dtype),
+        packed.new_empty((n, 3)),
+        packed.new_empty((3,)),
+    )
+
+
+@torch.library.register_fake("fusedloss::vocab_parallel_ce_backward")
+def _(grad, input, *rest):
+    return input.new_empty(input.shape)
+
+
 # sigmoid_focal_loss, multilabel_soft_margin_loss, distillation on logits.
 # distill, like mse and cross_entropy, runs distill_forward below autograd.
 

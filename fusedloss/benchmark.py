@@ -332,6 +332,54 @@ def time_mode(run: Callable[[], torch.Tensor], leaves: list, mode: str, device: 
     return _quantiles(samples)
 
 
+def _rss_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def cpu_peak_mb(call: Callable[[], object]) -> float:
+    """Peak resident memory `call` adds beyond what is resident before it, in MB
+    (Linux: the high-water mark is reset through /proc/self/clear_refs; NaN
+    elsewhere). Freed memory, fusedloss's cached output buffers included, is
+    returned to the system first, so the baseline is what the inputs hold."""
+    import ctypes
+    import gc
+
+    import fusedloss
+
+    gc.collect()
+    fusedloss.empty_cpu_cache()  # cached output buffers would hide what the call needs
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return float("nan")
+    base = _rss_kb("VmRSS")
+    call()
+    peak = _rss_kb("VmHWM")
+    if base is None or peak is None:
+        return float("nan")
+    return max(peak - base, 0) / 1024
+
+
+def _one_call(run: Callable[[], torch.Tensor], leaves: list, mode: str) -> None:
+    for t in leaves:
+        t.grad = None
+    loss = run()
+    if mode != "fwd":
+        loss.backward()
+    del loss
+    for t in leaves:
+        t.grad = None
+
+
 def measure_copy_gbps(device: str, nbytes: int | None = None, reps: int = 10) -> float:
     """Bandwidth of a large tensor copy, counting bytes read plus written
     (2 GiB on a GPU, far beyond its L2; 512 MiB on the CPU)."""
@@ -417,7 +465,12 @@ def run(
                     torch.cuda.reset_peak_memory_stats()
                     base = torch.cuda.memory_allocated()
                 med, p20, p80 = time_mode(fn, problem.leaves, mode, device, warmup, reps)
-                peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if device == "cuda" else float("nan")
+                if device == "cuda":
+                    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+                else:
+                    # One more call, after warm-up (and compilation), from the
+                    # inputs alone: what the call itself holds at its peak.
+                    peak = cpu_peak_mb(lambda fn=fn, mode=mode, p=problem: _one_call(fn, p.leaves, mode))
                 rows.append(
                     {
                         "loss": case.loss,

@@ -53,7 +53,7 @@ _REDUCTION_NAMES = {0: "none", 1: "mean", 2: "sum"}
 # What an op raises for arguments it does not take.
 _REFUSALS = (RuntimeError, ValueError, IndexError, TypeError, NotImplementedError)
 
-_is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_functorch_stack = torch._C._functorch.peek_interpreter_stack
 
 
 def _reduction_enum(size_average, reduce, reduction) -> int:
@@ -63,11 +63,16 @@ def _reduction_enum(size_average, reduce, reduction) -> int:
     return _Reduction.get_enum(reduction) if enum is None else enum
 
 
-def _transformed(*tensors) -> bool:
-    """Whether a torch.func transform (vmap, grad, jvp) wraps any of the tensors."""
-    if torch.compiler.is_compiling():
-        return False
-    return any(t is not None and _is_functorch_wrapped(t) for t in tensors)
+def _transformed() -> bool:
+    """Whether a torch.func transform (vmap, grad, jvp) is active."""
+    return not torch.compiler.is_compiling() and _functorch_stack() is not None
+
+
+def _decomposed(composite, *args):
+    """A `<loss>_composite` op run as its ATen decomposition: under torch.func
+    transforms each of its ATen ops is batched or differentiated by torch (the
+    op itself has no batching rule)."""
+    return composite.default.decompose(*args)
 
 
 def _autocast(t: torch.Tensor) -> bool:
@@ -91,9 +96,15 @@ def _on_refusal(error: BaseException, input: torch.Tensor, name: str) -> None:
         and not _warned_no_kernels
     ):
         _warned_no_kernels = True
+        hint = BUILD_INFO.get("cuda_enable_hint")
         warnings.warn(
-            f"fusedloss was built without CUDA kernels, so {name} on CUDA tensors runs torch's own "
-            f"implementation (unfused). Rebuild fusedloss with nvcc available to get them:\n    {rebuild_command()}",
+            f"fusedloss was built without CUDA kernels ({BUILD_INFO.get('cuda_skipped_reason') or 'not built'}), "
+            f"so {name} on CUDA tensors runs torch's own implementation, unfused. "
+            + (
+                f"To build them:\n{hint}"
+                if hint
+                else f"Rebuild fusedloss with nvcc available:\n    {rebuild_command()}"
+            ),
             RuntimeWarning,
             stacklevel=3,
         )
@@ -140,12 +151,13 @@ def binary_cross_entropy_with_logits(
     red = _reduction_enum(size_average, reduce, reduction)
     if not (target.size() == input.size()):
         raise ValueError(f"Target size ({target.size()}) must be the same as input size ({input.size()})")
-    if not _transformed(input, target):
-        try:
-            return ops.bce_with_logits(input, target, weight, pos_weight, red, out_dtype)
-        except _REFUSALS as e:
-            _on_refusal(e, input, "binary_cross_entropy_with_logits")
-    return ops.bce_with_logits_composite(input, target, weight, pos_weight, red, out_dtype)
+    if _transformed():
+        return _decomposed(ops.bce_with_logits_composite, input, target, weight, pos_weight, red, out_dtype)
+    try:
+        return ops.bce_with_logits.default(input, target, weight, pos_weight, red, out_dtype)
+    except _REFUSALS as e:
+        _on_refusal(e, input, "binary_cross_entropy_with_logits")
+    return ops.bce_with_logits_composite.default(input, target, weight, pos_weight, red, out_dtype)
 
 
 def _as(loss: torch.Tensor, out_dtype: torch.dtype | None) -> torch.Tensor:
@@ -182,12 +194,13 @@ def _mse_loss(input, target, size_average, reduce, reduction, weight, out_dtype)
             return _as(loss / weight.sum() if red == 1 else loss, out_dtype)
     else:
         red = _reduction_enum(None, None, reduction)
-    if not _transformed(x, y, weight):
-        try:
-            return ops.mse(x, y, weight, red, out_dtype)
-        except _REFUSALS as e:
-            _on_refusal(e, input, "mse_loss")
-    return ops.mse_composite(x, y, weight, red, out_dtype)
+    if _transformed():
+        return _decomposed(ops.mse_composite, x, y, weight, red, out_dtype)
+    try:
+        return ops.mse.default(x, y, weight, red, out_dtype)
+    except _REFUSALS as e:
+        _on_refusal(e, input, "mse_loss")
+    return ops.mse_composite.default(x, y, weight, red, out_dtype)
 
 
 _MSE_DOC = """Squared error in one fused pass (forward) and one (backward).
@@ -309,6 +322,16 @@ def cross_entropy(
     probability-target call whose weight requires grad, and forward-mode AD,
     are computed by the composite (the fused kernels have no weight gradient
     and no jvp).
+
+    DTensor logits of shape (N, C) sharded on the class dimension (``Shard(1)``
+    on one mesh dimension, ``Replicate`` on the others) with a replicated
+    target and weight are computed by
+    :func:`fusedloss.distributed.vocab_parallel_cross_entropy` on the local
+    shards: the result of torch's ``loss_parallel()`` (a replicated DTensor
+    loss, the gradient sharded as the logits), with two collectives per call
+    and no fp32 copy of the shard, and with label smoothing, z-loss and softcap
+    too (``loss_parallel`` has no label smoothing); ``inplace_backward`` is
+    ignored there. Other DTensor layouts take DTensor's own path.
     """
     if has_torch_function_variadic(input, target, weight):
         return handle_torch_function(
@@ -330,32 +353,46 @@ def cross_entropy(
     red = _reduction_enum(size_average, reduce, reduction)
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap must be a positive number or None, got {softcap}")
+    if type(input) is not torch.Tensor:
+        # A DTensor sharded on the class dimension: the vocabulary-parallel
+        # kernels (fusedloss.distributed), the result of torch's loss_parallel().
+        from . import distributed
+
+        if distributed.is_dtensor(input):
+            loss = distributed.dtensor_cross_entropy(
+                input, target, weight, ignore_index, red, label_smoothing, lse_square_scale, softcap, out_dtype
+            )
+            if loss is not None:
+                return loss
     if inplace_backward and torch.compiler.is_compiling():
         inplace_backward = False
-    fused = not _transformed(input, target, weight)
+    if _transformed():
+        return _decomposed(
+            ops.cross_entropy_composite,
+            input, target, weight, ignore_index, red, label_smoothing, lse_square_scale, softcap, False, out_dtype,
+        )  # fmt: skip
+    # torch refuses a class weight of another dtype for class indices (under
+    # autocast, or with an out_dtype, the computation is fp32 for both): the
+    # composite below raises torch's error.
     if (
-        fused
-        and weight is not None
-        and weight.dtype != input.dtype
-        and not target.is_floating_point()
-        and not _autocast(input)
+        weight is None
+        or weight.dtype == input.dtype
+        or target.is_floating_point()
+        or out_dtype is not None
+        or _autocast(input)
     ):
-        fused = False  # torch refuses a class weight of another dtype: the composite raises its error
-    if fused:
         if _validation._enabled and input.device.type != "cpu" and not target.is_floating_point():
             _validation.check_class_indices(target, input.shape[0 if input.dim() == 1 else 1], ignore_index)
         try:
-            return ops.cross_entropy(
+            return ops.cross_entropy.default(
                 input, target, weight, ignore_index, red, label_smoothing, lse_square_scale, softcap,
                 inplace_backward, out_dtype,
             )  # fmt: skip
-        except ValueError:
-            if inplace_backward:
-                raise  # the in-place gradient was refused: say why
-            fused = False
         except _REFUSALS as e:
+            if inplace_backward and isinstance(e, ValueError):
+                raise  # the in-place gradient was refused: say why
             _on_refusal(e, input, "cross_entropy")
-    return ops.cross_entropy_composite(
+    return ops.cross_entropy_composite.default(
         input, target, weight, ignore_index, red, label_smoothing, lse_square_scale, softcap, False, out_dtype
     )
 
@@ -392,13 +429,14 @@ def hinge_embedding_loss(
             out_dtype=out_dtype,
         )
     red = _reduction_enum(size_average, reduce, reduction)
-    if not _transformed(input, target):
-        try:
-            x, y = _broadcast_pair(input, target)
-            return ops.hinge_embedding(x, y, float(margin), red, out_dtype)
-        except _REFUSALS as e:
-            _on_refusal(e, input, "hinge_embedding_loss")
-    return ops.hinge_embedding_composite(input, target, float(margin), red, out_dtype)
+    if _transformed():
+        return _decomposed(ops.hinge_embedding_composite, input, target, float(margin), red, out_dtype)
+    try:
+        x, y = _broadcast_pair(input, target)
+        return ops.hinge_embedding.default(x, y, float(margin), red, out_dtype)
+    except _REFUSALS as e:
+        _on_refusal(e, input, "hinge_embedding_loss")
+    return ops.hinge_embedding_composite.default(input, target, float(margin), red, out_dtype)
 
 
 def soft_margin_loss(
@@ -433,11 +471,11 @@ def soft_margin_loss(
             out_dtype=out_dtype,
         )
     red = _reduction_enum(size_average, reduce, reduction)
-    if _transformed(input, target):
-        return ops.soft_margin_composite(input, target, red, out_dtype)
+    if _transformed():
+        return _decomposed(ops.soft_margin_composite, input, target, red, out_dtype)
     try:
         y = target if target.shape == input.shape else target.expand(input.shape)
-        return ops.soft_margin(input, y, red, out_dtype)
+        return ops.soft_margin.default(input, y, red, out_dtype)
     except _REFUSALS as e:
         _on_refusal(e, input, "soft_margin_loss")
     # torch's own kernel (its errors for invalid arguments are its kernel's).
@@ -476,13 +514,14 @@ def hinge_loss(
             out_dtype=out_dtype,
         )
     red = _Reduction.get_enum(reduction)
-    if not _transformed(input, target):
-        try:
-            x, y = _broadcast_pair(input, target)
-            return ops.hinge(x, y, float(margin), bool(squared), red, out_dtype)
-        except _REFUSALS as e:
-            _on_refusal(e, input, "hinge_loss")
-    return ops.hinge_composite(input, target, float(margin), bool(squared), red, out_dtype)
+    if _transformed():
+        return _decomposed(ops.hinge_composite, input, target, float(margin), bool(squared), red, out_dtype)
+    try:
+        x, y = _broadcast_pair(input, target)
+        return ops.hinge.default(x, y, float(margin), bool(squared), red, out_dtype)
+    except _REFUSALS as e:
+        _on_refusal(e, input, "hinge_loss")
+    return ops.hinge_composite.default(input, target, float(margin), bool(squared), red, out_dtype)
 
 
 def multi_margin_loss(
@@ -529,14 +568,15 @@ def multi_margin_loss(
         raise ValueError("only p == 1 and p == 2 supported")
     if weight is not None and weight.dim() != 1:
         raise ValueError("weight must be one-dimensional")
-    if _transformed(input, target, weight):
-        return ops.multi_margin_composite(input, target, int(p), float(margin), weight, red, out_dtype)
-    # torch refuses a class weight of another dtype (autocast makes both fp32).
-    if weight is None or weight.dtype == input.dtype or _autocast(input):
+    if _transformed():
+        return _decomposed(ops.multi_margin_composite, input, target, int(p), float(margin), weight, red, out_dtype)
+    # torch refuses a class weight of another dtype (under autocast, or with an
+    # out_dtype, the computation is fp32 for both).
+    if weight is None or weight.dtype == input.dtype or out_dtype is not None or _autocast(input):
         if _validation._enabled and input.device.type != "cpu":
             _validation.check_multi_margin_targets(target, input.shape[-1] if input.dim() else 1)
         try:
-            return ops.multi_margin(input, target, int(p), float(margin), weight, red, out_dtype)
+            return ops.multi_margin.default(input, target, int(p), float(margin), weight, red, out_dtype)
         except _REFUSALS as e:
             _on_refusal(e, input, "multi_margin_loss")
     # torch's own kernel (its errors for invalid arguments are its kernel's).
@@ -602,16 +642,17 @@ def sigmoid_focal_loss(
     a, g = float(alpha), float(gamma)
     if red is None:
         # torchvision computes the loss before it looks at the reduction.
-        ops.sigmoid_focal_composite(inputs, targets, a, g, 0, out_dtype)
+        ops.sigmoid_focal_composite.default(inputs, targets, a, g, 0, out_dtype)
         raise ValueError(
             f"Invalid Value for arg 'reduction': '{reduction} \n Supported reduction modes: 'none', 'mean', 'sum'"
         )
-    if not _transformed(inputs, targets):
-        try:
-            return ops.sigmoid_focal(inputs, targets, a, g, red, out_dtype)
-        except _REFUSALS as e:
-            _on_refusal(e, inputs, "sigmoid_focal_loss")
-    return ops.sigmoid_focal_composite(inputs, targets, a, g, red, out_dtype)
+    if _transformed():
+        return _decomposed(ops.sigmoid_focal_composite, inputs, targets, a, g, red, out_dtype)
+    try:
+        return ops.sigmoid_focal.default(inputs, targets, a, g, red, out_dtype)
+    except _REFUSALS as e:
+        _on_refusal(e, inputs, "sigmoid_focal_loss")
+    return ops.sigmoid_focal_composite.default(inputs, targets, a, g, red, out_dtype)
 
 
 def multilabel_soft_margin_loss(
@@ -659,16 +700,18 @@ def multilabel_soft_margin_loss(
     red = _REDUCTIONS.get(reduction) if isinstance(reduction, str) else None
     if red is None:
         # torch computes the loss (and raises its errors) before it looks at the reduction.
-        ops.multilabel_soft_margin_composite(input, target, weight, 0, out_dtype)
+        ops.multilabel_soft_margin_composite.default(input, target, weight, 0, out_dtype)
         raise ValueError(reduction + " is not valid")
-    if not _transformed(input, target, weight) and input.dim() >= 1:
+    if _transformed():
+        return _decomposed(ops.multilabel_soft_margin_composite, input, target, weight, red, out_dtype)
+    if input.dim() >= 1:
         try:
             # A broadcast target is read in place; autograd sums its gradient back.
             y = target if target.shape == input.shape else target.expand(input.shape)
-            return ops.multilabel_soft_margin(input, y, weight, red, out_dtype)
+            return ops.multilabel_soft_margin.default(input, y, weight, red, out_dtype)
         except _REFUSALS as e:
             _on_refusal(e, input, "multilabel_soft_margin_loss")
-    return ops.multilabel_soft_margin_composite(input, target, weight, red, out_dtype)
+    return ops.multilabel_soft_margin_composite.default(input, target, weight, red, out_dtype)
 
 
 _DISTILL_REDUCTIONS = {"none": 0, "mean": 1, "sum": 2, "batchmean": 3}
@@ -743,12 +786,13 @@ def _distill(student_logits, teacher_logits, target, beta, temperature, reductio
                 f"{tuple(student_logits.shape[:-1])}"
             )
     args = (float(beta), float(temperature), int(ignore_index), red, out_dtype)
-    if not _transformed(student_logits, teacher_logits, target):
-        try:
-            return ops.distill(student_logits, teacher_logits, target, *args)
-        except _REFUSALS as e:
-            _on_refusal(e, student_logits, name)
-    return ops.distill_composite(student_logits, teacher_logits, target, *args)
+    if _transformed():
+        return _decomposed(ops.distill_composite, student_logits, teacher_logits, target, *args)
+    try:
+        return ops.distill.default(student_logits, teacher_logits, target, *args)
+    except _REFUSALS as e:
+        _on_refusal(e, student_logits, name)
+    return ops.distill_composite.default(student_logits, teacher_logits, target, *args)
 
 
 def kl_div_with_logits(

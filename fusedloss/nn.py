@@ -8,6 +8,19 @@ import torch
 
 from . import functional as F
 
+
+class _NotScriptable:
+    """torch.jit.script cannot compile fusedloss's Python API; say so plainly
+    (torch.jit.trace and torch.compile work)."""
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError(
+            f"fusedloss.nn.{type(self).__name__} cannot be compiled by torch.jit.script, whose "
+            "TorchScript subset does not cover fusedloss's Python API. Use torch.compile (or "
+            "torch.jit.trace), or torch's own loss module in code that must be scripted."
+        )
+
+
 __all__ = [
     "BCEWithLogitsLoss",
     "CrossEntropyLoss",
@@ -19,7 +32,7 @@ __all__ = [
 ]
 
 
-class BCEWithLogitsLoss(torch.nn.BCEWithLogitsLoss):
+class BCEWithLogitsLoss(_NotScriptable, torch.nn.BCEWithLogitsLoss):
     """:class:`torch.nn.BCEWithLogitsLoss`, computed by
     :func:`fusedloss.functional.binary_cross_entropy_with_logits`."""
 
@@ -29,18 +42,18 @@ class BCEWithLogitsLoss(torch.nn.BCEWithLogitsLoss):
         )
 
 
-class MSELoss(torch.nn.MSELoss):
+class MSELoss(_NotScriptable, torch.nn.MSELoss):
     """:class:`torch.nn.MSELoss`, computed by :func:`fusedloss.functional.mse_loss`."""
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return F.mse_loss(input, target, reduction=self.reduction)
 
 
-class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
+class CrossEntropyLoss(_NotScriptable, torch.nn.CrossEntropyLoss):
     """:class:`torch.nn.CrossEntropyLoss`, computed by :func:`fusedloss.functional.cross_entropy`.
 
-    The extras ``lse_square_scale``, ``softcap`` and ``inplace_backward`` are
-    keyword-only constructor arguments (see the functional for their meaning);
+    The extras ``lse_square_scale``, ``softcap``, ``inplace_backward`` and
+    ``out_dtype`` are keyword-only constructor arguments (see the functional for their meaning);
     with their defaults the module is torch's, ``repr`` included.
     """
 
@@ -56,11 +69,13 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
         lse_square_scale: float = 0.0,
         softcap: float | None = None,
         inplace_backward: bool = False,
+        out_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
         self.lse_square_scale = lse_square_scale
         self.softcap = softcap
         self.inplace_backward = inplace_backward
+        self.out_dtype = out_dtype
 
     def extra_repr(self) -> str:
         extras = []
@@ -70,6 +85,8 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
             extras.append(f"softcap={self.softcap}")
         if self.inplace_backward:
             extras.append("inplace_backward=True")
+        if self.out_dtype is not None:
+            extras.append(f"out_dtype={self.out_dtype}")
         return ", ".join(extras)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -83,17 +100,18 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
             lse_square_scale=self.lse_square_scale,
             softcap=self.softcap,
             inplace_backward=self.inplace_backward,
+            out_dtype=self.out_dtype,
         )
 
 
-class HingeEmbeddingLoss(torch.nn.HingeEmbeddingLoss):
+class HingeEmbeddingLoss(_NotScriptable, torch.nn.HingeEmbeddingLoss):
     """:class:`torch.nn.HingeEmbeddingLoss`, computed by :func:`fusedloss.functional.hinge_embedding_loss`."""
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return F.hinge_embedding_loss(input, target, margin=self.margin, reduction=self.reduction)
 
 
-class SoftMarginLoss(torch.nn.SoftMarginLoss):
+class SoftMarginLoss(_NotScriptable, torch.nn.SoftMarginLoss):
     """:class:`torch.nn.SoftMarginLoss`, computed by :func:`fusedloss.functional.soft_margin_loss`
     (stable for large margins; see its deviation note)."""
 
@@ -101,7 +119,7 @@ class SoftMarginLoss(torch.nn.SoftMarginLoss):
         return F.soft_margin_loss(input, target, reduction=self.reduction)
 
 
-class MultiMarginLoss(torch.nn.MultiMarginLoss):
+class MultiMarginLoss(_NotScriptable, torch.nn.MultiMarginLoss):
     """:class:`torch.nn.MultiMarginLoss`, computed by :func:`fusedloss.functional.multi_margin_loss`."""
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -110,7 +128,7 @@ class MultiMarginLoss(torch.nn.MultiMarginLoss):
         )
 
 
-class HingeLoss(torch.nn.Module):
+class HingeLoss(_NotScriptable, torch.nn.Module):
     """Binary (SVM) hinge loss ``max(0, margin - target * input)`` with labels in
     {-1, +1}; ``squared=True`` gives the L2-SVM loss. torch has no such module;
     see :func:`fusedloss.functional.hinge_loss`."""
@@ -151,17 +169,23 @@ class SigmoidFocalLoss(torch.nn.Module):
 
     __constants__ = ["alpha", "gamma", "reduction"]
 
-    def __init__(self, alpha: float = 0.25, gamma: float = 2, reduction: str = "none") -> None:
+    def __init__(
+        self, alpha: float = 0.25, gamma: float = 2, reduction: str = "none", *, out_dtype: torch.dtype | None = None
+    ) -> None:
         super().__init__()
         self.alpha = alpha
         self.gamma = gamma
         self.reduction = reduction
+        self.out_dtype = out_dtype
 
     def extra_repr(self) -> str:
-        return f"alpha={self.alpha}, gamma={self.gamma}, reduction={self.reduction!r}"
+        extra = f", out_dtype={self.out_dtype}" if self.out_dtype is not None else ""
+        return f"alpha={self.alpha}, gamma={self.gamma}, reduction={self.reduction!r}" + extra
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.sigmoid_focal_loss(inputs, targets, alpha=self.alpha, gamma=self.gamma, reduction=self.reduction)
+        return F.sigmoid_focal_loss(
+            inputs, targets, alpha=self.alpha, gamma=self.gamma, reduction=self.reduction, out_dtype=self.out_dtype
+        )
 
 
 class KLDivWithLogitsLoss(torch.nn.Module):
@@ -172,14 +196,23 @@ class KLDivWithLogitsLoss(torch.nn.Module):
 
     __constants__ = ["temperature", "reduction", "ignore_index"]
 
-    def __init__(self, *, temperature: float = 1.0, reduction: str = "batchmean", ignore_index: int = -100) -> None:
+    def __init__(
+        self,
+        *,
+        temperature: float = 1.0,
+        reduction: str = "batchmean",
+        ignore_index: int = -100,
+        out_dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         self.temperature = temperature
         self.reduction = reduction
         self.ignore_index = ignore_index
+        self.out_dtype = out_dtype
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, reduction={self.reduction!r}, ignore_index={self.ignore_index}"
+        extra = f", out_dtype={self.out_dtype}" if self.out_dtype is not None else ""
+        return f"temperature={self.temperature}, reduction={self.reduction!r}, ignore_index={self.ignore_index}" + extra
 
     def forward(
         self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor | None = None
@@ -191,6 +224,7 @@ class KLDivWithLogitsLoss(torch.nn.Module):
             reduction=self.reduction,
             ignore_index=self.ignore_index,
             target=target,
+            out_dtype=self.out_dtype,
         )
 
 
@@ -203,18 +237,26 @@ class JSDWithLogitsLoss(torch.nn.Module):
     __constants__ = ["beta", "temperature", "reduction", "ignore_index"]
 
     def __init__(
-        self, *, beta: float = 0.5, temperature: float = 1.0, reduction: str = "batchmean", ignore_index: int = -100
+        self,
+        *,
+        beta: float = 0.5,
+        temperature: float = 1.0,
+        reduction: str = "batchmean",
+        ignore_index: int = -100,
+        out_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.beta = beta
         self.temperature = temperature
         self.reduction = reduction
         self.ignore_index = ignore_index
+        self.out_dtype = out_dtype
 
     def extra_repr(self) -> str:
+        extra = f", out_dtype={self.out_dtype}" if self.out_dtype is not None else ""
         return (
             f"beta={self.beta}, temperature={self.temperature}, reduction={self.reduction!r}, "
-            f"ignore_index={self.ignore_index}"
+            f"ignore_index={self.ignore_index}" + extra
         )
 
     def forward(
@@ -228,4 +270,5 @@ class JSDWithLogitsLoss(torch.nn.Module):
             reduction=self.reduction,
             ignore_index=self.ignore_index,
             target=target,
+            out_dtype=self.out_dtype,
         )

@@ -148,3 +148,26 @@ def test_training_example_curves_agree():
     )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "largest relative difference" in r.stdout and "faster" in r.stdout
+
+
+def test_bench_suites_rows_and_tables():
+    """The small-call, autocast and training-step suites produce rows of the CSV
+    schema and their tables (one case each here: timings are not asserted)."""
+    from fusedloss import benchmark as B
+    from fusedloss import benchmark_suites as S
+
+    small = S.run_small("cpu", reps=1, cases=S.SMALL_CASES[:1])
+    assert {(r["provider"], r["mode"]) for r in small} == {
+        (p, m) for p in ("fusedloss", "torch", "torch.compile") for m in ("full", "fwd_nograd")
+    }
+    assert "cross_entropy" in S.format_small(small)
+    ac = S.run_autocast("cpu", quick=True, reps=1, warmup=1, losses=["mse"])
+    assert {(r["provider"], r["case"]) for r in ac} == {
+        (p, c) for p in ("fusedloss", "torch") for c in ("plain", "autocast")
+    }
+    assert all(r["peak_mem_mb"] == r["peak_mem_mb"] for r in ac)  # measured, not NaN
+    assert "mse" in S.format_autocast(ac)
+    step = S.run_step("cpu", quick=True, reps=1, warmup=1, sizes=(1, 16, 512))
+    assert "training step, compiled" in S.format_step(step)
+    for r in small + ac + step:
+        assert set(r) == set(B.CSV_COLUMNS)

@@ -76,15 +76,14 @@ def test_empty_mean_is_nan():
     assert torch.isnan(FF.hinge_embedding_loss(torch.empty(0), torch.empty(0)))
 
 
-@pytest.mark.parametrize(
-    "case",
-    [
-        ("bad reduction", (torch.randn(3), torch.ones(3)), {"reduction": "avg"}),
-        ("not broadcastable", (torch.randn(3), torch.ones(4)), {}),
-        ("integer input", (torch.ones(3, dtype=torch.long), torch.ones(3)), {}),
-    ],
-    ids=lambda c: c[0],
-)
+ERROR_CASES = [
+    ("bad reduction", (torch.randn(3), torch.ones(3)), {"reduction": "avg"}),
+    ("not broadcastable", (torch.randn(3), torch.ones(4)), {}),
+    ("integer input", (torch.ones(3, dtype=torch.long), torch.ones(3)), {}),
+]
+
+
+@pytest.mark.parametrize("case", ERROR_CASES, ids=lambda c: c[0])
 def test_errors_match_torch(case):
     _, args, kwargs = case
     with pytest.raises(Exception) as native_err:

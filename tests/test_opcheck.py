@@ -93,6 +93,7 @@ def composite_samples(device):
 
 def forward_samples(device):
     yield from cross_entropy_forward_samples(device)
+    yield from vocab_parallel_samples(device)
     yield from margin_forward_samples(device)
     yield from mixed_dtype_samples(device)
     yield from composite_samples(device)
@@ -172,6 +173,32 @@ def backward_samples(device):
                     loss, denom = ops.mse_forward(x, y, wm, reduction, None)
                     for mask in ([True, True, True], [True, False, False], [False, False, True]):
                         yield ops.mse_backward, (g, x, y, wm, loss, denom if denom.numel() else None, reduction, mask)
+
+
+def vocab_parallel_samples(device):
+    """The local ops of fusedloss.distributed, as one rank of two runs them
+    (the collectives replaced by their results: this rank's own state). An
+    empty slice and an empty batch with the first options and a mean only."""
+    for dtype, shape, start in ((torch.float32, (6, 13), 4), (torch.bfloat16, (6, 13), 0), (torch.float32, (5, 0), 9),
+                                (torch.bfloat16, (0, 7), 0)):  # fmt: skip
+        for opts in CE_OPTIONS if shape == (6, 13) else CE_OPTIONS[:1]:
+            ii, eps, z, cap = opts
+            x = make(shape, dtype, device)
+            t = torch.randint(0, 20, shape[:1], device=device)
+            if t.numel():
+                t[0] = ii
+            w = make((20,), dtype, device, 0.5, 2) if eps > 0 else None
+            yield ops.vocab_parallel_ce_local, (x, t, w, start, ii, eps, cap)
+            local_max, packed, mass = ops.vocab_parallel_ce_local(x, t, w, start, ii, eps, cap)
+            gmax = local_max + 1
+            yield ops.vocab_parallel_ce_rebase, (packed, local_max, gmax, mass)
+            packed = ops.vocab_parallel_ce_rebase(packed, local_max, gmax, mass)
+            packed[-1] = 20  # the whole vocabulary, as the SUM gives it
+            for reduction in (0, 1, 2) if shape == (6, 13) else (1,):
+                yield ops.vocab_parallel_ce_finalize, (packed, gmax, t, w, ii, reduction, eps, z, dtype)
+                _, state, stats = ops.vocab_parallel_ce_finalize(packed, gmax, t, w, ii, reduction, eps, z, dtype)
+                g = make(shape[:1] if reduction == 0 else (), dtype, device)
+                yield ops.vocab_parallel_ce_backward, (g, x, t, w, state, stats, start, ii, reduction, eps, z, cap)
 
 
 ALL_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")

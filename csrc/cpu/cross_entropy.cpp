@@ -280,3 +280,36 @@ using Ops = CrossEntropyOps<CpuRowEngine, Engine>;
 TORCH_LIBRARY_IMPL(fusedloss, CPU, m) { register_cross_entropy_ops<Ops>(m); }
 
 }  // namespace fusedloss::cpu
+
+// ---------------------------------------------------------------------------
+// The row primitives above, exported for the other CPU row kernels (ce_rows.h):
+// one implementation of the online max / sum-exp on the CPU.
+#include "ce_rows.h"
+
+namespace fusedloss::cpu {
+
+template <typename scalar_t>
+const at::opmath_type<scalar_t>* ce_load_row(const scalar_t* src, int64_t stride, int64_t n,
+                                             at::opmath_type<scalar_t>* buf, bool softcap,
+                                             at::opmath_type<scalar_t> cap, at::opmath_type<scalar_t> inv_cap) {
+  return load_row(src, stride, n, buf, softcap, cap, inv_cap);
+}
+
+template <typename T>
+math::RowState<T> ce_row_state(const T* x, const T* f, bool with_f, int64_t n) {
+  return row_state(x, f, with_f, n);
+}
+
+#define FUSEDLOSS_CE_LOAD_ROW(scalar_t)                                                                         \
+  template const at::opmath_type<scalar_t>* ce_load_row<scalar_t>(const scalar_t*, int64_t, int64_t,           \
+                                                                  at::opmath_type<scalar_t>*, bool,             \
+                                                                  at::opmath_type<scalar_t>, at::opmath_type<scalar_t>);
+FUSEDLOSS_CE_LOAD_ROW(float)
+FUSEDLOSS_CE_LOAD_ROW(double)
+FUSEDLOSS_CE_LOAD_ROW(at::Half)
+FUSEDLOSS_CE_LOAD_ROW(at::BFloat16)
+#undef FUSEDLOSS_CE_LOAD_ROW
+template math::RowState<float> ce_row_state<float>(const float*, const float*, bool, int64_t);
+template math::RowState<double> ce_row_state<double>(const double*, const double*, bool, int64_t);
+
+}  // namespace fusedloss::cpu

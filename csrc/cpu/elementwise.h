@@ -42,9 +42,6 @@ struct Operand {
   Layout layout;
 };
 
-inline Operand make_operand(const at::Tensor& t, const Layout& layout) {
-  return Operand{t.defined() ? t.const_data_ptr() : nullptr, t.defined() ? t.scalar_type() : at::kFloat, layout};
-}
 
 // Values of `op` at positions [start, start + len), widened, into dst.
 template <typename acc_t>
@@ -229,7 +226,10 @@ void map(int64_t numel, const std::array<Operand, F::kIn>& ops, const F& f, cons
 template <int N>
 std::array<Operand, N> operands(const ElementwiseCall& c) {
   std::array<Operand, N> o;
-  for (int k = 0; k < N; ++k) o[k] = make_operand(c.tensor[k], c.layout[k]);
+  for (int k = 0; k < N; ++k) {
+    const at::Tensor& t = c.tensor[k];
+    o[k] = Operand{t.defined() ? c.data(k) : nullptr, t.defined() ? t.scalar_type() : at::kFloat, c.layout[k]};
+  }
   return o;
 }
 
@@ -237,12 +237,11 @@ std::array<Operand, N> operands(const ElementwiseCall& c) {
 // sum reduce it. A functor with kOut == 2 also sums the mean's denominator in
 // out[1] (a weighted mean); that total goes to *denominator when given.
 template <typename acc_t, typename F>
-void forward(const ElementwiseCall& c, const F& f, int64_t reduction, at::Tensor& loss,
-             at::Tensor* denominator = nullptr) {
+void forward(const ElementwiseCall& c, const F& f, int64_t reduction, OutSlot loss, acc_t* denominator = nullptr) {
   const auto ops = operands<F::kIn>(c);
   if (reduction == kReductionNone) {
     std::array<OutSlot, F::kOut> out{};
-    out[0] = OutSlot{loss.data_ptr(), loss.scalar_type()};
+    out[0] = loss;
     map<acc_t>(c.numel, ops, f, out);
     return;
   }
@@ -251,18 +250,23 @@ void forward(const ElementwiseCall& c, const F& f, int64_t reduction, at::Tensor
   if (reduction == kReductionMean) {
     const double denom = F::kOut == 2 ? total[F::kOut - 1] : static_cast<double>(c.numel);
     value /= denom;  // 0/0 = NaN for an empty mean, as torch
-    if (denominator != nullptr) denominator->mutable_data_ptr<acc_t>()[0] = static_cast<acc_t>(denom);
+    if (denominator != nullptr) *denominator = static_cast<acc_t>(denom);
   }
   const acc_t v = static_cast<acc_t>(value);
-  store_narrow(&v, loss.data_ptr(), loss.scalar_type(), 0, 1);
+  store_narrow(&v, loss.data, loss.dtype, 0, 1);
 }
 
 // The CPU engine as the shared host code (elementwise_ops.h, row_sum.h) uses it.
 struct Engine {
   template <typename acc_t, typename F>
+  static void forward(const ElementwiseCall& c, const F& f, int64_t reduction, OutSlot loss, acc_t* denominator) {
+    cpu::forward<acc_t>(c, f, reduction, loss, denominator);
+  }
+  template <typename acc_t, typename F>
   static void forward(const ElementwiseCall& c, const F& f, int64_t reduction, at::Tensor& loss,
                       at::Tensor* denominator) {
-    cpu::forward<acc_t>(c, f, reduction, loss, denominator);
+    cpu::forward<acc_t>(c, f, reduction, OutSlot{loss.data_ptr(), loss.scalar_type()},
+                        denominator != nullptr ? denominator->mutable_data_ptr<acc_t>() : nullptr);
   }
   template <typename acc_t, typename F>
   static void map(const ElementwiseCall& c, const F& f, const std::array<OutSlot, F::kOut>& out) {

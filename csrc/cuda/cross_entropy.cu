@@ -355,18 +355,20 @@ __global__ void __launch_bounds__(G > kWarp ? G : kRowBlock, kPlain ? min_blocks
 #pragma unroll
           for (int j = 0; j < VEC; ++j) go.v[j] = fill;
         } else if constexpr (kPlain) {
+          const int64_t t_in_pack = rg.t - c0;  // compared with the constant j: no 64-bit index per element
 #pragma unroll
           for (int j = 0; j < VEC; ++j) {
             const acc_t q = rg.prob(static_cast<acc_t>(pk[u].v[j]));
-            s_other += c0 + j == rg.t ? acc_t(0) : q;
+            s_other += t_in_pack == j ? acc_t(0) : q;
             go.v[j] = static_cast<scalar_t>(q * rg.k.ga);
           }
         } else {
+          const int64_t t_in_pack = rg.t - c0;
 #pragma unroll
           for (int j = 0; j < VEC; ++j) {
             const acc_t x = capped(p, pk[u].v[j]);
             const acc_t q = rg.prob(x);
-            if (!kProb && c0 + j != rg.t) s_other += q;
+            if (!kProb && t_in_pack != j) s_other += q;
             acc_t v = rg(p, o, c0 + j, q);
             if (p.has_softcap) v *= math::softcap_slope(x, p.inv_softcap);
             go.v[j] = static_cast<scalar_t>(v);

@@ -304,7 +304,7 @@ DeviceOperands<N> device_operands(const ElementwiseCall& c, bool* vec_ok) {
   DeviceOperands<N> ops;
   for (int k = 0; k < N; ++k) {
     const at::Tensor& t = c.tensor[k];
-    ops.data[k] = t.defined() ? t.const_data_ptr() : nullptr;
+    ops.data[k] = t.defined() ? c.data(k) : nullptr;
     ops.dtype[k] = t.defined() ? dtype_code(t.scalar_type()) : kF32;
     ops.inner[k] = c.layout[k].inner;
     ops.period[k] = c.layout[k].period;
@@ -343,9 +343,15 @@ struct CudaEngine {
   template <typename acc_t, typename F>
   static void forward(const ElementwiseCall& c, const F& f, int64_t reduction, at::Tensor& loss,
                       at::Tensor* denominator) {
+    forward<acc_t>(c, f, reduction, OutSlot{loss.data_ptr(), loss.scalar_type()},
+                   denominator != nullptr ? denominator->mutable_data_ptr<acc_t>() : nullptr);
+  }
+
+  template <typename acc_t, typename F>
+  static void forward(const ElementwiseCall& c, const F& f, int64_t reduction, OutSlot loss, acc_t* denominator) {
     if (reduction == kReductionNone) {
       std::array<OutSlot, F::kOut> out{};
-      out[0] = OutSlot{loss.data_ptr(), loss.scalar_type()};
+      out[0] = loss;
       map<acc_t>(c, f, out);
       return;
     }
@@ -361,8 +367,7 @@ struct CudaEngine {
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     finalize_kernel<acc_t, F::kOut><<<1, kFinalizeThreads, 0, stream>>>(
-        partials.const_data_ptr<acc_t>(), blocks, c.numel, reduction, loss.data_ptr(),
-        dtype_code(loss.scalar_type()), denominator != nullptr ? denominator->mutable_data_ptr<acc_t>() : nullptr);
+        partials.const_data_ptr<acc_t>(), blocks, c.numel, reduction, loss.data, dtype_code(loss.dtype), denominator);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 };

@@ -13,6 +13,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/MemoryOverlap.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
@@ -254,7 +255,7 @@ inline void check_inplace_target(const char* op, const at::Tensor& input) {
 // Saved state of a forward, read by the backward.
 //   lse          (batch, 2) accumulation dtype: per row the max m and ls = log(sum exp(x - m)),
 //                apart because exp((x - m) - ls) is accurate where exp(x - (m + ls)) is not
-//   stats        (2,): [denominator of the mean (1 unless reduction is mean), sum(weight) (C if none)]
+//   stats        (2,): [denominator of the mean (reduction 'mean' only), sum(weight) (C if none)]
 //   target_mass  (batch) sum_c w_c p'_c for probability targets, (0,) for class indices
 template <typename Engine, typename ElementwiseEngine>
 struct CrossEntropyOps {
@@ -277,17 +278,21 @@ struct CrossEntropyOps {
     auto lse_shape = batch;
     lse_shape.push_back(2);
     at::Tensor lse = at::empty(lse_shape, acc_opts);
-    // Per row: the loss, and its weight in the mean's denominator.
-    at::Tensor rows = at::empty({2, g.rows()}, acc_opts);
+    // Per row: the loss, then its weight in the mean's denominator. For
+    // 'none' the losses are the output (shaped like the batch).
+    const bool none = reduction == kReductionNone;
+    at::Tensor rows = at::empty({none ? g.rows() : 2 * g.rows()}, acc_opts);
+    at::Tensor row_loss = none ? at::empty(batch, acc_opts) : rows;
     at::Tensor target_mass = at::empty(prob ? at::IntArrayRef(batch) : at::IntArrayRef({0}), acc_opts);
-    at::Tensor stats = at::empty({2}, acc_opts);
+    // [the mean's denominator (written by the sum below; unused for 'none' and
+    // 'sum'), sum(weight)]: one fill, then the sums write their entries.
+    at::Tensor stats = at::full({2}, static_cast<double>(g.C), acc_opts);
     Keep keep;
     keep.weight = acc_weight(weight_, acc_type);
     keep.target = target_;
     if (keep.weight.defined()) {
-      sum_into<ElementwiseEngine>(keep.weight, stats.select(0, 1));
-    } else {
-      stats.select(0, 1).fill_(static_cast<double>(g.C));
+      sum_into<ElementwiseEngine>(keep.weight, OutSlot{static_cast<char*>(stats.data_ptr()) + stats.element_size(),
+                                                       acc_type});
     }
 
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "cross_entropy", [&] {
@@ -295,8 +300,8 @@ struct CrossEntropyOps {
       CeParams<scalar_t> p;
       fill_common(p, g, input, keep.weight, stats, ignore_index, label_smoothing, lse_square_scale, softcap);
       p.lse_out = lse.mutable_data_ptr<acc_t>();
-      p.loss_out = rows.mutable_data_ptr<acc_t>();
-      p.weight_out = p.loss_out + g.rows();
+      p.loss_out = row_loss.mutable_data_ptr<acc_t>();
+      p.weight_out = rows.mutable_data_ptr<acc_t>() + (none ? 0 : g.rows());
       if (prob) p.target_mass_out = target_mass.mutable_data_ptr<acc_t>();
       set_target(p, keep.target, prob, acc_type);
       if (g.rows() == 0) return;
@@ -308,21 +313,19 @@ struct CrossEntropyOps {
     });
 
     at::Tensor loss;
-    if (reduction == kReductionNone) {
-      loss = rows.select(0, 0).view(batch).to(loss_type);
-      stats.select(0, 0).fill_(1);
+    if (none) {
+      loss = row_loss.to(loss_type);
     } else {
-      ElementwiseCall c(rows.select(0, 0), acc_type);
-      c.set(0, rows.select(0, 0));
-      c.set(1, rows.select(0, 1));
+      ElementwiseCall c(g.rows(), input.device(), acc_type);
+      c.set_flat(0, rows, 0);
+      c.set_flat(1, rows, g.rows());
       loss = at::empty({}, input.options().dtype(c.storable(loss_type)));
-      at::Tensor denominator = stats.select(0, 0);
       AT_DISPATCH_FLOATING_TYPES(acc_type, "cross_entropy_sum", [&] {
-        ElementwiseEngine::template forward<scalar_t>(c, Sums<scalar_t, 2>{}, reduction, loss,
-                                                      reduction == kReductionMean ? &denominator : nullptr);
+        ElementwiseEngine::template forward<scalar_t>(
+            c, Sums<scalar_t, 2>{}, reduction, OutSlot{loss.data_ptr(), loss.scalar_type()},
+            reduction == kReductionMean ? stats.mutable_data_ptr<scalar_t>() : nullptr);
       });
       loss = finish(loss, loss_type);
-      if (reduction != kReductionMean) denominator.fill_(1);
     }
     return {loss, lse, stats, target_mass};
   }

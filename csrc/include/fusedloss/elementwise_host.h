@@ -64,12 +64,28 @@ struct ElementwiseCall {
   std::array<at::Tensor, kMaxOperands> tensor;  // undefined: absent (the constant 1)
   std::array<Layout, kMaxOperands> layout;
 
+  std::array<int64_t, kMaxOperands> offset{};   // elements into tensor[k]'s data (set_flat)
+
   ElementwiseCall(const at::Tensor& shape_of, at::ScalarType acc_type)
       : sizes(shape_of.sizes().vec()), numel(shape_of.numel()), device(shape_of.device()), acc(acc_type) {}
+  // A 1-D call over n elements (per-row results).
+  ElementwiseCall(int64_t n, at::Device dev, at::ScalarType acc_type) : sizes{n}, numel(n), device(dev), acc(acc_type) {}
 
   void set(int slot, const at::Tensor& t) {
     if (!t.defined()) return;
     tensor[slot] = as_operand(loadable(t.scalar_type(), acc) ? t : t.to(acc), sizes, &layout[slot]);
+  }
+  // The numel contiguous values of `base` (the accumulation dtype) from
+  // element `start` on, without making a view: for the few-microsecond losses
+  // of small batches, a view costs more than the loss.
+  void set_flat(int slot, const at::Tensor& base, int64_t start) {
+    tensor[slot] = base;
+    offset[slot] = start;
+    layout[slot] = Layout{1, numel};
+  }
+  // Operand k's first element.
+  const void* data(int k) const {
+    return static_cast<const char*>(tensor[k].const_data_ptr()) + offset[k] * tensor[k].element_size();
   }
   void set(int slot, const std::optional<at::Tensor>& t) {
     if (t.has_value()) set(slot, *t);

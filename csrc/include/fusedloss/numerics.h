@@ -411,6 +411,47 @@ C10_HOST_DEVICE inline V multi_margin_grad_term(V z, int64_t p) {
 }
 
 // ---------------------------------------------------------------------------
+// Vocabulary-parallel cross entropy (fusedloss/distributed.py): the classes of
+// a row are split over the ranks of a process group. Each rank summarises its
+// slice as a RowState whose sum leaves out the target's own term
+// (row_push_except_sum), all ranks take the MAX of the maxes, rebase their
+// states to it (row_rebase) and SUM them, so that every rank holds, per row,
+// the global max M, S_other = sum_{c != t} exp(x_c - M), rel and x_t. Then
+//   S = S_other + exp(x_t - M),  ls = log S,  s_other = S_other / S,
+// the loss is ce_index_loss and the target's gradient ce_index_target_grad with
+// this s_other: summed, over every rank's classes, without the cancellation of
+// 1 - q_t, and without a collective in the backward.
+// ---------------------------------------------------------------------------
+
+// Adds logit x to the max, rel and mass of a row, but not to its sum of
+// exponentials (the target's own term; x may be the row's largest logit, so it
+// moves the reference like any other).
+template <typename T>
+C10_HOST_DEVICE inline void row_push_except_sum(RowState<T>& st, T x, T f, bool with_f) {
+  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  row_rebase(st, Ops<T>::max(st.max, x));
+  if (with_f) {
+    st.rel = st.rel + f * (st.max != kNegInf ? x - st.max : x);
+    st.mass = st.mass + f;
+  }
+}
+
+// A row's log-sum-exp and the other classes' share of the probability, from
+// the global max m, S_other and the target's logit x_t. m >= x_t, so exp(x_t -
+// m) <= 1; S >= 1 whenever m is finite (the largest logit contributes 1).
+template <typename T>
+struct VpRowStats {
+  T ls;       // log(sum_c exp(x_c - m))
+  T s_other;  // sum_{c != t} q_c
+};
+
+template <typename T>
+C10_HOST_DEVICE inline VpRowStats<T> vp_row_stats(T m, T s_other_sum, T x_t) {
+  const T s = s_other_sum + Ops<T>::exp(x_t - m);
+  return {Ops<T>::log(s), s_other_sum / s};
+}
+
+// ---------------------------------------------------------------------------
 // Sigmoid focal loss (torchvision.ops.sigmoid_focal_loss, RetinaNet):
 //   ce  = ((1 - y) x - min(x, 0)) + log1p(exp(-|x|))    (BCE with logits)
 //   u   = 1 - p_t = p (1 - y) + (1 - p) y,  p = sigmoid(x)

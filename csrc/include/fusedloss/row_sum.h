@@ -24,14 +24,19 @@ struct Sums {
 };
 
 // Deterministic device-side sum (or mean, the reduction) of `t` (1-D,
-// accumulation dtype) into `out` (0-d, same dtype; may be a view).
+// accumulation dtype) into `out` (one value of any floating dtype).
 template <typename ElementwiseEngine>
-void sum_into(const at::Tensor& t, at::Tensor out, int64_t reduction = kReductionSum) {
+void sum_into(const at::Tensor& t, OutSlot out, int64_t reduction = kReductionSum) {
   ElementwiseCall c(t, opmath_type(t.scalar_type()));
   c.set(0, t);
   AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "fusedloss_sum", [&] {
     ElementwiseEngine::template forward<scalar_t>(c, Sums<scalar_t, 1>{}, reduction, out, nullptr);
   });
+}
+
+template <typename ElementwiseEngine>
+void sum_into(const at::Tensor& t, at::Tensor out, int64_t reduction = kReductionSum) {
+  sum_into<ElementwiseEngine>(t, OutSlot{out.data_ptr(), out.scalar_type()}, reduction);
 }
 
 }  // namespace fusedloss

@@ -562,3 +562,9 @@ def multi_margin_loss(
             _on_refusal(e, input, "multi_margin_loss")
     # torch's own kernel (its errors for invalid arguments are its kernel's).
     return _as(torch._C._nn.multi_margin_loss(input, target, p, margin, weight, red), out_dtype)
+
+
+# Fused linear + cross entropy (fusedloss/linear_cross_entropy.py).
+from .linear_cross_entropy import linear_cross_entropy  # noqa: E402, F401
+
+__all__.append("linear_cross_entropy")

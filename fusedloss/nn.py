@@ -146,3 +146,9 @@ class HingeLoss(_NotScriptable, torch.nn.Module):
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return F.hinge_loss(input, target, margin=self.margin, squared=self.squared, reduction=self.reduction)
+
+
+# Fused linear + cross entropy (fusedloss/linear_cross_entropy.py).
+from .linear_cross_entropy import LinearCrossEntropyLoss  # noqa: E402, F401
+
+__all__.append("LinearCrossEntropyLoss")

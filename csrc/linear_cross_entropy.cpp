@@ -13,6 +13,7 @@
 // over chunks in chunk order, in fp32 for fp16/bf16 weights, and rounded once.
 
 #include <ATen/Dispatch.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/ones.h>
 #include <ATen/ops/where.h>
@@ -254,6 +255,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     int64_t reduction, double label_smoothing, double lse_square_scale, std::optional<double> softcap,
     int64_t chunk_size, std::optional<at::ScalarType> out_dtype, std::array<bool, 3> grad_mask) {
   constexpr const char* op = "fusedloss::linear_cross_entropy_forward";
+  // The ATen ops below work on the kernel's own buffers: no autograd, also
+  // when a direct call passes tensors that require grad.
+  const at::AutoDispatchBelowADInplaceOrView below;
   check_lce(op, input, linear_weight, target, linear_bias, weight, reduction, label_smoothing, softcap);
   const c10::OptionalDeviceGuard guard(input.device());
   const LceInputs in =
@@ -334,6 +338,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_backward(
     int64_t reduction, double label_smoothing, double lse_square_scale, std::optional<double> softcap,
     int64_t chunk_size, std::array<bool, 3> output_mask) {
   constexpr const char* op = "fusedloss::linear_cross_entropy_backward";
+  // The ATen ops below work on the kernel's own buffers: no autograd, also
+  // when a direct call passes tensors that require grad.
+  const at::AutoDispatchBelowADInplaceOrView below;
   check_lce(op, input, linear_weight, target, linear_bias, weight, reduction, label_smoothing, softcap);
   const c10::OptionalDeviceGuard guard(input.device());
   const LceInputs in =

@@ -745,3 +745,17 @@ def test_language_model_loss_curve(dtype, tol):
     assert ours[-1] < ours[0] - 0.05  # it learns
     for a, r in zip(ours, ref, strict=True):
         assert abs(a - r) <= tol * max(1.0, abs(r)), (ours, ref)
+
+
+def test_torch_func_transforms_run_the_reference():
+    """vmap and grad (torch.func) run the composite, batched by torch."""
+    x = torch.randn(3, 5, 8, dtype=torch.float64)
+    w = torch.randn(11, 8, dtype=torch.float64)
+    t = torch.randint(0, 11, (3, 5))
+    batched = torch.func.vmap(lambda a, y: FF.linear_cross_entropy(a, w, y, label_smoothing=0.1))(x, t)
+    looped = torch.stack([reference(x[i], w, t[i], label_smoothing=0.1) for i in range(3)])
+    torch.testing.assert_close(batched, looped)
+    g = torch.func.grad(lambda ww: FF.linear_cross_entropy(x[0], ww, t[0]))(w)
+    wr = w.clone().requires_grad_()
+    (gr,) = torch.autograd.grad(reference(x[0], wr, t[0]), wr)
+    torch.testing.assert_close(g, gr)

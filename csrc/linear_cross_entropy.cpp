@@ -138,7 +138,9 @@ LceGrads make_grads(const LceInputs& in, std::array<bool, 3> mask, int64_t chunk
   const auto t = in.x.scalar_type();
   const auto acc = half_type(t) && !single ? at::kFloat : t;
   if (mask[0]) g.input = empty_output({in.N, in.D}, in.x.options());
-  if (mask[1]) g.weight = empty_output({in.V, in.D}, in.x.options().dtype(acc));
+  // An fp32 accumulator is transient (rounded into the gradient at the end):
+  // not cached either.
+  if (mask[1]) g.weight = acc == t ? empty_output({in.V, in.D}, in.x.options()) : at::empty({in.V, in.D}, in.x.options().dtype(acc));
   if (mask[2] && in.b.defined()) g.bias = at::empty({in.V}, in.x.options().dtype(acc));
   return g;
 }
@@ -176,8 +178,10 @@ int64_t lce_chunk_rows(const LceDevice& dev, int64_t N, int64_t V, at::ScalarTyp
 void lce_chunks(const LceDevice& dev, const LceInputs& in, int64_t chunk_rows, const LceChunkFn& on_chunk,
                 LceGrads* grads) {
   if (in.N == 0) return;
-  // One buffer for every chunk's logits (and then their gradient).
-  const at::Tensor buffer = empty_output({chunk_rows, in.V}, in.x.options());
+  // One buffer for every chunk's logits (and then their gradient). Not from
+  // the CPU output cache: it is freed before the gradients are rounded, and
+  // a cached copy would stay resident through the rest of the step.
+  const at::Tensor buffer = at::empty({chunk_rows, in.V}, in.x.options());
   int64_t k = 0;
   for (int64_t r0 = 0; r0 < in.N; r0 += chunk_rows, ++k) {
     const int64_t n = std::min(chunk_rows, in.N - r0);

@@ -759,3 +759,99 @@ def test_torch_func_transforms_run_the_reference():
     wr = w.clone().requires_grad_()
     (gr,) = torch.autograd.grad(reference(x[0], wr, t[0]), wr)
     torch.testing.assert_close(g, gr)
+
+
+# ---------------------------------------------------------------------------
+# CUDA: no host syncs, graph capture, CPU parity, the GPU shape's memory
+# ---------------------------------------------------------------------------
+
+needs_cuda = pytest.mark.skipif("cuda" not in DEVICES, reason="needs a CUDA device and a CUDA build")
+
+
+@needs_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_cuda_no_host_sync(reduction):
+    x, w, b = random_inputs(300, 64, 5000, torch.bfloat16, "cuda", True)
+    t = torch.randint(0, 5000, (300,), device="cuda")
+    leaves = [a.requires_grad_() for a in (x, w, b)]
+    FF.linear_cross_entropy(leaves[0], leaves[1], t, linear_bias=leaves[2], reduction=reduction)  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = FF.linear_cross_entropy(leaves[0], leaves[1], t, linear_bias=leaves[2], reduction=reduction,
+                                       chunk_size=128)  # fmt: skip
+        torch.autograd.grad(loss, leaves, torch.ones_like(loss))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+@needs_cuda
+@pytest.mark.cuda
+def test_cuda_graph_capture_and_replay():
+    x, w, b = random_inputs(256, 64, 3000, torch.bfloat16, "cuda", True)
+    t = torch.randint(0, 3000, (256,), device="cuda")
+    static = [a.clone().requires_grad_() for a in (x, w, b)]
+
+    def step():
+        loss = FF.linear_cross_entropy(static[0], static[1], t, linear_bias=static[2], chunk_size=100)
+        return (loss, *torch.autograd.grad(loss, static))
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step()
+    fresh = [a * 0.5 for a in (x, w, b)]
+    with torch.no_grad():
+        for st, fr in zip(static, fresh, strict=True):
+            st.copy_(fr)
+    graph.replay()
+    torch.cuda.synchronize()
+    eager = [a.clone().requires_grad_() for a in fresh]
+    ref = FF.linear_cross_entropy(eager[0], eager[1], t, linear_bias=eager[2], chunk_size=100)
+    for o, r in zip(outs, (ref, *torch.autograd.grad(ref, eager)), strict=True):
+        assert torch.equal(o, r)
+
+
+@needs_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_matches_cpu_and_is_deterministic(dtype):
+    x, w, b = random_inputs(700, 64, 5003, dtype, "cpu", True)
+    t = torch.randint(0, 5003, (700,))
+    t[::7] = -100
+    runs = []
+    for device in ("cpu", "cuda", "cuda"):
+        leaves = [a.to(device).requires_grad_() for a in (x, w, b)]
+        loss = FF.linear_cross_entropy(leaves[0], leaves[1], t.to(device), linear_bias=leaves[2], chunk_size=256)
+        runs.append([r.cpu() for r in (loss, *torch.autograd.grad(loss, leaves))])
+    for a, c in zip(runs[1], runs[2], strict=True):
+        assert torch.equal(a, c)  # the same bits on every run
+    tol = {"rtol": 1e-4, "atol": 4e-4} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-3}
+    for a, c in zip(runs[0], runs[1], strict=True):
+        torch.testing.assert_close(c, a, **tol)
+
+
+@needs_cuda
+@pytest.mark.cuda
+def test_cuda_memory_beyond_gradients_is_one_chunk():
+    """bf16 (N, D, V) = (4096, 1024, 32000): logits 262 MB. Peak beyond the
+    inputs: the gradients, the fp32 grad_weight accumulator and one chunk."""
+    N, D, V = 4096, 1024, 32000
+    x = torch.randn(N, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.randn(V, D, device="cuda", dtype=torch.bfloat16) / 32).requires_grad_()
+    t = torch.randint(0, V, (N,), device="cuda")
+    chunk = 1024
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    FF.linear_cross_entropy(x, w, t, chunk_size=chunk).backward()
+    peak = torch.cuda.max_memory_allocated() - base
+    grads = (N * D + V * D) * 2
+    allowed = grads + V * D * 4 + chunk * V * 2 + 16 * 2**20
+    assert peak <= allowed, (peak / 2**20, allowed / 2**20)

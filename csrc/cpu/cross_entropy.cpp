@@ -281,8 +281,12 @@ struct CpuRowEngine {
     }
     constexpr int64_t kL2Bytes = 256 * 1024;
     const int64_t block = std::max<int64_t>(1, kL2Bytes / (C * static_cast<int64_t>(sizeof(at::opmath_type<scalar_t>))));
-    at::parallel_for(0, (R + block - 1) / block, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
+    const int64_t blocks = (R + block - 1) / block;
+    // Blocks taken in turn (a shared counter), so that a thread slowed by
+    // other work takes fewer; a block's result does not depend on its thread.
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, std::min<int64_t>(blocks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+      for (int64_t b = next++; b < blocks; b = next++) {
         const int64_t r0 = b * block;
         const CeParams<scalar_t> q = ce_params_rows(p, r0, std::min(block, R - r0));
         forward_rows<scalar_t, kProb>(q);  // nested parallel_for: runs inline

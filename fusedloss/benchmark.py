@@ -266,8 +266,29 @@ def lce_tflops(shape: str, ms: float) -> float:
     return 6 * n * d * v / (ms * 1e-3) / 1e12
 
 
+def rss_mb(field: str = "VmRSS") -> float:
+    """This process's resident set (VmRSS) or its peak (VmHWM), in MB, from
+    /proc (Linux). The peak is per address space, so unlike ru_maxrss it does
+    not start from the parent's size in a child process."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise OSError(f"{field} not in /proc/self/status")
+
+
+def reset_peak_rss() -> None:
+    """Lower VmHWM to the current RSS (Linux >= 4.0), so that a later peak
+    counts from now."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 _PEAK_CHILD = """
-import gc, resource, sys, torch
+import gc, sys, torch
 from fusedloss import benchmark as B
 loss, case, shape, dtype, provider, threads = sys.argv[1:7]
 torch.set_num_threads(int(threads))
@@ -276,15 +297,17 @@ c = next(c for c in B.cases_for(loss, "cpu", False) if c.case == case and "x".jo
 p = c.build(c.shape, B._DTYPES[dtype], "cpu")
 fn = {"fusedloss": p.fused, "torch": lambda: p.native(*p.native_args), **p.others}[provider]
 gc.collect()
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+B.reset_peak_rss()
+base = B.rss_mb()
 fn().backward()
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+print(B.rss_mb("VmHWM") - base)
 """
 
 
 def cpu_peak_mb(case: Case, provider: str) -> float:
     """Peak memory of one fwd+bwd beyond the inputs (gradients included), in MB
-    (2^20 bytes): the growth of a fresh subprocess's peak RSS over the call."""
+    (2^20 bytes): the growth of a fresh subprocess's peak RSS over the call
+    (from its RSS once the inputs exist)."""
     args = [case.loss, case.case, "x".join(map(str, case.shape)), case.dtype, provider, str(torch.get_num_threads())]
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": here + os.pathsep + os.environ.get("PYTHONPATH", "")}

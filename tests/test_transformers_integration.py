@@ -230,7 +230,8 @@ def test_models_that_transform_logits_are_refused():
 
 PEAK_SCRIPT = textwrap.dedent(
     """
-    import resource, sys, torch, transformers
+    import sys, torch, transformers
+    from fusedloss.benchmark import reset_peak_rss, rss_mb
     from fusedloss.integrations.transformers import fuse_linear_cross_entropy
     torch.manual_seed(0)
     torch.set_num_threads(2)
@@ -241,11 +242,12 @@ PEAK_SCRIPT = textwrap.dedent(
         fuse_linear_cross_entropy(model)
     ids = torch.randint(0, 32000, (2, 512))
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    reset_peak_rss()
+    base = rss_mb()
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     opt.step()
-    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+    print(rss_mb("VmHWM") - base)
     """
 )
 

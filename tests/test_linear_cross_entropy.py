@@ -855,3 +855,30 @@ def test_cuda_memory_beyond_gradients_is_one_chunk():
     grads = (N * D + V * D) * 2
     allowed = grads + V * D * 4 + chunk * V * 2 + 16 * 2**20
     assert peak <= allowed, (peak / 2**20, allowed / 2**20)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("prob", [False, True])
+def test_fused_phase_equals_stats_then_grad(dtype, prob):
+    """The phases a vocabulary-parallel variant builds on: the single-device
+    fused phase (stats and gradient per row while it is in cache) gives the
+    same bits as the stats phase over all chunks followed by the gradient
+    phase from the saved per-row (max, log-sum-exp)."""
+    ops = torch.ops.fusedloss
+    x, w, b = random_inputs(37, 24, 301, dtype, "cpu", True)
+    if prob:
+        t = torch.rand(37, 301, dtype=torch.float64).softmax(-1).to(dtype)
+    else:
+        t = torch.randint(0, 301, (37,))
+        t[::6] = -100
+    cw = torch.rand(301) + 0.5 if not prob else None
+    opts = (-100, 1, 0.1, 1e-3, 20.0, 8)
+    fused = ops.linear_cross_entropy_forward(x, w, t, b, cw, *opts, None, [True, True, True])
+    stats = ops.linear_cross_entropy_forward(x, w, t, b, cw, *opts, None, [False, False, False])
+    for a, c in zip(fused[:4], stats[:4], strict=True):
+        assert torch.equal(a, c)
+    grads = ops.linear_cross_entropy_backward(
+        torch.ones((), dtype=fused[0].dtype), x, w, t, b, cw, *stats[1:4], *opts, [True, True, True]
+    )
+    for a, c in zip(fused[4:], grads, strict=True):
+        assert torch.equal(a, c)

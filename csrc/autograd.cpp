@@ -15,10 +15,12 @@
 // losses torch runs in fp32 under autocast: they leave fp16/bf16 inputs as they
 // are (the kernels widen in registers) and ask for an fp32 loss.
 
+#include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/zeros_like.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/graph_task.h>
 #include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
@@ -805,4 +807,184 @@ TORCH_LIBRARY_IMPL(fusedloss, AutocastCUDA, m) {
   m.impl("sigmoid_focal", &K::sigmoid_focal);
   m.impl("multilabel_soft_margin", &K::multilabel_soft_margin);
   m.impl("distill", &K::distill);
+}
+
+// ---------------------------------------------------------------------------
+// linear_cross_entropy: gradients for the input, the linear weight and the
+// linear bias. For a scalar loss the forward op computes them chunk by chunk
+// (for grad_output = 1) and the backward scales them by grad_output on the
+// device: no host sync, and in place unless the graph is kept for another
+// backward (retain_graph) or the backward is being traced. For 'none', and
+// for fp16 (whose gradients at grad_output = 1 could underflow where a loss
+// scaler's grad_output would keep them), the backward recomputes them chunk
+// by chunk from the saved per-row (max, log-sum-exp). create_graph,
+// forward-mode AD, a class weight that requires grad and a probability target
+// that requires grad take the composite (linear, then cross entropy).
+
+namespace fusedloss {
+namespace {
+
+using LceForwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
+    const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, int64_t, int64_t, double, double,
+    std::optional<double>, int64_t, OptDtype, std::array<bool, 3>);
+using LceSig = Tensor(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, int64_t,
+                      int64_t, double, double, std::optional<double>, int64_t, OptDtype);
+
+// A real tensor, not one being traced (torch.compile, make_fx) or wrapped,
+// whose saved buffers may be scaled in place.
+bool plain_tensor(const Tensor& t) {
+  return !t.defined() || !t.key_set().has_any(c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::Functionalize,
+                                                   c10::DispatchKey::PythonTLSSnapshot}));
+}
+
+struct LinearCrossEntropy : torch::autograd::Function<LinearCrossEntropy> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& input, const Tensor& linear_weight, const Tensor& target,
+                        const OptTensor& linear_bias, const OptTensor& weight, int64_t ignore_index, int64_t reduction,
+                        double label_smoothing, double lse_square_scale, std::optional<double> softcap,
+                        int64_t chunk_size, OptDtype out_dtype, bool precompute) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    const bool has_bias = linear_bias.has_value() && linear_bias->defined();
+    const std::array<bool, 3> mask{precompute && input.requires_grad(), precompute && linear_weight.requires_grad(),
+                                   precompute && has_bias && linear_bias->requires_grad()};
+    auto [loss, lse, stats, target_mass, gi, gw, gb] =
+        FUSEDLOSS_OP("linear_cross_entropy_forward", LceForwardSig)
+            .call(input, linear_weight, target, linear_bias, weight, ignore_index, reduction, label_smoothing,
+                  lse_square_scale, softcap, chunk_size, out_dtype, mask);
+    ctx->save_for_backward({input, linear_weight, target, value_or_undefined(linear_bias), value_or_undefined(weight),
+                            lse, stats, target_mass, gi, gw, gb});
+    ctx->saved_data["ignore_index"] = ignore_index;
+    ctx->saved_data["reduction"] = reduction;
+    ctx->saved_data["label_smoothing"] = label_smoothing;
+    ctx->saved_data["lse_square_scale"] = lse_square_scale;
+    ctx->saved_data["softcap"] = softcap;
+    ctx->saved_data["chunk_size"] = chunk_size;
+    ctx->saved_data["out_dtype"] = out_dtype;
+    ctx->saved_data["precomputed"] = precompute;
+    return loss;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    constexpr size_t kArgs = 13;
+    auto s = ctx->get_saved_variables();
+    const Tensor &input = s[0], &linear_weight = s[1], &target = s[2];
+    const OptTensor bias = s[3].defined() ? OptTensor(s[3]) : std::nullopt;
+    const OptTensor weight = s[4].defined() ? OptTensor(s[4]) : std::nullopt;
+    const int64_t ignore_index = ctx->saved_data["ignore_index"].toInt();
+    const int64_t reduction = ctx->saved_data["reduction"].toInt();
+    const double label_smoothing = ctx->saved_data["label_smoothing"].toDouble();
+    const double lse_square_scale = ctx->saved_data["lse_square_scale"].toDouble();
+    const auto softcap = ctx->saved_data["softcap"].toOptional<double>();
+    const int64_t chunk_size = ctx->saved_data["chunk_size"].toInt();
+    const std::vector<bool> needs{ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+                                  s[3].defined() && ctx->needs_input_grad(3)};
+    if (!grads[0].defined() || !(needs[0] || needs[1] || needs[2])) return variable_list(kArgs);
+    auto place = [&](Tensor gi, Tensor gw, Tensor gb) {
+      variable_list out(kArgs);
+      if (needs[0]) out[0] = gi;
+      if (needs[1]) out[1] = gw;
+      if (needs[2]) out[3] = gb;
+      return out;
+    };
+    if (at::GradMode::is_enabled()) {
+      const Tensor loss = composite::linear_cross_entropy(
+          input, linear_weight, target, bias, weight, ignore_index, reduction, label_smoothing, lse_square_scale,
+          softcap, chunk_size, ctx->saved_data["out_dtype"].toOptional<at::ScalarType>());
+      const auto g = composite_grads(loss, {input, linear_weight, s[3].defined() ? s[3] : input}, needs, grads[0]);
+      return place(g[0], g[1], g[2]);
+    }
+    if (ctx->saved_data["precomputed"].toBool()) {
+      // The forward's gradients for grad_output = 1, times grad_output. When
+      // this is the graph's last backward, they are scaled where they are and
+      // handed over (the saved copies are released right after).
+      const Tensor& g = grads[0];
+      const bool in_place = !torch::autograd::get_current_graph_task_keep_graph() && plain_tensor(g) &&
+                            plain_tensor(s[8]) && plain_tensor(s[9]) && plain_tensor(s[10]);
+      auto scaled = [&](Tensor& t) { return in_place ? t.mul_(g) : t * g; };
+      Tensor gi = needs[0] ? scaled(s[8]) : Tensor();
+      Tensor gw = needs[1] ? scaled(s[9]) : Tensor();
+      Tensor gb = needs[2] ? scaled(s[10]) : Tensor();
+      s.clear();
+      return place(gi, gw, gb);
+    }
+    using Sig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                                   const OptTensor&, const OptTensor&, const Tensor&, const Tensor&,
+                                                   const Tensor&, int64_t, int64_t, double, double,
+                                                   std::optional<double>, int64_t, std::array<bool, 3>);
+    auto [gi, gw, gb] = FUSEDLOSS_OP("linear_cross_entropy_backward", Sig)
+                            .call(grads[0], input, linear_weight, target, bias, weight, s[5], s[6], s[7],
+                                  ignore_index, reduction, label_smoothing, lse_square_scale, softcap, chunk_size,
+                                  {needs[0], needs[1], needs[2]});
+    return place(gi, gw, gb);
+  }
+};
+
+Tensor linear_cross_entropy(const Tensor& input, const Tensor& linear_weight, const Tensor& target,
+                            const OptTensor& linear_bias, const OptTensor& weight, int64_t ignore_index,
+                            int64_t reduction, double label_smoothing, double lse_square_scale,
+                            std::optional<double> softcap, int64_t chunk_size, OptDtype out_dtype) {
+  check_same_device(input, {&linear_weight, &target, ptr(linear_bias), ptr(weight)});
+  const bool grad_mode = at::GradMode::is_enabled();
+  const bool prob = target.is_floating_point();
+  const bool weight_rg = weight.has_value() && weight->defined() && weight->requires_grad() && grad_mode;
+  TORCH_CHECK(!(weight_rg && !prob),
+              "The function 'nll_loss_forward' is not differentiable with respect to argument 'weight'. "
+              "This input cannot have requires_grad True.");
+  if (weight_rg || (prob && target.requires_grad() && grad_mode) || has_fw_grad(input) ||
+      has_fw_grad(linear_weight) || has_fw_grad(target) || has_fw_grad(linear_bias) || has_fw_grad(weight)) {
+    return composite::linear_cross_entropy(input, linear_weight, target, linear_bias, weight, ignore_index, reduction,
+                                           label_smoothing, lse_square_scale, softcap, chunk_size, out_dtype);
+  }
+  const bool precompute = reduction != kReductionNone && input.scalar_type() != at::kHalf;
+  return LinearCrossEntropy::apply(input, linear_weight, target, linear_bias, weight, ignore_index, reduction,
+                                   label_smoothing, lse_square_scale, softcap, chunk_size, out_dtype, precompute);
+}
+
+// Below autograd (inference mode, fake tensors): the forward op's loss.
+Tensor linear_cross_entropy_no_grad(const Tensor& input, const Tensor& linear_weight, const Tensor& target,
+                                    const OptTensor& linear_bias, const OptTensor& weight, int64_t ignore_index,
+                                    int64_t reduction, double label_smoothing, double lse_square_scale,
+                                    std::optional<double> softcap, int64_t chunk_size, OptDtype out_dtype) {
+  return std::get<0>(FUSEDLOSS_OP("linear_cross_entropy_forward", LceForwardSig)
+                         .call(input, linear_weight, target, linear_bias, weight, ignore_index, reduction,
+                               label_smoothing, lse_square_scale, softcap, chunk_size, out_dtype,
+                               {false, false, false}));
+}
+
+// Autocast: torch's reference path runs linear in the autocast dtype and
+// cross entropy in fp32. Here the input, weight and bias are cast (through
+// autocast's weight cache) and the loss comes back in fp32, computed from the
+// fp16/bf16 logits in fp32 registers.
+template <c10::DispatchKey kAutocast>
+Tensor linear_cross_entropy_autocast(const Tensor& input, const Tensor& linear_weight, const Tensor& target,
+                                     const OptTensor& linear_bias, const OptTensor& weight, int64_t ignore_index,
+                                     int64_t reduction, double label_smoothing, double lse_square_scale,
+                                     std::optional<double> softcap, int64_t chunk_size, OptDtype out_dtype) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(kAutocast);
+  constexpr auto device = kAutocast == c10::DispatchKey::AutocastCPU ? c10::DeviceType::CPU : c10::DeviceType::CUDA;
+  const at::ScalarType low = at::autocast::get_autocast_dtype(device);
+  auto cast = [&](const Tensor& t) {
+    return t.defined() && t.is_floating_point() ? at::autocast::cached_cast(low, t, device) : t;
+  };
+  const OptTensor bias =
+      linear_bias.has_value() && linear_bias->defined() ? OptTensor(cast(*linear_bias)) : linear_bias;
+  return FUSEDLOSS_OP("linear_cross_entropy", LceSig)
+      .call(cast(input), cast(linear_weight), target, bias, weight, ignore_index, reduction, label_smoothing,
+            lse_square_scale, softcap, chunk_size, autocast_dtype(out_dtype, low));
+}
+
+}  // namespace
+}  // namespace fusedloss
+
+TORCH_LIBRARY_IMPL(fusedloss, Autograd, m) { m.impl("linear_cross_entropy", &fusedloss::linear_cross_entropy); }
+
+TORCH_LIBRARY_IMPL(fusedloss, CompositeExplicitAutograd, m) {
+  m.impl("linear_cross_entropy", &fusedloss::linear_cross_entropy_no_grad);
+}
+
+TORCH_LIBRARY_IMPL(fusedloss, AutocastCPU, m) {
+  m.impl("linear_cross_entropy", &fusedloss::linear_cross_entropy_autocast<c10::DispatchKey::AutocastCPU>);
+}
+
+TORCH_LIBRARY_IMPL(fusedloss, AutocastCUDA, m) {
+  m.impl("linear_cross_entropy", &fusedloss::linear_cross_entropy_autocast<c10::DispatchKey::AutocastCUDA>);
 }

@@ -236,6 +236,28 @@ at::Tensor distill(const at::Tensor& student_, const at::Tensor& teacher_, const
   return as_out(total / safe + nan_if_empty, out_dtype);
 }
 
+// torch's linear_cross_entropy reference path: linear (a K-dimensional
+// weight (V, d1, ..., dK, D) is flattened to (V * d1 * ... * dK, D) and its
+// logits reshaped to (N, V, d1, ..., dK)), then cross entropy. chunk_size has
+// no meaning here.
+at::Tensor linear_cross_entropy(const at::Tensor& input, const at::Tensor& linear_weight, const at::Tensor& target,
+                                const std::optional<at::Tensor>& linear_bias, const std::optional<at::Tensor>& weight,
+                                int64_t ignore_index, int64_t reduction, double label_smoothing,
+                                double lse_square_scale, std::optional<double> softcap, int64_t /*chunk_size*/,
+                                std::optional<at::ScalarType> out_dtype) {
+  at::Tensor w = linear_weight;
+  std::optional<at::Tensor> b = linear_bias;
+  std::vector<c10::SymInt> logits_shape(input.sym_sizes().begin(), input.sym_sizes().end() - 1);
+  for (int64_t d = 0; d + 1 < w.dim(); ++d) logits_shape.push_back(w.sym_size(d));
+  if (w.dim() > 2) {
+    w = w.reshape_symint({-1, w.sym_size(-1)});
+    if (b.has_value() && b->defined()) b = b->reshape_symint({-1});
+  }
+  const at::Tensor logits = at::linear(input, w, b).reshape_symint(logits_shape);
+  return cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale, softcap,
+                       false, out_dtype);
+}
+
 }  // namespace fusedloss::composite
 
 TORCH_LIBRARY_IMPL(fusedloss, CompositeImplicitAutograd, m) {
@@ -250,4 +272,5 @@ TORCH_LIBRARY_IMPL(fusedloss, CompositeImplicitAutograd, m) {
   m.impl("sigmoid_focal_composite", &sigmoid_focal);
   m.impl("multilabel_soft_margin_composite", &multilabel_soft_margin);
   m.impl("distill_composite", &distill);
+  m.impl("linear_cross_entropy_composite", &linear_cross_entropy);
 }

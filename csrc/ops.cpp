@@ -185,6 +185,35 @@ TORCH_LIBRARY(fusedloss, m) {
   m.def(
       "distill_composite(Tensor student, Tensor teacher, Tensor? target=None, float beta=0.0, "
       "float temperature=1.0, int ignore_index=-100, int reduction=3, ScalarType? out_dtype=None) -> Tensor");
+
+  // linear_cross_entropy: cross_entropy(input @ linear_weight^T + linear_bias,
+  // target, ...) for input (D) or (N, D) and linear_weight (V, D), computed in
+  // chunks of rows so that the (N, V) logits never exist in full. chunk_size:
+  // rows per chunk (0: from the device's memory budget). The forward op returns
+  // (loss, lse, stats, target_mass) as cross_entropy_forward does, and, for
+  // mean/sum with grad_mask set, the gradients of (input, linear_weight,
+  // linear_bias) for grad_output = 1 (empty (0,) tensors otherwise). The
+  // backward op recomputes them chunk by chunk from the saved O(N) state.
+  m.def(
+      "linear_cross_entropy(Tensor input, Tensor linear_weight, Tensor target, Tensor? linear_bias=None, "
+      "Tensor? weight=None, int ignore_index=-100, int reduction=1, float label_smoothing=0.0, "
+      "float lse_square_scale=0.0, float? softcap=None, int chunk_size=0, ScalarType? out_dtype=None) -> Tensor");
+  m.def(
+      "linear_cross_entropy_forward(Tensor input, Tensor linear_weight, Tensor target, Tensor? linear_bias, "
+      "Tensor? weight, int ignore_index, int reduction, float label_smoothing, float lse_square_scale, "
+      "float? softcap, int chunk_size, ScalarType? out_dtype, bool[3] grad_mask) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "linear_cross_entropy_backward(Tensor grad, Tensor input, Tensor linear_weight, Tensor target, "
+      "Tensor? linear_bias, Tensor? weight, Tensor lse, Tensor stats, Tensor target_mass, int ignore_index, "
+      "int reduction, float label_smoothing, float lse_square_scale, float? softcap, int chunk_size, "
+      "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // torch's reference path: linear (a K-dimensional linear_weight (V, d1, ..., dK, D)
+  // included), then the cross_entropy composite.
+  m.def(
+      "linear_cross_entropy_composite(Tensor input, Tensor linear_weight, Tensor target, Tensor? linear_bias=None, "
+      "Tensor? weight=None, int ignore_index=-100, int reduction=1, float label_smoothing=0.0, "
+      "float lse_square_scale=0.0, float? softcap=None, int chunk_size=0, ScalarType? out_dtype=None) -> Tensor");
 }
 
 namespace {

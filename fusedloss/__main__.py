@@ -75,6 +75,7 @@ def cmd_info(args) -> int:
 def verify_cases(device: str, quick: bool):
     """(label, loss name, args, kwargs) covering every loss and its main options."""
     import torch
+    import torch.nn.functional as F
 
     dtypes = [torch.float32, torch.bfloat16] if quick else [torch.float64, torch.float32, torch.float16, torch.bfloat16]
     shapes = [(16, 33)] if quick else [(16, 33), (4, 3, 8, 8), (5000,)]
@@ -150,6 +151,26 @@ def verify_cases(device: str, quick: bool):
                         "cross_entropy",
                         (t(shape, dtype, rg=True), t(shape, dtype, 0, 1, rg=True)),
                         {"reduction": red},
+                    )
+                # linear_cross_entropy against torch >= 2.14's reference path. fp32/fp64:
+                # in fp16/bf16 its gradients are GEMMs over a rounded dlogits, which
+                # tests/test_linear_cross_entropy.py judges with that rounding allowed for.
+                if len(shape) == 2 and dtype in (torch.float32, torch.float64) and hasattr(F, "linear_cross_entropy"):
+                    n, d = shape
+                    yield (
+                        f"linear_cross_entropy+bias,weight {tag}",
+                        "linear_cross_entropy",
+                        (
+                            t(shape, dtype, -1, 1, rg=True),
+                            t((97, d), dtype, -0.3, 0.3, rg=True),
+                            classes((n,), 97, -100),
+                        ),
+                        {
+                            "reduction": red,
+                            "linear_bias": t((97,), dtype, rg=True),
+                            "weight": t((97,), dtype, 0.5, 2),
+                            "label_smoothing": 0.1,
+                        },
                     )
                 if len(shape) == 2 and dtype in (torch.float32, torch.float64):  # torch's CPU kernel: fp32/fp64
                     yield (

@@ -329,3 +329,51 @@ def _(student, teacher, target, beta, temperature, ignore_index, reduction, out_
 @torch.library.register_fake("fusedloss::distill_backward")
 def _(grad, student, teacher, target, stats, denominator, beta, temperature, ignore_index, reduction, output_mask):
     return _grad(student, output_mask[0]), _grad(teacher, output_mask[1])
+
+
+# linear_cross_entropy (csrc/linear_cross_entropy.cpp): input (D) or (N, D),
+# linear_weight (V, D); probability targets have the logits' shape.
+def _lce_prob(input, linear_weight, target) -> bool:
+    return tuple(target.shape) == (*input.shape[:-1], linear_weight.shape[0])
+
+
+@torch.library.register_fake("fusedloss::linear_cross_entropy_forward")
+def _(
+    input,
+    linear_weight,
+    target,
+    linear_bias,
+    weight,
+    ignore_index,
+    reduction,
+    label_smoothing,
+    lse_square_scale,
+    softcap,
+    chunk_size,
+    out_dtype,
+    grad_mask,
+):
+    batch = tuple(input.shape[:-1])
+    acc = _acc(input)
+    prob = _lce_prob(input, linear_weight, target)
+    dtype = out_dtype or (_promote(input, target, weight) if prob else input.dtype)
+    grads = reduction != 0 and any(grad_mask)
+    return (
+        input.new_empty(batch if reduction == 0 else (), dtype=dtype),
+        input.new_empty((*batch, 2), dtype=acc),
+        input.new_empty((2,), dtype=acc),
+        input.new_empty(batch if prob else (0,), dtype=acc),
+        _grad(input, grads and grad_mask[0]),
+        _grad(linear_weight, grads and grad_mask[1]),
+        _grad(linear_bias, grads and grad_mask[2]) if linear_bias is not None else _grad(input, False),
+    )
+
+
+@torch.library.register_fake("fusedloss::linear_cross_entropy_backward")
+def _(grad, input, linear_weight, target, linear_bias, weight, *saved_and_options):
+    output_mask = saved_and_options[-1]
+    return (
+        _grad(input, output_mask[0]),
+        _grad(linear_weight, output_mask[1]),
+        _grad(linear_bias, output_mask[2]) if linear_bias is not None else _grad(input, False),
+    )

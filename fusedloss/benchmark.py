@@ -58,6 +58,11 @@ class Problem:
     leaves: list  # tensors whose .grad the backward fills
     bytes: dict  # mode -> bytes the fused algorithm must move
     others: dict = dataclasses.field(default_factory=dict)  # optional provider -> callable
+    # Per-case overrides (a GEMM-bound case times fwd+bwd only, with fewer repetitions).
+    skip: tuple = ()  # providers not run
+    modes: tuple | None = None
+    reps: int | None = None
+    warmup: int | None = None
 
 
 def liger_cross_entropy():
@@ -190,6 +195,96 @@ def _multi_margin(shape, dtype, device):
     )
 
 
+def liger_fused_linear_cross_entropy():
+    """Liger-Kernel's fused linear cross entropy, or None where it is not installed."""
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy as fn
+    except Exception:
+        return None
+    return fn
+
+
+def _lce(shape, dtype, device):
+    """A language-model head: (N, D) hidden states, a (V, D) weight, N class
+    indices; gradients for both. torch's reference path (linear, then
+    cross_entropy), torch >= 2.14's chunked path, and Liger's on CUDA."""
+    import fusedloss.functional as FF
+
+    n, d, v = shape
+    # Made in place, so that no temporary raises the peak RSS before the call.
+    x = torch.empty(n, d, dtype=dtype, device=device).normal_().requires_grad_()
+    w = torch.empty(v, d, dtype=dtype, device=device).normal_(std=d**-0.5).requires_grad_()
+    t = torch.randint(0, v, (n,), device=device)
+    s = x.element_size()
+    others = {}
+    if hasattr(F, "linear_cross_entropy"):
+        opts = torch.nn.LinearCrossEntropyOptions()
+        others["torch.chunked"] = lambda: F.linear_cross_entropy(x, w, t, options=opts)
+        native = lambda a, b, c: F.linear_cross_entropy(a, b, c)  # noqa: E731
+    else:
+        native = lambda a, b, c: F.cross_entropy(F.linear(a, b), c)  # noqa: E731
+    liger = liger_fused_linear_cross_entropy() if device == "cuda" else None
+    if liger is not None:
+        others["liger"] = lambda: liger(x, w, t)
+    # The floor: the three GEMMs any implementation runs (logits, grad_input,
+    # grad_weight), at full size, in the inputs' dtype.
+    xd, wd = x.detach(), w.detach()
+    logits = torch.empty(n, v, dtype=dtype, device=device)
+    gx, gw = torch.empty_like(xd), torch.empty_like(wd)
+    done = torch.zeros((), device=device, requires_grad=True)
+
+    def gemms():
+        torch.mm(xd, wd.t(), out=logits)
+        torch.mm(logits, wd, out=gx)
+        torch.mm(logits.t(), xd, out=gw)
+        return done * 1
+
+    others["gemms"] = gemms
+    # Bytes the fused design must move at least: the operands read (twice with
+    # the backward) and the gradients written. It is GEMM-bound: 3 GEMMs of
+    # 2 N D V flops each (see tflops in the summary).
+    io = (n * d + v * d) * s
+    return Problem(
+        fused=lambda: FF.linear_cross_entropy(x, w, t),
+        native=native,
+        native_args=(x, w, t),
+        leaves=[x, w],
+        bytes={"fwd": io, "bwd": 2 * io, "full": 2 * io},
+        others=others,
+        skip=("torch.compile",),
+        modes=("full",),
+        reps=3,
+        warmup=1,
+    )
+
+
+def lce_tflops(shape: str, ms: float) -> float:
+    """fwd+bwd TFLOP/s of a linear_cross_entropy case (three N x D x V GEMMs)."""
+    n, d, v = (int(a) for a in shape.split("x"))
+    return 6 * n * d * v / (ms * 1e-3) / 1e12
+
+
+def rss_mb(field: str = "VmRSS") -> float:
+    """This process's resident set (VmRSS) or its peak (VmHWM), in MB, from
+    /proc (Linux). The peak is per address space, so unlike ru_maxrss it does
+    not start from the parent's size in a child process."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise OSError(f"{field} not in /proc/self/status")
+
+
+def reset_peak_rss() -> None:
+    """Lower VmHWM to the current RSS (Linux >= 4.0), so that a later peak
+    counts from now."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def _sizes(device: str, quick: bool, cpu: list, cpu_quick: list, gpu: list, gpu_quick: list) -> list:
     if device == "cuda":
         return gpu_quick if quick else gpu
@@ -259,12 +354,29 @@ def cases_for(loss: str, device: str, quick: bool) -> list[Case]:
         )
         for shape in shapes:
             out.append(Case(loss, "plain", shape, "fp32", _multi_margin))
+    elif loss == "linear_cross_entropy":
+        # (N tokens, D hidden, V vocabulary): the issue's CPU shape; on a GPU a
+        # Llama-3-8B head over 4096 tokens.
+        if device == "cuda":
+            out.append(Case(loss, "plain", (4096, 4096, 128256), "bf16", _lce))
+        else:
+            for dt in ["fp32"] if quick else ["fp32", "bf16"]:
+                out.append(Case(loss, "plain", (2048, 512, 32000), dt, _lce))
     else:
         raise ValueError(f"unknown loss {loss!r}; known: {', '.join(LOSSES)}")
     return out
 
 
-LOSSES = ("bce_with_logits", "mse", "cross_entropy", "hinge_embedding", "soft_margin", "hinge", "multi_margin")
+LOSSES = (
+    "bce_with_logits",
+    "mse",
+    "cross_entropy",
+    "hinge_embedding",
+    "soft_margin",
+    "hinge",
+    "multi_margin",
+    "linear_cross_entropy",
+)
 
 
 # ---------------------------------------------------------------------------
@@ -332,17 +444,6 @@ def time_mode(run: Callable[[], torch.Tensor], leaves: list, mode: str, device: 
     return _quantiles(samples)
 
 
-def _rss_kb(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
 def cpu_peak_mb(call: Callable[[], object]) -> float:
     """Peak resident memory `call` adds beyond what is resident before it, in MB
     (Linux: the high-water mark is reset through /proc/self/clear_refs; NaN
@@ -359,14 +460,21 @@ def cpu_peak_mb(call: Callable[[], object]) -> float:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
+        base = rss_mb("VmRSS")
+        call()
+        peak = rss_mb("VmHWM")
     except OSError:
         return float("nan")
-    base = _rss_kb("VmRSS")
-    call()
-    peak = _rss_kb("VmHWM")
-    if base is None or peak is None:
-        return float("nan")
-    return max(peak - base, 0) / 1024
+    return max(peak - base, 0.0)
+
+
+def cpu_call_peak_mb(run: Callable[[], torch.Tensor], leaves: list, mode: str) -> float:
+    """cpu_peak_mb of one call of `run` (and its backward unless mode is fwd)
+    from the inputs alone: gradients left by earlier calls are dropped before
+    the baseline is taken, or the call would reuse their memory unseen."""
+    for t in leaves:
+        t.grad = None
+    return cpu_peak_mb(lambda: _one_call(run, leaves, mode))
 
 
 def _one_call(run: Callable[[], torch.Tensor], leaves: list, mode: str) -> None:
@@ -440,6 +548,8 @@ def run(
         problem = case.build(case.shape, dtype, device)
         compiled = None
         for provider in list(providers) + [p for p in problem.others if p not in providers]:
+            if provider in problem.skip:
+                continue
             step += 1
             if progress:
                 progress(
@@ -455,7 +565,7 @@ def run(
                 torch._dynamo.reset()
                 compiled = torch.compile(problem.native)
                 fn = lambda c=compiled, p=problem: c(*p.native_args)
-            for mode in modes:
+            for mode in problem.modes or modes:
                 if device == "cuda":
                     # The baseline holds the inputs only: no gradient left over
                     # from the previous mode.
@@ -464,13 +574,17 @@ def run(
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
                     base = torch.cuda.memory_allocated()
-                med, p20, p80 = time_mode(fn, problem.leaves, mode, device, warmup, reps)
+                med, p20, p80 = time_mode(
+                    fn, problem.leaves, mode, device, problem.warmup or warmup, problem.reps or reps
+                )
                 if device == "cuda":
                     peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+                elif provider == "gemms":
+                    peak = float("nan")  # the GEMMs alone, a time floor: no loss to hold
                 else:
                     # One more call, after warm-up (and compilation), from the
                     # inputs alone: what the call itself holds at its peak.
-                    peak = cpu_peak_mb(lambda fn=fn, mode=mode, p=problem: _one_call(fn, p.leaves, mode))
+                    peak = cpu_call_peak_mb(fn, problem.leaves, mode)
                 rows.append(
                     {
                         "loss": case.loss,
@@ -521,10 +635,15 @@ def summary(rows: list[dict], copy_gbps: float | None = None) -> list[dict]:
             "fusedloss_ms": f["median_ms"],
             "gbps": f["gbps"],
         }
-        for other in ("torch", "torch.compile", "liger"):
+        for other in ("torch", "torch.compile", "torch.chunked", "gemms", "liger"):
             if other in prov:
                 line[f"{other}_ms"] = prov[other]["median_ms"]
                 line[f"ratio_vs_{other}"] = f["median_ms"] / prov[other]["median_ms"]
+        if key[0] == "linear_cross_entropy":
+            line["tflops"] = lce_tflops(key[3], f["median_ms"])
+            for p, r in prov.items():
+                if r.get("peak_mem_mb") == r.get("peak_mem_mb"):  # not NaN
+                    line[f"{p}_peak_mb"] = r["peak_mem_mb"]
         if copy_gbps:
             line["copy_fraction"] = f["gbps"] / copy_gbps
         out.append(line)
@@ -535,8 +654,16 @@ def format_table(rows: list[dict], copy_gbps: float | None = None, modes=("full"
     """The summary as text: one line per case, fusedloss's time, the others'
     times and the ratios (fusedloss / other), achieved GB/s and share of copy."""
     lines = [ln for ln in summary(rows, copy_gbps) if ln["mode"] in modes]
-    others = [o for o in ("torch", "torch.compile", "liger") if any(f"{o}_ms" in ln for ln in lines)]
-    label = {"torch": "eager", "torch.compile": "compile", "liger": "liger"}
+    others = [
+        o for o in ("torch", "torch.compile", "torch.chunked", "gemms", "liger") if any(f"{o}_ms" in ln for ln in lines)
+    ]
+    label = {
+        "torch": "eager",
+        "torch.compile": "compile",
+        "torch.chunked": "chunked",
+        "gemms": "3 gemms",
+        "liger": "liger",
+    }
     nan = float("nan")
     cols = [("loss", 16), ("case", 14), ("dtype", 6), ("shape", 14), ("mode", 5)]
     head = "".join(f"{name:<{w}}" for name, w in cols) + f"{'fused ms':>10}"
@@ -552,6 +679,17 @@ def format_table(rows: list[dict], copy_gbps: float | None = None, modes=("full"
         if copy_gbps:
             s += f"{ln.get('copy_fraction', nan):>8.0%}"
         out.append(s)
+    peaks = [ln for ln in lines if any(k.endswith("_peak_mb") for k in ln)]
+    if peaks:  # cases that measure memory (linear_cross_entropy): peak beyond the inputs, and TFLOP/s
+        out.append("")
+        out.append("peak memory beyond the inputs (MB), fwd+bwd:")
+        for ln in peaks:
+            mems = ", ".join(
+                f"{label.get(k[: -len('_peak_mb')], k[: -len('_peak_mb')])} {v:.0f}"
+                for k, v in ln.items()
+                if k.endswith("_peak_mb")
+            )
+            out.append(f"  {ln['loss']} {ln['dtype']} {ln['shape']}: {mems}; fusedloss {ln['tflops']:.2f} TFLOP/s")
     return "\n".join(out)
 
 

@@ -883,3 +883,9 @@ jsd_with_logits.__doc__ = (
 """
     + _DISTILL_DOC
 )
+
+
+# Fused linear + cross entropy (fusedloss/linear_cross_entropy.py).
+from .linear_cross_entropy import linear_cross_entropy  # noqa: E402, F401
+
+__all__.append("linear_cross_entropy")

@@ -272,3 +272,9 @@ class JSDWithLogitsLoss(torch.nn.Module):
             target=target,
             out_dtype=self.out_dtype,
         )
+
+
+# Fused linear + cross entropy (fusedloss/linear_cross_entropy.py).
+from .linear_cross_entropy import LinearCrossEntropyLoss  # noqa: E402, F401
+
+__all__.append("LinearCrossEntropyLoss")

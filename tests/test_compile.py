@@ -65,7 +65,29 @@ def _margins(device):
     ), (x,)
 
 
+def _lce(device, n=9, d=16, v=37):
+    x = make((n, d), torch.float32, device, requires_grad=True)
+    w = make((v, d), torch.float32, device, -0.5, 0.5, requires_grad=True)
+    b = make((v,), torch.float32, device, requires_grad=True)
+    t = torch.randint(0, v, (n,), device=device)
+    t[0] = -100
+    return (lambda a, c, e: FF.linear_cross_entropy(a, c, t, linear_bias=e, label_smoothing=0.1, chunk_size=4)), (
+        x,
+        w,
+        b,
+    )
+
+
+def _lce_none_module(device, n=9, d=16, v=37):
+    m = fusedloss.nn.LinearCrossEntropyLoss(d, v, bias=True, reduction="none", chunk_size=4).to(device)
+    x = make((n, d), torch.float32, device, requires_grad=True)
+    t = torch.randint(0, v, (n,), device=device)
+    return (lambda a: m(a, t)), (x,)
+
+
 CASES = {
+    "lce": _lce,
+    "lce_none_module": _lce_none_module,
     "margins": _margins,
     "bce": _bce,
     "mse": _mse,

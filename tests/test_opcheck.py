@@ -94,7 +94,9 @@ def composite_samples(device):
 def forward_samples(device):
     yield from cross_entropy_forward_samples(device)
     yield from vocab_parallel_samples(device)
+    yield from linear_cross_entropy_forward_samples(device)
     yield from margin_forward_samples(device)
+    yield from sigmoid_multilabel_distill_forward_samples(device)
     yield from mixed_dtype_samples(device)
     yield from composite_samples(device)
     for dtype in (torch.float32, torch.bfloat16):
@@ -160,7 +162,9 @@ def cross_entropy_backward_samples(device):
 
 def backward_samples(device):
     yield from cross_entropy_backward_samples(device)
+    yield from linear_cross_entropy_backward_samples(device)
     yield from margin_backward_samples(device)
+    yield from sigmoid_multilabel_distill_backward_samples(device)
     for dtype in (torch.float32, torch.float16):
         for shape in ((4, 7), (2, 3, 5, 5), (0, 3)):
             for reduction in (0, 1, 2):
@@ -315,15 +319,59 @@ def sigmoid_multilabel_distill_backward_samples(device):
                         yield ops.distill_backward, (g, s, t, target, stats, denom, beta, 2.0, -100, reduction, mask)
 
 
-_forward_samples_without_new_losses = forward_samples
-_backward_samples_without_new_losses = backward_samples
+# linear_cross_entropy: (N, D) and (D) inputs, an empty batch, class indices
+# and probabilities, with and without bias, one chunk and several.
+LCE_SHAPES = ((6, 5, 13), (5, 13), (0, 5, 13))  # (N, D, V) or (D, V)
 
 
-def forward_samples(device):  # noqa: F811
-    yield from _forward_samples_without_new_losses(device)
-    yield from sigmoid_multilabel_distill_forward_samples(device)
+def _lce_inputs(device, dtype, shape, prob, rg, bias):
+    D, V = shape[-2:]
+    batch = shape[:-2]
+    x = make((*batch, D), dtype, device, requires_grad=rg)
+    w = make((V, D), dtype, device, -0.5, 0.5, requires_grad=rg)
+    b = make((V,), dtype, device, requires_grad=rg) if bias else None
+    if prob:
+        t = make((*batch, V), dtype, device, 0, 1)
+    else:
+        t = torch.randint(0, V, batch, device=device)
+        if t.numel() > 1:
+            t.view(-1)[1] = -100
+    return x, w, t, b
 
 
-def backward_samples(device):  # noqa: F811
-    yield from _backward_samples_without_new_losses(device)
-    yield from sigmoid_multilabel_distill_backward_samples(device)
+def linear_cross_entropy_forward_samples(device):
+    for dtype in (torch.float32, torch.bfloat16):
+        for shape in LCE_SHAPES:
+            for prob in (False, True):
+                for reduction in (0, 1, 2):
+                    # (requires grad, bias and class weight, chunk rows)
+                    for rg, bias, chunk in ((False, False, 0), (True, True, 4)):
+                        x, w, t, b = _lce_inputs(device, dtype, shape, prob, rg, bias)
+                        cw = make((shape[-1],), dtype, device, 0.5, 2) if bias else None
+                        opts = (-100, reduction, 0.1 if bias else 0.0, 0.0, None, chunk)
+                        yield ops.linear_cross_entropy, (x, w, t, b, cw, *opts)
+                        if dtype == torch.float32:
+                            mask = [rg, rg, rg and bias]
+                            yield ops.linear_cross_entropy_forward, (x, w, t, b, cw, *opts, None, mask)
+                            yield ops.linear_cross_entropy_composite, (x, w, t, b, cw, *opts)
+    # extras, out_dtype, and a K-dimensional weight (composite)
+    x, w, t, b = _lce_inputs(device, torch.bfloat16, (6, 5, 13), False, True, True)
+    yield ops.linear_cross_entropy, (x, w, t, b, None, -100, 1, 0.0, 1e-3, 5.0, 2, torch.float32)
+    x = make((4, 5), torch.float32, device, requires_grad=True)
+    w3 = make((7, 3, 5), torch.float32, device, requires_grad=True)
+    yield ops.linear_cross_entropy_composite, (x, w3, torch.randint(0, 7, (4, 3), device=device))
+
+
+def linear_cross_entropy_backward_samples(device):
+    for dtype in (torch.float32, torch.float16):
+        for shape in LCE_SHAPES:
+            for prob in (False, True):
+                for reduction in (0, 1, 2):
+                    x, w, t, b = _lce_inputs(device, dtype, shape, prob, False, True)
+                    opts = (-100, reduction, 0.1, 0.0, None, 3)
+                    _, lse, stats, mass, *_ = ops.linear_cross_entropy_forward(
+                        x, w, t, b, None, *opts, None, [False, False, False]
+                    )
+                    g = make(lse.shape[:-1] if reduction == 0 else (), dtype, device)
+                    for mask in ([True, True, True], [False, True, False]):
+                        yield ops.linear_cross_entropy_backward, (g, x, w, t, b, None, lse, stats, mass, *opts, mask)

@@ -9,6 +9,7 @@ import pytest
 import test_bce_with_logits
 import test_cross_entropy
 import test_hinge_embedding
+import test_linear_cross_entropy
 import test_mse
 import test_multi_margin
 import test_soft_margin
@@ -102,6 +103,10 @@ def _all_error_cases():
     cases += named("multi_margin_loss", test_multi_margin._error_cases())
     cases += [("soft_margin_loss", c, a, k) for c, a, k in test_soft_margin.ERROR_CASES]
     cases += [("hinge_embedding_loss", c, a, k) for c, a, k in test_hinge_embedding.ERROR_CASES]
+    if "linear_cross_entropy" in ORIGINAL_FUNCTIONAL:
+        cases += [
+            ("linear_cross_entropy", str(i), a, k) for i, (a, k) in enumerate(test_linear_cross_entropy._errors("cpu"))
+        ]
     return cases
 
 
@@ -126,6 +131,7 @@ def test_double_backward_under_the_patch(patched, name):
         "multi_margin_loss": (torch.randint(0, 7, (5,)),),
         "hinge_embedding_loss": (torch.randint(0, 2, (5, 7)).double() * 2 - 1,),
         "soft_margin_loss": (torch.randint(0, 2, (5, 7)).double() * 2 - 1,),
+        "linear_cross_entropy": (torch.randn(4, 7, dtype=torch.float64), torch.randint(0, 4, (5,))),
     }.get(name, (torch.rand(5, 7, dtype=torch.float64),))
     fn = getattr(F, name)
     assert fn is getattr(FF, name)

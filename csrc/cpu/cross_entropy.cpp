@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include <fusedloss/cross_entropy_host.h>
+#include <fusedloss/linear_cross_entropy_host.h>
 
 #include <atomic>
 #include <limits>
@@ -261,6 +262,39 @@ struct CpuRowEngine {
     });
   }
 
+  // linear_cross_entropy's fused phase: forward_rows then backward_rows (in
+  // place, p.grad_input == p.input, p.lse == p.lse_out) on blocks of rows that
+  // stay in L2 between the two sweeps, so each logit comes from memory once
+  // and its gradient goes back once. Each block is one task; the per-row math
+  // is that of the two sweeps, so results equal running them one after the
+  // other. One distribution per row (g.S == 1).
+  template <typename scalar_t, bool kProb>
+  static void forward_backward_rows(const CeParams<scalar_t>& p) {
+    TORCH_INTERNAL_ASSERT(p.g.S == 1, "forward_backward_rows: one distribution per row");
+    const int64_t R = p.g.rows(), C = p.g.C;
+    if (!kProb) {
+      // The first invalid target in row order, whatever the thread count.
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t t = p.target_index[r];
+        if (t != p.opt.ignore_index && (t < 0 || t >= C)) out_of_bounds(t);
+      }
+    }
+    constexpr int64_t kL2Bytes = 256 * 1024;
+    const int64_t block = std::max<int64_t>(1, kL2Bytes / (C * static_cast<int64_t>(sizeof(at::opmath_type<scalar_t>))));
+    const int64_t blocks = (R + block - 1) / block;
+    // Blocks taken in turn (a shared counter), so that a thread slowed by
+    // other work takes fewer; a block's result does not depend on its thread.
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, std::min<int64_t>(blocks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+      for (int64_t b = next++; b < blocks; b = next++) {
+        const int64_t r0 = b * block;
+        const CeParams<scalar_t> q = ce_params_rows(p, r0, std::min(block, R - r0));
+        forward_rows<scalar_t, kProb>(q);  // nested parallel_for: runs inline
+        backward_rows<scalar_t, kProb>(q);
+      }
+    });
+  }
+
  private:
   // Writes n values (nullptr: zeros) to dst with the given element stride.
   template <typename scalar_t>
@@ -311,5 +345,26 @@ FUSEDLOSS_CE_LOAD_ROW(at::BFloat16)
 #undef FUSEDLOSS_CE_LOAD_ROW
 template math::RowState<float> ce_row_state<float>(const float*, const float*, bool, int64_t);
 template math::RowState<double> ce_row_state<double>(const double*, const double*, bool, int64_t);
+
+// The row phases on chunks of logits that other ops produce
+// (linear_cross_entropy, fusedloss/linear_cross_entropy_host.h).
+template <typename scalar_t>
+void ce_rows(CeRowPhase phase, bool prob, const CeParams<scalar_t>& p) {
+  if (p.g.rows() == 0) return;
+  switch (phase) {
+    case CeRowPhase::kStats:
+      return prob ? CpuRowEngine::forward_rows<scalar_t, true>(p) : CpuRowEngine::forward_rows<scalar_t, false>(p);
+    case CeRowPhase::kGrad:
+      return prob ? CpuRowEngine::backward_rows<scalar_t, true>(p) : CpuRowEngine::backward_rows<scalar_t, false>(p);
+    case CeRowPhase::kFused:
+      return prob ? CpuRowEngine::forward_backward_rows<scalar_t, true>(p)
+                  : CpuRowEngine::forward_backward_rows<scalar_t, false>(p);
+  }
+}
+
+template void ce_rows<double>(CeRowPhase, bool, const CeParams<double>&);
+template void ce_rows<float>(CeRowPhase, bool, const CeParams<float>&);
+template void ce_rows<at::Half>(CeRowPhase, bool, const CeParams<at::Half>&);
+template void ce_rows<at::BFloat16>(CeRowPhase, bool, const CeParams<at::BFloat16>&);
 
 }  // namespace fusedloss::cpu

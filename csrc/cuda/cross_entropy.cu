@@ -21,6 +21,7 @@
 #include <torch/library.h>
 
 #include <fusedloss/cross_entropy_host.h>
+#include <fusedloss/linear_cross_entropy_host.h>
 
 #include <limits>
 
@@ -456,6 +457,17 @@ struct CudaRowEngine {
   static void backward_rows(const CeParams<scalar_t>& p) {
     launch<scalar_t, kProb, false>(p);
   }
+  // linear_cross_entropy's fused phase: the forward kernel, then the backward
+  // kernel in place (p.grad_input == p.input, p.lse == p.lse_out) on the same
+  // stream. A chunk of rows is larger than L2 at vocabulary sizes, so the
+  // second sweep reads the logits from memory again either way; what the
+  // fusion saves on the CPU (an L2-resident row) a single two-sweep kernel
+  // would save here only for rows still in L2.
+  template <typename scalar_t, bool kProb>
+  static void forward_backward_rows(const CeParams<scalar_t>& p) {
+    launch<scalar_t, kProb, true>(p);
+    launch<scalar_t, kProb, false>(p);
+  }
 
  private:
   template <typename scalar_t, bool kProb, bool kForward>
@@ -506,5 +518,32 @@ using Ops = CrossEntropyOps<CudaRowEngine, CudaEngine>;
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedloss, CUDA, m) { register_cross_entropy_ops<Ops>(m); }
+
+}  // namespace fusedloss::cuda
+
+// ---------------------------------------------------------------------------
+// The row phases on chunks of logits that other ops produce
+// (linear_cross_entropy, fusedloss/linear_cross_entropy_host.h).
+namespace fusedloss::cuda {
+
+template <typename scalar_t>
+void ce_rows(CeRowPhase phase, bool prob, const CeParams<scalar_t>& p) {
+  if (p.g.rows() == 0) return;
+  switch (phase) {
+    case CeRowPhase::kStats:
+      return prob ? CudaRowEngine::forward_rows<scalar_t, true>(p) : CudaRowEngine::forward_rows<scalar_t, false>(p);
+    case CeRowPhase::kGrad:
+      return prob ? CudaRowEngine::backward_rows<scalar_t, true>(p)
+                  : CudaRowEngine::backward_rows<scalar_t, false>(p);
+    case CeRowPhase::kFused:
+      return prob ? CudaRowEngine::forward_backward_rows<scalar_t, true>(p)
+                  : CudaRowEngine::forward_backward_rows<scalar_t, false>(p);
+  }
+}
+
+template void ce_rows<double>(CeRowPhase, bool, const CeParams<double>&);
+template void ce_rows<float>(CeRowPhase, bool, const CeParams<float>&);
+template void ce_rows<at::Half>(CeRowPhase, bool, const CeParams<at::Half>&);
+template void ce_rows<at::BFloat16>(CeRowPhase, bool, const CeParams<at::BFloat16>&);
 
 }  // namespace fusedloss::cuda

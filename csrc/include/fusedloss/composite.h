@@ -52,5 +52,10 @@ at::Tensor multilabel_soft_margin(const at::Tensor& input, const at::Tensor& tar
 at::Tensor distill(const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& target,
                    double beta, double temperature, int64_t ignore_index, int64_t reduction,
                    std::optional<at::ScalarType> out_dtype);
+at::Tensor linear_cross_entropy(const at::Tensor& input, const at::Tensor& linear_weight, const at::Tensor& target,
+                                const std::optional<at::Tensor>& linear_bias, const std::optional<at::Tensor>& weight,
+                                int64_t ignore_index, int64_t reduction, double label_smoothing,
+                                double lse_square_scale, std::optional<double> softcap, int64_t chunk_size,
+                                std::optional<at::ScalarType> out_dtype);
 
 }  // namespace fusedloss::composite

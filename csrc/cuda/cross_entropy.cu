@@ -26,20 +26,13 @@
 #include <limits>
 
 #include "common.cuh"
+#include "row_state.cuh"
 #include "elementwise.cuh"
 
 namespace fusedloss::cuda {
 namespace {
 
 using math::CeOptions;
-
-constexpr int kRowBlock = 256;      // threads per block for warp-per-row and strided kernels
-// Packs in flight per thread: four 16-byte loads for fp32, two for the
-// 16-bit types, whose 8-element packs cost twice the registers once widened.
-template <typename scalar_t>
-constexpr int unroll() {
-  return sizeof(scalar_t) == 2 ? 2 : 4;
-}
 
 // Plain block-wide groups keep 1536 threads per SM in up to six blocks (at most
 // 42 registers each), so that while one block computes others wait on memory
@@ -62,33 +55,6 @@ __device__ __forceinline__ T nan_value() {
 
 template <typename acc_t>
 using RowState = math::RowState<acc_t>;
-
-template <typename acc_t>
-__device__ __forceinline__ RowState<acc_t> shfl_xor(const RowState<acc_t>& s, int mask) {
-  return {__shfl_xor_sync(0xffffffffu, s.max, mask), __shfl_xor_sync(0xffffffffu, s.sum, mask),
-          __shfl_xor_sync(0xffffffffu, s.mass, mask), __shfl_xor_sync(0xffffffffu, s.rel, mask)};
-}
-
-// Merge over the G threads of a row; valid in the group's first thread. For
-// G > 32 the group is the whole block and `smem` holds G / 32 entries.
-template <int G, typename acc_t>
-__device__ __forceinline__ RowState<acc_t> group_merge(RowState<acc_t> s, RowState<acc_t>* smem) {
-#pragma unroll
-  for (int off = kWarp / 2; off > 0; off /= 2) s = math::row_merge(s, shfl_xor(s, off));
-  if constexpr (G > kWarp) {
-    const int warp = threadIdx.x / kWarp;
-    if (threadIdx.x % kWarp == 0) smem[warp] = s;
-    __syncthreads();
-    if (warp == 0) {
-      constexpr int kWarps = G / kWarp;
-      const int lane = threadIdx.x;
-      s = lane < kWarps ? smem[lane] : math::row_state_empty<acc_t>();
-#pragma unroll
-      for (int off = kWarp / 2; off > 0; off /= 2) s = math::row_merge(s, shfl_xor(s, off));
-    }
-  }
-  return s;
-}
 
 template <typename scalar_t>
 __device__ __forceinline__ at::opmath_type<scalar_t> capped(const CeParams<scalar_t>& p, scalar_t v) {
@@ -157,7 +123,7 @@ __global__ void __launch_bounds__(G > kWarp ? G : kRowBlock, kPlain ? min_blocks
   RowState<acc_t> st = math::row_state_empty<acc_t>();
   const RowSplit sp = split_row(row, C);
   for (int64_t c = lane; c < sp.head; c += G) push_one<kProb>(p, o, tbase, c, row[c], with_f, st);
-  constexpr int kUnroll = unroll<scalar_t>();
+  constexpr int kUnroll = row_unroll<scalar_t>();
   for (int64_t k0 = lane; k0 < sp.packs; k0 += static_cast<int64_t>(G) * kUnroll) {
     Pack<scalar_t, VEC> pk[kUnroll];
     load_packs<G>(row + sp.head, k0, sp.packs, pk);
@@ -341,7 +307,7 @@ __global__ void __launch_bounds__(G > kWarp ? G : kRowBlock, kPlain ? min_blocks
     for (int64_t c = lane; c < C; c += G) one(c);
   } else {
     for (int64_t c = lane; c < sp.head; c += G) one(c);
-    constexpr int kUnroll = unroll<scalar_t>();
+    constexpr int kUnroll = row_unroll<scalar_t>();
     for (int64_t k0 = lane; k0 < sp.packs; k0 += static_cast<int64_t>(G) * kUnroll) {
       Pack<scalar_t, VEC> pk[kUnroll];
       if (!ignored) load_packs<G>(row + sp.head, k0, sp.packs, pk);

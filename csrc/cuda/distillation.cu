@@ -22,47 +22,14 @@
 #include <limits>
 
 #include "common.cuh"
+#include "row_state.cuh"
 #include "elementwise.cuh"
 
 namespace fusedloss::cuda {
 namespace {
 
-constexpr int kRowBlock = 256;  // threads per block of the warp-per-row kernels
-
-template <typename scalar_t>
-constexpr int unroll() {
-  return sizeof(scalar_t) == 2 ? 2 : 4;
-}
-
 template <typename acc_t>
 using KlState = math::KlState<acc_t>;
-
-template <typename acc_t>
-__device__ __forceinline__ KlState<acc_t> shfl_xor(const KlState<acc_t>& s, int mask) {
-  return {__shfl_xor_sync(0xffffffffu, s.mp, mask), __shfl_xor_sync(0xffffffffu, s.sp, mask),
-          __shfl_xor_sync(0xffffffffu, s.mq, mask), __shfl_xor_sync(0xffffffffu, s.sq, mask),
-          __shfl_xor_sync(0xffffffffu, s.w, mask)};
-}
-
-// Merge over the G threads of a row; valid in every lane for a warp group, in
-// thread 0 for a block-wide group (`smem`: G / 32 entries).
-template <int G, typename acc_t>
-__device__ __forceinline__ KlState<acc_t> group_merge(KlState<acc_t> s, KlState<acc_t>* smem) {
-#pragma unroll
-  for (int off = kWarp / 2; off > 0; off /= 2) s = math::kl_merge(s, shfl_xor(s, off));
-  if constexpr (G > kWarp) {
-    const int warp = threadIdx.x / kWarp;
-    if (threadIdx.x % kWarp == 0) smem[warp] = s;
-    __syncthreads();
-    if (warp == 0) {
-      constexpr int kWarps = G / kWarp;
-      s = threadIdx.x < kWarps ? smem[threadIdx.x] : math::kl_state_empty<acc_t>();
-#pragma unroll
-      for (int off = kWarp / 2; off > 0; off /= 2) s = math::kl_merge(s, shfl_xor(s, off));
-    }
-  }
-  return s;
-}
 
 template <int G, typename acc_t>
 __device__ __forceinline__ acc_t group_sum(acc_t x, acc_t* smem) {
@@ -87,7 +54,7 @@ __device__ __forceinline__ void for_row(const DistillParams<scalar_t>& p, const 
                                         int lane, bool packable, F&& f, FPack&& f_pack) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int VEC = pack_size<scalar_t>();
-  constexpr int U = unroll<scalar_t>();
+  constexpr int U = row_unroll<scalar_t>();
   const int64_t C = p.g.C;
   const RowSplit sp = split_row(arow, C);
   if (!packable || split_row(brow, C).head != sp.head) {

@@ -23,44 +23,11 @@
 #include <limits>
 
 #include "common.cuh"
+#include "row_state.cuh"
 #include "elementwise.cuh"
 
 namespace fusedloss::cuda {
 namespace {
-
-constexpr int kVpRowBlock = 256;  // threads per block for warp-per-row and per-row kernels
-
-template <typename scalar_t>
-constexpr int vp_unroll() {
-  return sizeof(scalar_t) == 2 ? 2 : 4;
-}
-
-template <typename acc_t>
-__device__ __forceinline__ math::RowState<acc_t> vp_shfl_xor(const math::RowState<acc_t>& s, int mask) {
-  return {__shfl_xor_sync(0xffffffffu, s.max, mask), __shfl_xor_sync(0xffffffffu, s.sum, mask),
-          __shfl_xor_sync(0xffffffffu, s.mass, mask), __shfl_xor_sync(0xffffffffu, s.rel, mask)};
-}
-
-// Merge over the G threads of a row (fixed butterfly, then fixed warp order);
-// valid in the group's first thread. For G > 32 the group is the whole block.
-template <int G, typename acc_t>
-__device__ __forceinline__ math::RowState<acc_t> vp_group_merge(math::RowState<acc_t> s,
-                                                                 math::RowState<acc_t>* smem) {
-#pragma unroll
-  for (int off = kWarp / 2; off > 0; off /= 2) s = math::row_merge(s, vp_shfl_xor(s, off));
-  if constexpr (G > kWarp) {
-    const int warp = threadIdx.x / kWarp;
-    if (threadIdx.x % kWarp == 0) smem[warp] = s;
-    __syncthreads();
-    if (warp == 0) {
-      constexpr int kWarps = G / kWarp;
-      s = threadIdx.x < kWarps ? smem[threadIdx.x] : math::row_state_empty<acc_t>();
-#pragma unroll
-      for (int off = kWarp / 2; off > 0; off /= 2) s = math::row_merge(s, vp_shfl_xor(s, off));
-    }
-  }
-  return s;
-}
 
 template <typename scalar_t>
 __device__ __forceinline__ at::opmath_type<scalar_t> vp_capped(const VpParams<scalar_t>& p, scalar_t v) {
@@ -85,10 +52,10 @@ __device__ __forceinline__ void vp_push(const VpParams<scalar_t>& p, int64_t c, 
 
 // kPlain: no smoothing and no softcap (the common case), without their registers.
 template <typename scalar_t, int G, bool kPlain>
-__global__ void __launch_bounds__(G > kWarp ? G : kVpRowBlock) vp_local_kernel(const VpParams<scalar_t> p) {
+__global__ void __launch_bounds__(G > kWarp ? G : kRowBlock) vp_local_kernel(const VpParams<scalar_t> p) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int VEC = pack_size<scalar_t>();
-  constexpr int kRowsPerBlock = G > kWarp ? 1 : kVpRowBlock / kWarp;
+  constexpr int kRowsPerBlock = G > kWarp ? 1 : kRowBlock / kWarp;
   __shared__ math::RowState<acc_t> smem[G > kWarp ? G / kWarp : 1];
   const int lane = G > kWarp ? threadIdx.x : threadIdx.x % kWarp;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + (G > kWarp ? 0 : threadIdx.x / kWarp);
@@ -107,7 +74,7 @@ __global__ void __launch_bounds__(G > kWarp ? G : kVpRowBlock) vp_local_kernel(c
   } else {
     const RowSplit sp = split_row(row, C);
     for (int64_t c = lane; c < sp.head; c += G) vp_push(p, c, tl, row[c], st);
-    constexpr int kUnroll = vp_unroll<scalar_t>();
+    constexpr int kUnroll = row_unroll<scalar_t>();
     for (int64_t k0 = lane; k0 < sp.packs; k0 += static_cast<int64_t>(G) * kUnroll) {
       Pack<scalar_t, VEC> pk[kUnroll];
       load_packs<G>(row + sp.head, k0, sp.packs, pk);
@@ -143,7 +110,7 @@ __global__ void __launch_bounds__(G > kWarp ? G : kVpRowBlock) vp_local_kernel(c
     }
     for (int64_t c = sp.tail + lane; c < C; c += G) vp_push(p, c, tl, row[c], st);
   }
-  st = vp_group_merge<G>(st, smem);
+  st = group_merge<G>(st, smem);
   if (lane == 0) p.store_local(r, st, tl >= 0 ? vp_capped(p, row[tl * p.sC]) : acc_t(0));
 }
 
@@ -179,10 +146,10 @@ struct VpRowGrad {
 // rewrites the target's entry, after a group barrier that orders the
 // provisional store (by whichever thread held the target) before its own.
 template <typename scalar_t, int G, bool kPlain>
-__global__ void __launch_bounds__(G > kWarp ? G : kVpRowBlock) vp_backward_kernel(const VpParams<scalar_t> p) {
+__global__ void __launch_bounds__(G > kWarp ? G : kRowBlock) vp_backward_kernel(const VpParams<scalar_t> p) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int VEC = pack_size<scalar_t>();
-  constexpr int kRowsPerBlock = G > kWarp ? 1 : kVpRowBlock / kWarp;
+  constexpr int kRowsPerBlock = G > kWarp ? 1 : kRowBlock / kWarp;
   const int lane = G > kWarp ? threadIdx.x : threadIdx.x % kWarp;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + (G > kWarp ? 0 : threadIdx.x / kWarp);
   if (r >= p.N) return;  // whole groups only
@@ -211,7 +178,7 @@ __global__ void __launch_bounds__(G > kWarp ? G : kVpRowBlock) vp_backward_kerne
     }
   } else {
     for (int64_t c = lane; c < sp.head; c += G) out[c] = static_cast<scalar_t>(rg(p, c, vp_capped(p, row[c])));
-    constexpr int kUnroll = vp_unroll<scalar_t>();
+    constexpr int kUnroll = row_unroll<scalar_t>();
     for (int64_t k0 = lane; k0 < sp.packs; k0 += static_cast<int64_t>(G) * kUnroll) {
       Pack<scalar_t, VEC> pk[kUnroll];
       load_packs<G>(row + sp.head, k0, sp.packs, pk);
@@ -242,8 +209,8 @@ __global__ void __launch_bounds__(G > kWarp ? G : kVpRowBlock) vp_backward_kerne
 }
 
 template <typename F>
-__global__ void __launch_bounds__(kVpRowBlock) vp_row_kernel(int64_t n, const F f) {
-  const int64_t r = static_cast<int64_t>(blockIdx.x) * kVpRowBlock + threadIdx.x;
+__global__ void __launch_bounds__(kRowBlock) vp_row_kernel(int64_t n, const F f) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kRowBlock + threadIdx.x;
   if (r < n) f(r);
 }
 
@@ -270,8 +237,8 @@ struct CudaVpEngine {
 
   template <typename F>
   static void for_each_row(int64_t n, const F& f) {
-    const int64_t blocks = ceil_div(n, kVpRowBlock);
-    vp_row_kernel<F><<<blocks, kVpRowBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(n, f);
+    const int64_t blocks = ceil_div(n, kRowBlock);
+    vp_row_kernel<F><<<blocks, kRowBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(n, f);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
@@ -285,7 +252,7 @@ struct CudaVpEngine {
   static void launch(const VpParams<scalar_t>& p) {
     const auto stream = c10::cuda::getCurrentCUDAStream();
     if (p.C <= 2048) {
-      launch_rows<scalar_t, kLocal, kPlain, kWarp>(p, ceil_div(p.N, kVpRowBlock / kWarp), kVpRowBlock, stream);
+      launch_rows<scalar_t, kLocal, kPlain, kWarp>(p, ceil_div(p.N, kRowBlock / kWarp), kRowBlock, stream);
     } else if (p.C <= 16384) {
       launch_rows<scalar_t, kLocal, kPlain, 256>(p, p.N, 256, stream);
     } else {

@@ -61,6 +61,38 @@ def focal_multilabel_distill(rnd, g, dev) -> bool:
     return ok
 
 
+def linear_ce_and_vocab_parallel(rnd, g, dev) -> bool:
+    """linear_cross_entropy (chunks that do not divide N, bias, smoothing, the
+    per-row recompute of 'none'), and the local ops of vocabulary-parallel
+    cross entropy on two simulated ranks (uneven slices, one of 2 classes)."""
+    ok = True
+    for dtype in (torch.float32, torch.bfloat16):
+        x, w = rnd(37, 64, dtype=dtype), rnd(1001, 64, dtype=dtype)
+        b = rnd(1001, dtype=dtype)
+        t = torch.randint(0, 1001, (37,), generator=g).to(dev)
+        t[2] = -100
+        for red in ("mean", "none"):
+            a = FF.linear_cross_entropy(x, w, t, linear_bias=b, reduction=red, label_smoothing=0.1, chunk_size=8)
+            ref = F.cross_entropy(F.linear(x.float(), w.float(), b.float()), t, reduction=red, label_smoothing=0.1)
+            ok &= check(f"linear_cross_entropy {dtype} {red}", a, ref, 2e-2, 2e-2)
+            a.sum().backward()
+    ops = torch.ops.fusedloss
+    for dtype in (torch.float32, torch.bfloat16):
+        x = rnd(9, 2051, dtype=dtype).detach()
+        t = torch.randint(0, 2051, (9,), generator=g).to(dev)
+        t[3] = -100
+        loc = [ops.vocab_parallel_ce_local(xi, t, None, s, -100, 0.1, None) for xi, s in ((x[:, :2], 0), (x[:, 2:], 2))]
+        gmax = torch.stack([m for m, _, _ in loc]).amax(0)
+        packed = torch.stack([ops.vocab_parallel_ce_rebase(p, m, gmax, mass) for m, p, mass in loc]).sum(0)
+        loss, state, stats = ops.vocab_parallel_ce_finalize(packed, gmax, t, None, -100, 1, 0.1, 0.0, x.dtype)
+        ref = F.cross_entropy(x.float(), t, label_smoothing=0.1)
+        ok &= check(f"vocab_parallel {dtype}", loss, ref, 2e-2, 2e-2)
+        one = torch.ones((), device=dev, dtype=loss.dtype)
+        for xi, s in ((x[:, :2], 0), (x[:, 2:], 2)):
+            ops.vocab_parallel_ce_backward(one, xi, t, None, state, stats, s, -100, 1, 0.1, 0.0, None)
+    return ok
+
+
 def main() -> int:
     dev = "cuda"
     ok = True
@@ -130,6 +162,7 @@ def main() -> int:
         out = FF.multi_margin_loss(x, t, reduction="none")
         ok &= bool(torch.isnan(out[3]))
     ok &= focal_multilabel_distill(rnd, g, dev)
+    ok &= linear_ce_and_vocab_parallel(rnd, g, dev)
     torch.cuda.synchronize()
     print("SANITIZER SUBSET", "OK" if ok else "FAILED")
     return 0 if ok else 1

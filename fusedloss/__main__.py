@@ -179,6 +179,7 @@ def verify_cases(device: str, quick: bool):
                         (t(shape, dtype, rg=True), classes(shape[:1], shape[1])),
                         {"reduction": red, "p": 2, "weight": t((shape[1],), dtype, 0.5, 2)},
                     )
+    yield from new_loss_verify_cases(device, quick)
 
 
 def cmd_verify(args) -> int:
@@ -266,15 +267,6 @@ def new_loss_verify_cases(device: str, quick: bool):
                 (t((4, 5, 1000), dtype, rg=True), t((4, 5, 1000), dtype, rg=True)),
                 {"reduction": red, "beta": 0.3, "target": target},
             )
-
-
-_verify_cases_without_new_losses = verify_cases
-
-
-def verify_cases(device: str, quick: bool):  # noqa: F811
-    """(label, loss name, args, kwargs) covering every loss and its main options."""
-    yield from _verify_cases_without_new_losses(device, quick)
-    yield from new_loss_verify_cases(device, quick)
 
 
 # ---------------------------------------------------------------------------

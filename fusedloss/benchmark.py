@@ -285,6 +285,76 @@ def reset_peak_rss() -> None:
         pass
 
 
+# sigmoid_focal_loss against torchvision's own function, multilabel soft
+# margin, and distillation on logits against the torch composite
+# kl_div(log_softmax(s / T), log_softmax(t / T), log_target=True) * T^2.
+
+DISTILL_TEMPERATURE = 2.0
+
+
+def _focal(shape, dtype, device):
+    import fusedloss.functional as FF
+    from fusedloss.testing import reference
+
+    x = torch.randn(shape, dtype=dtype, device=device, requires_grad=True)
+    # dense detection: a few positives among many negatives
+    y = (torch.rand(shape, device=device) < 0.05).to(dtype)
+    tv = reference("sigmoid_focal_loss")
+    return Problem(
+        fused=lambda: FF.sigmoid_focal_loss(x, y, reduction="mean"),
+        native=lambda a, b: tv(a, b, reduction="mean"),
+        native_args=(x, y),
+        leaves=[x],
+        bytes=_elementwise_bytes(x.numel(), x.element_size()),
+    )
+
+
+def _multilabel_soft_margin(shape, dtype, device):
+    import fusedloss.functional as FF
+
+    x = torch.randn(shape, dtype=dtype, device=device, requires_grad=True)
+    y = (torch.rand(shape, device=device) < 0.1).to(dtype)
+    return Problem(
+        fused=lambda: FF.multilabel_soft_margin_loss(x, y),
+        native=lambda a, b: F.multilabel_soft_margin_loss(a, b),
+        native_args=(x, y),
+        leaves=[x],
+        bytes=_elementwise_bytes(x.numel(), x.element_size()),
+    )
+
+
+def _distill_composite(s, t, beta):
+    T = DISTILL_TEMPERATURE
+    ls, lt = F.log_softmax(s / T, dim=-1), F.log_softmax(t / T, dim=-1)
+    if beta == 0.0:
+        return F.kl_div(ls, lt, log_target=True, reduction="batchmean") * (T * T)
+    m = torch.log(beta * lt.exp() + (1 - beta) * ls.exp())
+    kl_t = F.kl_div(m, lt, log_target=True, reduction="batchmean")
+    kl_s = F.kl_div(m, ls, log_target=True, reduction="batchmean")
+    return (beta * kl_t + (1 - beta) * kl_s) * (T * T)
+
+
+def _distill(shape, dtype, device, beta=0.0):
+    import fusedloss.functional as FF
+
+    n, c = shape
+    s = torch.randn(shape, dtype=dtype, device=device, requires_grad=True)
+    t = torch.randn(shape, dtype=dtype, device=device)  # the teacher is frozen
+    size = s.element_size()
+    if beta == 0.0:
+        fused = lambda: FF.kl_div_with_logits(s, t, temperature=DISTILL_TEMPERATURE)  # noqa: E731
+    else:
+        fused = lambda: FF.jsd_with_logits(s, t, beta=beta, temperature=DISTILL_TEMPERATURE)  # noqa: E731
+    return Problem(
+        fused=fused,
+        native=lambda a, b: _distill_composite(a, b, beta),
+        native_args=(s, t),
+        leaves=[s],
+        # forward reads both rows; backward reads them again and writes the student's gradient
+        bytes={"fwd": 2 * n * c * size, "bwd": 3 * n * c * size, "full": 5 * n * c * size},
+    )
+
+
 def _sizes(device: str, quick: bool, cpu: list, cpu_quick: list, gpu: list, gpu_quick: list) -> list:
     if device == "cuda":
         return gpu_quick if quick else gpu
@@ -362,6 +432,36 @@ def cases_for(loss: str, device: str, quick: bool) -> list[Case]:
         else:
             for dt in ["fp32"] if quick else ["fp32", "bf16"]:
                 out.append(Case(loss, "plain", (2048, 512, 32000), dt, _lce))
+    elif loss == "sigmoid_focal":
+        # (N, C) classification heads and RetinaNet's dense (N, A*K, H, W) layout
+        shapes = _sizes(
+            device,
+            quick,
+            [(4096, 4096), (16, 80, 100, 100), (1024, 1024)],
+            [(4096, 4096), (16, 80, 100, 100)],
+            [(32768, 16384), (64, 720, 100, 100)],
+            [(32768, 16384)],
+        )
+        for shape in shapes:
+            for dt in ["fp32"] if device == "cpu" else gpu_dtypes:
+                out.append(Case(loss, "dense" if len(shape) == 4 else "plain", shape, dt, _focal))
+    elif loss == "multilabel_soft_margin":
+        for shape in _sizes(device, quick, *ELEMENTWISE_SIZES):
+            for dt in ["fp32"] if device == "cpu" else gpu_dtypes:
+                out.append(Case(loss, "plain", shape, dt, _multilabel_soft_margin))
+    elif loss in ("kl_div_with_logits", "jsd_with_logits"):
+        beta = 0.0 if loss == "kl_div_with_logits" else 0.5
+        case = f"T={DISTILL_TEMPERATURE:g}" + ("" if beta == 0.0 else f" beta={beta:g}")
+        build = lambda s, d, dev, b=beta: _distill(s, d, dev, beta=b)  # noqa: E731
+        if device == "cuda":
+            shapes = [(16384, 128256), (4096, 32000)] if not quick else [(16384, 128256)]
+            dtypes = ["bf16"] if quick else ["bf16", "fp32"]
+        else:
+            shapes = [(2048, 32000), (512, 32000)]
+            dtypes = ["fp32", "bf16"] if beta == 0.0 else ["fp32"]
+        for shape in shapes[:1] if (quick and beta != 0.0) else shapes:
+            for dt in dtypes:
+                out.append(Case(loss, case, shape, dt, build))
     else:
         raise ValueError(f"unknown loss {loss!r}; known: {', '.join(LOSSES)}")
     return out
@@ -376,6 +476,10 @@ LOSSES = (
     "hinge",
     "multi_margin",
     "linear_cross_entropy",
+    "sigmoid_focal",
+    "multilabel_soft_margin",
+    "kl_div_with_logits",
+    "jsd_with_logits",
 )
 
 
@@ -776,124 +880,3 @@ def progress_bar(step: int, total: int, label: str, stream=sys.stderr) -> None:
     if step == total:
         stream.write("\n")
     stream.flush()
-
-
-# ---------------------------------------------------------------------------
-# sigmoid_focal_loss (against torchvision's own function), multilabel soft
-# margin, and distillation on logits (against the torch composite
-# kl_div(log_softmax(s / T), log_softmax(t / T), log_target=True) * T^2).
-# cases_for and LOSSES are extended here, so that this block stands alone.
-# ---------------------------------------------------------------------------
-
-DISTILL_TEMPERATURE = 2.0
-
-
-def _focal(shape, dtype, device):
-    import fusedloss.functional as FF
-    from fusedloss.testing import reference
-
-    x = torch.randn(shape, dtype=dtype, device=device, requires_grad=True)
-    # dense detection: a few positives among many negatives
-    y = (torch.rand(shape, device=device) < 0.05).to(dtype)
-    tv = reference("sigmoid_focal_loss")
-    return Problem(
-        fused=lambda: FF.sigmoid_focal_loss(x, y, reduction="mean"),
-        native=lambda a, b: tv(a, b, reduction="mean"),
-        native_args=(x, y),
-        leaves=[x],
-        bytes=_elementwise_bytes(x.numel(), x.element_size()),
-    )
-
-
-def _multilabel_soft_margin(shape, dtype, device):
-    import fusedloss.functional as FF
-
-    x = torch.randn(shape, dtype=dtype, device=device, requires_grad=True)
-    y = (torch.rand(shape, device=device) < 0.1).to(dtype)
-    return Problem(
-        fused=lambda: FF.multilabel_soft_margin_loss(x, y),
-        native=lambda a, b: F.multilabel_soft_margin_loss(a, b),
-        native_args=(x, y),
-        leaves=[x],
-        bytes=_elementwise_bytes(x.numel(), x.element_size()),
-    )
-
-
-def _distill_composite(s, t, beta):
-    T = DISTILL_TEMPERATURE
-    ls, lt = F.log_softmax(s / T, dim=-1), F.log_softmax(t / T, dim=-1)
-    if beta == 0.0:
-        return F.kl_div(ls, lt, log_target=True, reduction="batchmean") * (T * T)
-    m = torch.log(beta * lt.exp() + (1 - beta) * ls.exp())
-    kl_t = F.kl_div(m, lt, log_target=True, reduction="batchmean")
-    kl_s = F.kl_div(m, ls, log_target=True, reduction="batchmean")
-    return (beta * kl_t + (1 - beta) * kl_s) * (T * T)
-
-
-def _distill(shape, dtype, device, beta=0.0):
-    import fusedloss.functional as FF
-
-    n, c = shape
-    s = torch.randn(shape, dtype=dtype, device=device, requires_grad=True)
-    t = torch.randn(shape, dtype=dtype, device=device)  # the teacher is frozen
-    size = s.element_size()
-    if beta == 0.0:
-        fused = lambda: FF.kl_div_with_logits(s, t, temperature=DISTILL_TEMPERATURE)  # noqa: E731
-    else:
-        fused = lambda: FF.jsd_with_logits(s, t, beta=beta, temperature=DISTILL_TEMPERATURE)  # noqa: E731
-    return Problem(
-        fused=fused,
-        native=lambda a, b: _distill_composite(a, b, beta),
-        native_args=(s, t),
-        leaves=[s],
-        # forward reads both rows; backward reads them again and writes the student's gradient
-        bytes={"fwd": 2 * n * c * size, "bwd": 3 * n * c * size, "full": 5 * n * c * size},
-    )
-
-
-NEW_LOSSES = ("sigmoid_focal", "multilabel_soft_margin", "kl_div_with_logits", "jsd_with_logits")
-
-_cases_for_without_new_losses = cases_for
-
-
-def cases_for(loss: str, device: str, quick: bool) -> list[Case]:  # noqa: F811
-    """The benchmark cases of one loss on one device (see the first definition);
-    the first CPU case of each loss is the size its speed target is stated for."""
-    if loss not in NEW_LOSSES:
-        return _cases_for_without_new_losses(loss, device, quick)
-    gpu_dtypes = ["fp32"] if quick else ["fp32", "bf16"]
-    out = []
-    if loss == "sigmoid_focal":
-        # (N, C) classification heads and RetinaNet's dense (N, A*K, H, W) layout
-        shapes = _sizes(
-            device,
-            quick,
-            [(4096, 4096), (16, 80, 100, 100), (1024, 1024)],
-            [(4096, 4096), (16, 80, 100, 100)],
-            [(32768, 16384), (64, 720, 100, 100)],
-            [(32768, 16384)],
-        )
-        for shape in shapes:
-            for dt in ["fp32"] if device == "cpu" else gpu_dtypes:
-                out.append(Case(loss, "dense" if len(shape) == 4 else "plain", shape, dt, _focal))
-    elif loss == "multilabel_soft_margin":
-        for shape in _sizes(device, quick, *ELEMENTWISE_SIZES):
-            for dt in ["fp32"] if device == "cpu" else gpu_dtypes:
-                out.append(Case(loss, "plain", shape, dt, _multilabel_soft_margin))
-    else:
-        beta = 0.0 if loss == "kl_div_with_logits" else 0.5
-        case = f"T={DISTILL_TEMPERATURE:g}" + ("" if beta == 0.0 else f" beta={beta:g}")
-        build = lambda s, d, dev, b=beta: _distill(s, d, dev, beta=b)  # noqa: E731
-        if device == "cuda":
-            shapes = [(16384, 128256), (4096, 32000)] if not quick else [(16384, 128256)]
-            dtypes = ["bf16"] if quick else ["bf16", "fp32"]
-        else:
-            shapes = [(2048, 32000), (512, 32000)]
-            dtypes = ["fp32", "bf16"] if beta == 0.0 else ["fp32"]
-        for shape in shapes[:1] if (quick and beta != 0.0) else shapes:
-            for dt in dtypes:
-                out.append(Case(loss, case, shape, dt, build))
-    return out
-
-
-LOSSES = LOSSES + NEW_LOSSES

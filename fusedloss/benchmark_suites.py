@@ -42,6 +42,11 @@ SMALL_CASES = [
     ("hinge_embedding", lambda s, d, dev: B._pair("hinge_embedding", s, d, dev), (256,)),
     ("soft_margin", lambda s, d, dev: B._pair("soft_margin", s, d, dev), (256,)),
     ("hinge", lambda s, d, dev: B._pair("hinge", s, d, dev), (256,)),
+    # and the other losses at the sizes of small heads
+    ("sigmoid_focal", B._focal, (256, 80)),
+    ("multilabel_soft_margin", B._multilabel_soft_margin, (64, 10)),
+    ("kl_div_with_logits", B._distill, (32, 1000)),
+    ("linear_cross_entropy", B._lce, (32, 64, 1000)),
 ]
 
 

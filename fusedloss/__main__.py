@@ -311,12 +311,12 @@ def cmd_bench(args) -> int:
             )
             print(B.format_table(rows, copy))
         if "small" in suites:
-            rows = S.run_small(device, progress=progress)
+            rows = S.run_small(device, progress=progress, cases=[c for c in S.SMALL_CASES if c[0] in losses])
             all_rows += rows
             print(f"{header}: small calls, microseconds per call (fwd+bwd, and forward under no_grad)")
             print(S.format_small(rows))
         if "autocast" in suites:
-            rows = S.run_autocast(device, args.quick, progress=progress)
+            rows = S.run_autocast(device, args.quick, progress=progress, losses=losses)
             all_rows += rows
             print(f"{header}: bf16 inputs, fwd+bwd, outside and inside torch.autocast(bf16); peak MB beyond the inputs")
             print(S.format_autocast(rows))
@@ -331,7 +331,7 @@ def cmd_bench(args) -> int:
         dev = "cuda" if "cuda" in copies else "cpu"
         B.write_json(all_rows, args.json, copies.get(dev), dev)
     if args.plot:
-        loss_rows = [r for r in all_rows if r["case"] not in ("small", "plain", "autocast")]
+        loss_rows = [r for r in all_rows if r["case"] not in ("small", "no_autocast", "autocast")]
         loss_rows = [r for r in loss_rows if r["loss"] != "training_step"]
         if loss_rows:
             B.plot(loss_rows, args.plot, copies.get("cuda") or copies.get("cpu"))

@@ -138,12 +138,12 @@ def format_small(rows: list[dict]) -> str:
     for r in rows:
         if r["case"] == "small":
             by.setdefault((r["loss"], r["shape"], r["mode"]), {})[r["provider"]] = r["median_ms"] * 1e3
-    head = f"{'loss':<16}{'shape':<10}{'mode':<12}{'fused us':>10}{'eager us':>10}{'compile us':>12}"
+    head = f"{'loss':<24}{'shape':<12}{'mode':<12}{'fused us':>10}{'eager us':>10}{'compile us':>12}"
     head += f"{'vs eager':>10}{'vs compile':>12}"
     out = [head, "-" * len(head)]
     for (loss, shape, mode), t in by.items():
         f, e, c = t.get("fusedloss", math.nan), t.get("torch", math.nan), t.get("torch.compile", math.nan)
-        out.append(f"{loss:<16}{shape:<10}{mode:<12}{f:>10.1f}{e:>10.1f}{c:>12.1f}{f / e:>10.2f}{f / c:>12.2f}")
+        out.append(f"{loss:<24}{shape:<12}{mode:<12}{f:>10.1f}{e:>10.1f}{c:>12.1f}{f / e:>10.2f}{f / c:>12.2f}")
     return "\n".join(out)
 
 
@@ -233,7 +233,7 @@ def _autocast_problems(device: str, quick: bool):
 
 
 def run_autocast(device: str, quick: bool, reps: int = 5, warmup: int = 2, progress=None, losses=None) -> list[dict]:
-    """fwd+bwd of each loss on bf16 inputs, outside autocast ("plain") and inside
+    """fwd+bwd of each loss on bf16 inputs, outside autocast ("no_autocast") and inside
     torch.autocast(bf16) ("autocast"): median time, and peak memory beyond the
     inputs (CUDA: max_memory_allocated; CPU: peak resident memory)."""
     sha, dev_name = B.git_sha(), B.device_name(device)
@@ -246,7 +246,7 @@ def run_autocast(device: str, quick: bool, reps: int = 5, warmup: int = 2, progr
         for provider, fn in (("fusedloss", fused), ("torch", native)):
             if fn is None:  # the reference is not installed
                 continue
-            for case in ("plain", "autocast"):
+            for case in ("no_autocast", "autocast"):
 
                 def call(fn=fn, case=case):
                     if case == "autocast":
@@ -284,7 +284,7 @@ def run_autocast(device: str, quick: bool, reps: int = 5, warmup: int = 2, progr
 def format_autocast(rows: list[dict]) -> str:
     by = {}
     for r in rows:
-        if r["case"] in ("plain", "autocast") and r["dtype"] == "bf16" and r["mode"] == "full":
+        if r["case"] in ("no_autocast", "autocast") and r["dtype"] == "bf16" and r["mode"] == "full":
             by.setdefault((r["loss"], r["shape"]), {})[(r["provider"], r["case"])] = r
     head = (
         f"{'loss':<24}{'shape':<16}{'fused ms':>10}{'in autocast':>12}{'time x':>8}{'fused MB':>10}"
@@ -292,7 +292,7 @@ def format_autocast(rows: list[dict]) -> str:
     )
     out = [head, "-" * len(head)]
     for (loss, shape), r in by.items():
-        fp, fa = r[("fusedloss", "plain")], r[("fusedloss", "autocast")]
+        fp, fa = r[("fusedloss", "no_autocast")], r[("fusedloss", "autocast")]
         ta = r.get(("torch", "autocast"))
         out.append(
             f"{loss:<24}{shape:<16}{fp['median_ms']:>10.2f}{fa['median_ms']:>12.2f}"

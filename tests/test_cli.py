@@ -93,7 +93,15 @@ def test_bench_writes_csv_json_and_plot(tmp_path):
         "git_sha",
     ]
     assert {r["provider"] for r in rows} == {"fusedloss", "torch", "torch.compile"}
-    assert {r["mode"] for r in rows} == {"fwd", "bwd", "full"}
+    # --quick runs the losses, small and autocast suites, each for --loss only
+    assert {r["loss"] for r in rows} == {"mse"}
+    by_case = {}
+    for r in rows:
+        by_case.setdefault(r["case"], set()).add(r["mode"])
+    assert by_case.pop("small") == {"full", "fwd_nograd"}
+    assert by_case.pop("plain") == {"fwd", "bwd", "full"}  # the losses suite
+    assert by_case.pop("no_autocast") == by_case.pop("autocast") == {"full"}
+    assert not by_case
     assert all(float(r["median_ms"]) > 0 and float(r["p20_ms"]) <= float(r["p80_ms"]) for r in rows)
     summary = json.load(open(f"{out}.json"))["summary"]
     assert all(s["ratio_vs_torch"] > 0 for s in summary)
@@ -163,7 +171,7 @@ def test_bench_suites_rows_and_tables():
     assert "cross_entropy" in S.format_small(small)
     ac = S.run_autocast("cpu", quick=True, reps=1, warmup=1, losses=["mse"])
     assert {(r["provider"], r["case"]) for r in ac} == {
-        (p, c) for p in ("fusedloss", "torch") for c in ("plain", "autocast")
+        (p, c) for p in ("fusedloss", "torch") for c in ("no_autocast", "autocast")
     }
     assert all(r["peak_mem_mb"] == r["peak_mem_mb"] for r in ac)  # measured, not NaN
     assert "mse" in S.format_autocast(ac)

@@ -369,9 +369,11 @@ def run_step(device: str, quick: bool, reps: int = 5, warmup: int = 2, progress=
     shape = (batch * seq, vocab)
     rows = []
     variants = [(m, lf) for m in ("eager", "compiled") for lf in ("torch", "fusedloss")]
+    steps = {}
+    torch._dynamo.reset()
     for i, (mode, loss_name) in enumerate(variants):
         if progress:
-            progress(i + 1, len(variants) + 1, f"step {mode} {loss_name}")
+            progress(i + 1, len(variants) + 1, f"step {mode} {loss_name}: warm-up")
         torch.manual_seed(0)
         model = TinyLlama(vocab).to(device)
         opt = torch.optim.SGD(model.parameters(), lr=1e-3)
@@ -385,22 +387,27 @@ def run_step(device: str, quick: bool, reps: int = 5, warmup: int = 2, progress=
             opt.zero_grad(set_to_none=True)
             return loss
 
-        torch._dynamo.reset()
         fn = torch.compile(step) if mode == "compiled" else step
         for _ in range(warmup):
             fn()
-        samples = []
-        for _ in range(reps):
+        steps[(mode, loss_name)] = fn
+    # Round after round, each variant once: drifts in the machine's load hit
+    # all of them alike.
+    samples = {k: [] for k in steps}
+    for _ in range(reps):
+        for k, fn in steps.items():
             if device == "cuda":
                 torch.cuda.synchronize()
             t = time.perf_counter()
             fn()
             if device == "cuda":
                 torch.cuda.synchronize()
-            samples.append((time.perf_counter() - t) * 1e3)
-        med, p20, p80 = B._quantiles(samples)
+            samples[k].append((time.perf_counter() - t) * 1e3)
+    for (mode, loss_name), xs in samples.items():
+        med, p20, p80 = B._quantiles(xs)
         rows.append(_row("training_step", f"step-{mode}", loss_name, "full", "fp32", shape, dev_name, med, p20, p80,
                          sha=sha))  # fmt: skip
+    steps = None
     if progress:
         progress(len(variants) + 1, len(variants) + 1, "step: the loss alone")
     logits = torch.randn(shape, device=device, requires_grad=True)

@@ -39,6 +39,14 @@ DTensor's ``loss_parallel`` at scale.
 No host synchronization: no ``.item()``, no control flow on tensor values. The
 one exception is the default ``vocab_start_index`` (see
 :func:`vocab_parallel_cross_entropy`).
+
+:func:`vocab_parallel_linear_cross_entropy` takes the hidden states and this
+rank's rows of the head's weight (and bias) instead of the logits, which then
+exist one chunk of rows at a time (as in
+:func:`fusedloss.functional.linear_cross_entropy`): the same two collectives
+and bytes per forward, none in the backward, and no ``(N, V_local)`` buffer.
+Its input gradient is this rank's part, which the column-parallel layer's
+backward sums over the group.
 """
 
 from __future__ import annotations

@@ -354,7 +354,43 @@ def _vpl_worker(rank, world):
     out.update(_default_offsets_and_ignored(rank, world))
     if world == 2:
         out.update(_training_and_errors(rank, world))
+    if world == 4:
+        out.update(_subgroups(rank))
     return out
+
+
+def _subgroups(rank):
+    """Two groups of two ranks ([0, 1] and [2, 3]), each with its own head
+    split unevenly: the default offsets are gathered per group, and each
+    forward runs its two collectives on its group only."""
+    import fusedloss.distributed as FD
+
+    groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    group, pair, member = groups[rank // 2], rank // 2, rank % 2
+    sizes = [(7, 10), (12, 3)][pair]
+    x, W, b, t, _ = _inputs(6, 8, sum(sizes), torch.float64, seed=40 + pair)
+    start = _starts(list(sizes))[member]
+    rows = slice(start, start + sizes[member])
+    xl, Wl, bl = x.clone().requires_grad_(), W[rows].clone().requires_grad_(), b[rows].clone().requires_grad_()
+    FD.vocab_parallel_linear_cross_entropy(xl, Wl, t, group=group, linear_bias=bl)  # gathers the offsets
+    with Collectives(group) as c:
+        loss = FD.vocab_parallel_linear_cross_entropy(xl, Wl, t, group=group, linear_bias=bl, label_smoothing=0.1)
+    loss.backward()
+    gx = xl.grad.clone()
+    dist.all_reduce(gx, group=group)
+    ref = _single(x, W, b, t, torch.tensor(1.0, dtype=torch.float64), {"label_smoothing": 0.1})
+
+    def close(a, e):
+        return bool(torch.allclose(a, e, rtol=1e-12, atol=1e-15))
+
+    return {
+        "subgroup": (
+            [n for n, _ in c.calls],
+            c.backend,
+            FD.vocab_offsets(sizes[member], group),
+            close(loss, ref[0]) and close(gx, ref[1]) and close(Wl.grad, ref[2][rows]) and close(bl.grad, ref[3][rows]),
+        )
+    }
 
 
 def _default_offsets_and_ignored(rank, world):
@@ -532,6 +568,11 @@ def test_vocab_parallel_linear_over_gloo(world):
         )
         assert r["default_loss_ok"]
         assert r["all_ignored"] == [(False, 0.0, True), (True, 0.0, True), (False, 0.0, True)]
+    if world == 4:
+        for rank, r in enumerate(res):
+            sizes = [(7, 10), (12, 3)][rank // 2]
+            start = sizes[0] if rank % 2 else 0
+            assert r["subgroup"] == (["all_reduce", "all_reduce"], 2, (start, sum(sizes)), True), (rank, r["subgroup"])
     if world != 2:
         return
     e0, e1 = res

@@ -129,10 +129,12 @@ std::vector<int64_t> batch_shape(const at::Tensor& input) {
   return input.dim() == 2 ? std::vector<int64_t>{input.size(0)} : std::vector<int64_t>{};
 }
 
+}  // namespace
+
 // Gradient buffers of a call: grad_input in the input's dtype; grad_weight and
 // grad_bias accumulators in fp32 for fp16/bf16 unless a single chunk gives
 // them whole (then in their own dtype: one GEMM, rounded once).
-LceGrads make_grads(const LceInputs& in, std::array<bool, 3> mask, int64_t chunk_rows) {
+LceGrads lce_make_grads(const LceInputs& in, std::array<bool, 3> mask, int64_t chunk_rows) {
   LceGrads g;
   const bool single = in.N <= chunk_rows;
   const auto t = in.x.scalar_type();
@@ -147,8 +149,8 @@ LceGrads make_grads(const LceInputs& in, std::array<bool, 3> mask, int64_t chunk
 
 // The gradients as returned: each in its parameter's dtype and shape (the
 // accumulators rounded once), or an empty (0,) tensor when not wanted.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> finish_grads(LceGrads& g, const at::Tensor& input,
-                                                            const at::Tensor& w) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_finish_grads(LceGrads& g, const at::Tensor& input,
+                                                                const at::Tensor& w) {
   const auto opts = input.options();
   auto done = [&](at::Tensor& t, at::ScalarType dtype) {
     if (!t.defined()) return at::empty({0}, opts);
@@ -161,8 +163,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> finish_grads(LceGrads& g, const a
   at::Tensor gb = done(g.bias, w.scalar_type());
   return {gi, gw, gb};
 }
-
-}  // namespace
 
 int64_t lce_chunk_rows(const LceDevice& dev, int64_t N, int64_t V, at::ScalarType dtype, int64_t chunk_size) {
   if (N <= 0) return 1;
@@ -288,7 +288,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const bool want_grads = reduction != kReductionNone && (grad_mask[0] || grad_mask[1] || grad_mask[2]);
   LceGrads grads;
   if (want_grads) {
-    grads = make_grads(in, grad_mask, chunk_rows);
+    grads = lce_make_grads(in, grad_mask, chunk_rows);
     // The mean's denominator is needed before the first chunk's gradient:
     // the weights of the kept targets, summed on the device.
     at::Tensor denominator = st.stats.select(0, 0);
@@ -328,7 +328,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     loss = finish(loss, loss_type);
     if (reduction != kReductionMean) denominator.fill_(1);
   }
-  auto [gi, gw, gb] = finish_grads(grads, input, linear_weight);
+  auto [gi, gw, gb] = lce_finish_grads(grads, input, linear_weight);
   auto lse_shape = batch;
   lse_shape.push_back(2);
   return {loss, st.lse.view(lse_shape), st.stats, st.target_mass.view(in.prob ? at::IntArrayRef(batch) : at::IntArrayRef({0})),
@@ -371,7 +371,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_backward(
   st.divide = reduction == kReductionMean;
   const int64_t chunk_rows = lce_chunk_rows(dev, in.N, in.V, input.scalar_type(), chunk_size);
   const std::array<bool, 3> mask{output_mask[0], output_mask[1], output_mask[2] && in.b.defined()};
-  LceGrads grads = make_grads(in, mask, chunk_rows);
+  LceGrads grads = lce_make_grads(in, mask, chunk_rows);
   if (mask[0] || mask[1] || mask[2]) {
     lce_chunks(
         dev, in, chunk_rows,
@@ -384,7 +384,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_backward(
       if (grads.bias.defined()) grads.bias.zero_();
     }
   }
-  return finish_grads(grads, input, linear_weight);
+  return lce_finish_grads(grads, input, linear_weight);
 }
 
 }  // namespace fusedloss

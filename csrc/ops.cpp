@@ -143,6 +143,22 @@ TORCH_LIBRARY(fusedloss, m) {
       "vocab_parallel_ce_backward(Tensor grad, Tensor input, Tensor target, Tensor? weight, Tensor state, "
       "Tensor stats, int vocab_start, int ignore_index, int reduction, float label_smoothing, "
       "float lse_square_scale, float? softcap) -> Tensor");
+  // Its linear variant (vocab_parallel_linear_cross_entropy): input (N, D) and
+  // this rank's rows (C_local, D) of the head's weight (and bias) in place of
+  // the logits, which exist one chunk of chunk_size rows at a time (0: the
+  // device's budget). linear_ce_local -> local's outputs; rebase and finalize
+  // as above; linear_ce_backward -> (this slice's part of grad_input,
+  // grad_linear_weight, grad_linear_bias), empty (0,) tensors where
+  // output_mask is false.
+  m.def(
+      "vocab_parallel_linear_ce_local(Tensor input, Tensor linear_weight, Tensor target, Tensor? linear_bias, "
+      "Tensor? weight, int vocab_start, int ignore_index, float label_smoothing, float? softcap, int chunk_size) -> "
+      "(Tensor, Tensor, Tensor)");
+  m.def(
+      "vocab_parallel_linear_ce_backward(Tensor grad, Tensor input, Tensor linear_weight, Tensor target, "
+      "Tensor? linear_bias, Tensor? weight, Tensor state, Tensor stats, int vocab_start, int ignore_index, "
+      "int reduction, float label_smoothing, float lse_square_scale, float? softcap, int chunk_size, "
+      "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
   // sigmoid_focal_loss (torchvision.ops.sigmoid_focal_loss): alpha in [0, 1],
   // or -1 for no class weight; reduction defaults to none, as torchvision's.
   m.def(

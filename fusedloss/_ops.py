@@ -277,6 +277,29 @@ def _(grad, input, *rest):
     return input.new_empty(input.shape)
 
 
+# The linear variant: input (N, D), linear_weight (C_local, D).
+@torch.library.register_fake("fusedloss::vocab_parallel_linear_ce_local")
+def _(input, linear_weight, target, linear_bias, weight, vocab_start, ignore_index, label_smoothing, softcap, chunk):
+    acc = _acc(input)
+    n = input.shape[0]
+    fields = 3 if label_smoothing > 0 else 2
+    return (
+        input.new_empty((n,), dtype=acc),
+        input.new_empty((fields * n + 1,), dtype=acc),
+        input.new_empty((), dtype=acc),
+    )
+
+
+@torch.library.register_fake("fusedloss::vocab_parallel_linear_ce_backward")
+def _(grad, input, linear_weight, target, linear_bias, weight, *saved_and_options):
+    output_mask = saved_and_options[-1]
+    return (
+        _grad(input, output_mask[0]),
+        _grad(linear_weight, output_mask[1]),
+        _grad(linear_bias, output_mask[2]) if linear_bias is not None else _grad(input, False),
+    )
+
+
 # sigmoid_focal_loss, multilabel_soft_margin_loss, distillation on logits.
 # distill, like mse and cross_entropy, runs distill_forward below autograd.
 

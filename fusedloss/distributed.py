@@ -39,6 +39,14 @@ DTensor's ``loss_parallel`` at scale.
 No host synchronization: no ``.item()``, no control flow on tensor values. The
 one exception is the default ``vocab_start_index`` (see
 :func:`vocab_parallel_cross_entropy`).
+
+:func:`vocab_parallel_linear_cross_entropy` takes the hidden states and this
+rank's rows of the head's weight (and bias) instead of the logits, which then
+exist one chunk of rows at a time (as in
+:func:`fusedloss.functional.linear_cross_entropy`): the same two collectives
+and bytes per forward, none in the backward, and no ``(N, V_local)`` buffer.
+Its input gradient is this rank's part, which the column-parallel layer's
+backward sums over the group.
 """
 
 from __future__ import annotations
@@ -50,7 +58,12 @@ from torch.nn import _reduction as _Reduction
 from . import _validation
 from ._ops import ops
 
-__all__ = ["clear_vocab_offsets", "vocab_offsets", "vocab_parallel_cross_entropy"]
+__all__ = [
+    "clear_vocab_offsets",
+    "vocab_offsets",
+    "vocab_parallel_cross_entropy",
+    "vocab_parallel_linear_cross_entropy",
+]
 
 _REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 # c10's dtype names, as torch's messages print them.
@@ -127,35 +140,52 @@ def _autocast(t: torch.Tensor) -> bool:
         return False
 
 
+def _weight_usable(weight, vocab_start: int, local_size: int) -> bool:
+    return weight is None or (weight.dim() == 1 and weight.numel() >= vocab_start + local_size)
+
+
+def _over_group(
+    local_max, packed, mass, usable, target, weight, group, vocab_start, local_size, ignore_index, reduction,
+    label_smoothing, lse_square_scale, loss_dtype,
+):  # fmt: skip
+    """The two collectives and the loss from a local pass's outputs: returns
+    finalize's (loss, state, stats).
+
+    A weight that does not cover this rank's slice (``usable`` False) is known
+    here only: rather than raise before the collectives (leaving the other
+    ranks waiting in them), the local pass ran without it and the class count
+    is poisoned, so that every rank learns of it from the SUM; this rank
+    raises after."""
+    if not usable:
+        packed[-1:].fill_(float("nan"))
+    global_max = local_max.clone()
+    dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
+    packed = ops.vocab_parallel_ce_rebase(packed, local_max, global_max, mass)
+    dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+    if not usable:
+        raise RuntimeError(
+            "weight tensor should be defined either for all classes or no classes but got weight tensor of "
+            f"shape: {list(weight.shape)}, short of this rank's classes [{vocab_start}, {vocab_start + local_size})"
+        )
+    return ops.vocab_parallel_ce_finalize(
+        packed, global_max, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale, loss_dtype
+    )
+
+
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx, local_logits, target, weight, group, vocab_start, ignore_index, reduction, label_smoothing,
         lse_square_scale, softcap, loss_dtype, out,
     ):  # fmt: skip
-        # A weight that does not cover this rank's slice is known here only:
-        # rather than raise before the collectives (leaving the other ranks
-        # waiting in them), take part without it and poison the class count,
-        # so that every rank learns of it from the SUM; this rank raises after.
         local_size = local_logits.shape[1]
-        usable = weight is None or (weight.dim() == 1 and weight.numel() >= vocab_start + local_size)
-        local_max, packed, mass = ops.vocab_parallel_ce_local(
+        usable = _weight_usable(weight, vocab_start, local_size)
+        local = ops.vocab_parallel_ce_local(
             local_logits, target, weight if usable else None, vocab_start, ignore_index, label_smoothing, softcap
         )
-        if not usable:
-            packed[-1:].fill_(float("nan"))
-        global_max = local_max.clone()
-        dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
-        packed = ops.vocab_parallel_ce_rebase(packed, local_max, global_max, mass)
-        dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
-        if not usable:
-            raise RuntimeError(
-                "weight tensor should be defined either for all classes or no classes but got weight tensor of "
-                f"shape: {list(weight.shape)}, short of this rank's classes [{vocab_start}, {vocab_start + local_size})"
-            )
-        loss, state, stats = ops.vocab_parallel_ce_finalize(
-            packed, global_max, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale,
-            loss_dtype,
+        loss, state, stats = _over_group(
+            *local, usable, target, weight, group, vocab_start, local_size, ignore_index, reduction, label_smoothing,
+            lse_square_scale, loss_dtype,
         )  # fmt: skip
         ctx.save_for_backward(local_logits, target, weight, state, stats)
         ctx.options = (vocab_start, ignore_index, reduction, label_smoothing, lse_square_scale, softcap)
@@ -390,6 +420,230 @@ def vocab_parallel_cross_entropy(
     if _validation.wanted(local_logits):
         # Strict mode off the CPU: torch's errors, at the cost of a device sync
         # (every rank raises alike: all hold the same targets and V).
+        vocab_size = int(out["stats"][2])
+        if weight is not None and weight.numel() != vocab_size:
+            raise RuntimeError(
+                f"weight tensor should be defined either for all {vocab_size} classes or no classes but got "
+                f"weight tensor of shape: {list(weight.shape)}"
+            )
+        _validation.check_class_indices(target, vocab_size, ignore_index)
+    return loss.squeeze(0) if unbatched and red == 0 else loss
+
+
+# ---------------------------------------------------------------------------
+# The linear variant: the hidden states and this rank's rows of the head's
+# weight in place of the logits, which exist one chunk of rows at a time.
+
+
+class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx, input, local_weight, bias, target, weight, group, vocab_start, ignore_index, reduction, label_smoothing,
+        lse_square_scale, softcap, chunk_size, loss_dtype, out,
+    ):  # fmt: skip
+        local_size = local_weight.shape[0]
+        usable = _weight_usable(weight, vocab_start, local_size)
+        local = ops.vocab_parallel_linear_ce_local(
+            input, local_weight, target, bias, weight if usable else None, vocab_start, ignore_index,
+            label_smoothing, softcap, chunk_size,
+        )  # fmt: skip
+        loss, state, stats = _over_group(
+            *local, usable, target, weight, group, vocab_start, local_size, ignore_index, reduction, label_smoothing,
+            lse_square_scale, loss_dtype,
+        )  # fmt: skip
+        ctx.save_for_backward(input, local_weight, bias, target, weight, state, stats)
+        ctx.options = (vocab_start, ignore_index, reduction, label_smoothing, lse_square_scale, softcap)
+        ctx.group, ctx.loss_dtype, ctx.chunk_size = group, loss_dtype, chunk_size
+        out["stats"] = stats
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        input, local_weight, bias, target, weight, state, stats = ctx.saved_tensors
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+        none = (None,) * 12
+        if not any(needs):
+            return (None, None, None) + none
+        if torch.is_grad_enabled():
+            # create_graph=True: the loss as torch ops over this rank's whole
+            # (N, V_local) logits, with differentiable all_reduces; each rank's
+            # share of the sum over ranks is 1 / world (see _composite_loss).
+            logits = input.matmul(local_weight.t())
+            if bias is not None:
+                logits = logits + bias
+            loss = _composite_loss(logits, target, weight, ctx.group, stats, ctx.loss_dtype, *ctx.options)
+            loss = loss / dist.get_world_size(ctx.group)
+            wrt = [t for t, n in zip((input, local_weight, bias), needs, strict=True) if n]
+            got = iter(torch.autograd.grad(loss, wrt, grad, create_graph=True))
+            return tuple(next(got) if n else None for n in needs) + none
+        with torch.autocast(input.device.type, enabled=False):
+            gi, gw, gb = ops.vocab_parallel_linear_ce_backward(
+                grad, input, local_weight, target, bias, weight, state, stats, *ctx.options, ctx.chunk_size,
+                list(needs),
+            )  # fmt: skip
+        return (gi if needs[0] else None, gw if needs[1] else None, gb if needs[2] else None) + none
+
+
+def vocab_parallel_linear_cross_entropy(
+    input: torch.Tensor,
+    local_linear_weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    group=None,
+    vocab_start_index: int | None = None,
+    linear_bias: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    lse_square_scale: float = 0.0,
+    softcap: float | None = None,
+    chunk_size: int | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Cross entropy of ``linear(input, W, b)`` when the head ``W`` (V, D) is
+    sharded by rows (classes) over a process group: a column-parallel LM head
+    and its loss, without any rank holding its ``(N, V_local)`` logits.
+
+    ``input``: the hidden states ``(N, D)`` (or ``(D,)`` with a 0-d target),
+    the same on every rank of the group. ``local_linear_weight``: this rank's
+    rows ``(V_local, D)`` of ``W`` (slices may be uneven, and empty);
+    ``linear_bias``: this rank's ``(V_local,)`` slice of ``b``. ``target``:
+    ``(N,)`` global class indices (int64 or uint8), the same on every rank.
+    The loss, on every rank (the same bits on every rank), is that of
+    :func:`fusedloss.functional.linear_cross_entropy` with the weight (and
+    bias) concatenated over the group in rank order, which equals
+    ``cross_entropy(linear(input, W, b), target, ...)``; ``group``,
+    ``vocab_start_index``, ``weight`` (the full ``(V,)`` class weight),
+    ``ignore_index``, ``reduction``, ``label_smoothing``,
+    ``lse_square_scale``, ``softcap`` and ``out_dtype`` are those of
+    :func:`vocab_parallel_cross_entropy`, whose notes on argument agreement,
+    errors, out-of-range targets, accuracy of the row sums and determinism
+    apply here too (``vocab_start_index`` defaults to the prefix sum of the
+    ``local_linear_weight`` row counts).
+
+    Gradients: ``local_linear_weight`` and ``linear_bias`` get this rank's
+    rows of the gradients of ``W`` and ``b``. ``input`` gets this rank's
+    **part** of its gradient, the sum over this slice's classes
+    ``dlogits_local @ W_local``: the full gradient is the sum of the parts
+    over the group. That all_reduce belongs to the column-parallel layer's
+    backward (the identity-forward, all_reduce-backward function in front of
+    the head, as in Megatron-style tensor parallelism), not to the loss: when
+    the hidden states come from replicated layers, put one there.
+
+    How: rows in chunks of ``chunk_size`` (default: as
+    :func:`fusedloss.functional.linear_cross_entropy`, a budget of logits
+    bytes per chunk: 32 MiB on the CPU, 1 GiB on CUDA, evened out). Forward:
+    per chunk, one GEMM (ATen: oneDNN/MKL, cuBLAS, the same tiled CPU GEMMs as
+    linear_cross_entropy) writes the chunk's local logits into one reused
+    buffer, rounded to the input's dtype as torch's ``linear`` rounds them, and
+    the local pass of :func:`vocab_parallel_cross_entropy` reads them into the
+    batch's per-row (max, sum of exponentials but the target's, target logit,
+    smoothing sum); then the same two collectives (``all_reduce`` MAX of N
+    values, one packed ``all_reduce`` SUM of 2N + 1, 3N + 1 with smoothing:
+    12N + 4 bytes on the wire, 16N + 4 with smoothing, twice that for fp64)
+    and the loss. Backward, with no collective: per chunk the logits GEMM
+    again, their gradient written over them from the saved per-row global
+    state, then ``grad_input`` rows ``+= dlogits @ W_local`` and
+    ``grad_W_local += dlogits^T @ x_chunk`` (fp32 accumulators for fp16/bf16
+    over several chunks, rounded once): four GEMMs per chunk in all, as the
+    single-device op. The gradient runs in the backward, not the forward, so
+    that every reduction takes one path, grad_output enters the row
+    coefficients (one rounding of each gradient, also for fp16/bf16), and
+    nothing but O(N) state is held between forward and backward. Extra memory
+    per rank: the chunk buffer, the gradients (and fp32 accumulators for
+    fp16/bf16), O(N); never the (N, V_local) logits nor an fp32 copy of the
+    shard. No host synchronization (the default ``vocab_start_index``'s
+    first call aside).
+
+    Deviations and limits: as :func:`vocab_parallel_cross_entropy` (class
+    indices only; no K-dimensional weights). Under ``torch.autocast``, the
+    input, weight and bias are cast to the autocast dtype (fp64 stays fp64) as
+    torch's ``linear`` would be, and the loss is fp32. A backward with
+    ``create_graph=True`` differentiates the loss written as torch ops
+    (``input @ W_local^T`` in full, then the composite of
+    :func:`vocab_parallel_cross_entropy`, with its extra collectives).
+    ``torch.compile`` traces it as it does :func:`vocab_parallel_cross_entropy`.
+    """
+    red = _REDUCTIONS.get(reduction) if isinstance(reduction, str) else None
+    if red is None:
+        red = _Reduction.get_enum(reduction)  # torch's ValueError (or its legacy names)
+    name = "vocab_parallel_linear_cross_entropy"
+    if not all(isinstance(t, torch.Tensor) for t in (input, local_linear_weight, target)):
+        raise TypeError(f"{name}: input, local_linear_weight and target must be tensors")
+    # torch's linear_cross_entropy checks, in its words.
+    if input.dim() < 1 or input.dim() > 2:
+        raise RuntimeError(f"expected input with dimensionality 1 or 2, got {input.dim()}")
+    if local_linear_weight.dim() != 2:
+        raise RuntimeError(
+            f"{name}: local_linear_weight must be 2-D (V_local, in_features), got shape "
+            f"{tuple(local_linear_weight.shape)}"
+        )
+    if input.shape[-1] != local_linear_weight.shape[-1]:
+        raise RuntimeError(
+            "expected equal input and linear_weight last dimensions (in_features), "
+            f"got {input.shape[-1]} and {local_linear_weight.shape[-1]}, respectively"
+        )
+    local_size = local_linear_weight.shape[0]
+    if linear_bias is not None and tuple(linear_bias.shape) != (local_size,):
+        raise RuntimeError(f"expected linear_bias shape {(local_size,)}, got {tuple(linear_bias.shape)}")
+    if label_smoothing > 1.0:
+        raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing:g}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be a positive number or None, got {softcap}")
+    if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size > 0):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if target.is_floating_point() and target.dim() == input.dim():
+        raise NotImplementedError(f"{name}: class-probability targets are not supported; pass class indices")
+    if target.dtype not in (torch.int64, torch.uint8):
+        raise RuntimeError(f"expected target dtype to be Long or Byte, but got {_C10_NAMES.get(target.dtype)}")
+    if not input.is_floating_point():
+        raise NotImplementedError(f"\"{name}\" not implemented for '{_C10_NAMES.get(input.dtype)}'")
+    unbatched = input.dim() == 1
+    if unbatched:
+        if target.dim() != 0:
+            raise ValueError(f"Expected target to be 0-d for unbatched (D,) input, got shape {tuple(target.shape)}")
+        input, target = input.unsqueeze(0), target.unsqueeze(0)
+    if target.dim() != 1 or target.shape[0] != input.shape[0]:
+        raise ValueError(
+            f"Expected input batch_size ({input.shape[0]}) to match target batch_size "
+            f"({target.shape[0] if target.dim() else 1})."
+        )
+    autocast = input.dtype != torch.float64 and _autocast(input)
+    if autocast:
+        # torch's linear under autocast: its operands in the autocast dtype
+        # (through differentiable casts), cross entropy in fp32.
+        low = torch.get_autocast_dtype(input.device.type)
+        input = input.to(low)
+        if local_linear_weight.is_floating_point() and local_linear_weight.dtype != torch.float64:
+            local_linear_weight = local_linear_weight.to(low)
+        if linear_bias is not None and linear_bias.is_floating_point() and linear_bias.dtype != torch.float64:
+            linear_bias = linear_bias.to(low)
+    for other, what in ((local_linear_weight, "local_linear_weight"), (linear_bias, "linear_bias")):
+        if other is not None and other.dtype != input.dtype:
+            raise RuntimeError(
+                f"{name}: {what} has dtype {other.dtype} but the input has {input.dtype}; torch's linear takes "
+                "operands of one dtype"
+            )
+    if weight is not None and weight.dtype != input.dtype and not autocast:
+        raise RuntimeError(f"expected scalar type {_C10_NAMES[input.dtype]} but found {_C10_NAMES.get(weight.dtype)}")
+    if out_dtype is None:
+        out_dtype = torch.float32 if autocast else input.dtype
+    if vocab_start_index is None:
+        vocab_start_index, vocab_size = vocab_offsets(local_size, group, input.device)
+        if weight is not None and (weight.dim() != 1 or weight.numel() != vocab_size):
+            raise RuntimeError(
+                f"weight tensor should be defined either for all {vocab_size} classes or no classes but got "
+                f"weight tensor of shape: {list(weight.shape)}"
+            )
+    out = {}
+    with torch.autocast(input.device.type, enabled=False):
+        loss = _VocabParallelLinearCrossEntropy.apply(
+            input, local_linear_weight, linear_bias, target, weight, group, int(vocab_start_index), int(ignore_index),
+            red, float(label_smoothing), float(lse_square_scale), None if softcap is None else float(softcap),
+            chunk_size or 0, out_dtype, out,
+        )  # fmt: skip
+    if _validation.wanted(input):
         vocab_size = int(out["stats"][2])
         if weight is not None and weight.numel() != vocab_size:
             raise RuntimeError(

@@ -31,6 +31,7 @@ cover the kernels quickly without processes.
 
 from __future__ import annotations
 
+import importlib
 import os
 import socket
 import sys
@@ -371,24 +372,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank, world, port, results, fn_name, args):
+def _entry(rank, world, port, results, module, fn_name, args):
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)  # world processes share the machine's cores
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        results[rank] = globals()[fn_name](rank, world, *args)
+        results[rank] = getattr(importlib.import_module(module), fn_name)(rank, world, *args)
     finally:
         dist.destroy_process_group()
 
 
 def spawn(fn, world, *args, limit_s=150):
-    """Runs fn(rank, world, *args) on `world` gloo processes; returns their
-    results by rank. Fails (and kills the processes) after about limit_s."""
+    """Runs fn(rank, world, *args) (a module-level function of a test module)
+    on `world` gloo processes; returns their results by rank. Fails (and kills
+    the processes) after about limit_s."""
     with mp.Manager() as manager:
         results = manager.dict()
         ctx = mp.start_processes(
-            _entry, args=(world, _free_port(), results, fn.__name__, args), nprocs=world, join=False,
+            _entry, args=(world, _free_port(), results, fn.__module__, fn.__name__, args), nprocs=world, join=False,
             start_method="spawn",
         )  # fmt: skip
         for _ in range(limit_s):

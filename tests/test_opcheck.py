@@ -203,6 +203,37 @@ def vocab_parallel_samples(device):
                 _, state, stats = ops.vocab_parallel_ce_finalize(packed, gmax, t, w, ii, reduction, eps, z, dtype)
                 g = make(shape[:1] if reduction == 0 else (), dtype, device)
                 yield ops.vocab_parallel_ce_backward, (g, x, t, w, state, stats, start, ii, reduction, eps, z, cap)
+    yield from vocab_parallel_linear_samples(device)
+
+
+def vocab_parallel_linear_samples(device):
+    """The linear variant's ops, as one rank of two runs them: hidden states
+    (N, D) and this rank's rows of the head (an empty slice and an empty batch
+    too), in several chunks and one, with and without a bias."""
+    for dtype, n, rows, start in ((torch.float32, 6, 13, 4), (torch.bfloat16, 6, 13, 0), (torch.float32, 5, 0, 9),
+                                  (torch.bfloat16, 0, 7, 0)):  # fmt: skip
+        for k, opts in enumerate(CE_OPTIONS if rows == 13 else CE_OPTIONS[:1]):
+            ii, eps, z, cap = opts
+            chunk = (0, 4)[k % 2]
+            x = make((n, 8), dtype, device)
+            lw = make((rows, 8), dtype, device)
+            lb = make((rows,), dtype, device) if k % 2 == 0 or dtype == torch.bfloat16 else None
+            t = torch.randint(0, 20, (n,), device=device)
+            if t.numel():
+                t[0] = ii
+            w = make((20,), dtype, device, 0.5, 2) if eps > 0 else None
+            yield ops.vocab_parallel_linear_ce_local, (x, lw, t, lb, w, start, ii, eps, cap, chunk)
+            local_max, packed, mass = ops.vocab_parallel_linear_ce_local(x, lw, t, lb, w, start, ii, eps, cap, chunk)
+            gmax = local_max + 1
+            packed = ops.vocab_parallel_ce_rebase(packed, local_max, gmax, mass)
+            packed[-1] = 20  # the whole vocabulary, as the SUM gives it
+            for reduction in (0, 1, 2) if rows == 13 else (1,):
+                _, state, stats = ops.vocab_parallel_ce_finalize(packed, gmax, t, w, ii, reduction, eps, z, dtype)
+                g = make((n,) if reduction == 0 else (), dtype, device)
+                for mask in ([True, True, True], [True, False, False], [False, True, True]):
+                    yield ops.vocab_parallel_linear_ce_backward, (
+                        g, x, lw, t, lb, w, state, stats, start, ii, reduction, eps, z, cap, chunk, mask,
+                    )  # fmt: skip
 
 
 ALL_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")

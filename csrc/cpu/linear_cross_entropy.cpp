@@ -142,12 +142,14 @@ struct CpuLceDevice final : LceRowsOf<&ce_rows<double>, &ce_rows<float>, &ce_row
   int64_t chunk_budget_bytes() const override { return kChunkBudgetBytes; }
 };
 
-const LceDevice& cpu_device() {
+}  // namespace
+
+// Also the GEMMs of the vocabulary-parallel linear variant (vocab_parallel_host.h).
+const LceDevice& lce_device() {
   static const CpuLceDevice device;
   return device;
 }
 
-}  // namespace
 }  // namespace fusedloss::cpu
 
-TORCH_LIBRARY_IMPL(fusedloss, CPU, m) { fusedloss::LceKernels<&fusedloss::cpu::cpu_device>::register_all(m); }
+TORCH_LIBRARY_IMPL(fusedloss, CPU, m) { fusedloss::LceKernels<&fusedloss::cpu::lce_device>::register_all(m); }

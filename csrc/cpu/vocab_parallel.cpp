@@ -9,8 +9,10 @@
 // target, so that the target's own exp never enters the sum (S_other).
 // Backward, per row: exp((x - M) - ls) times the row's coefficient, minus the
 // smoothing term, one write; the target's entry from the global s_other.
-// Rows in parallel, each in a fixed order: results do not depend on the
-// thread count.
+// The gradient may be written over the logits (grad_input == input, as the
+// linear variant runs it): each element is read just before it is written,
+// and the target's logit before any. Rows in parallel, each in a fixed
+// order: results do not depend on the thread count.
 
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
@@ -123,6 +125,8 @@ struct CpuVpEngine {
       }
     });
   }
+
+  static const LceDevice& lce_device() { return ::fusedloss::cpu::lce_device(); }
 
   template <typename F>
   static void for_each_row(int64_t n, const F& f) {

@@ -87,12 +87,14 @@ struct CudaLceDevice final
   int64_t chunk_budget_bytes() const override { return kChunkBudgetBytes; }
 };
 
-const LceDevice& cuda_device() {
+}  // namespace
+
+// Also the GEMMs of the vocabulary-parallel linear variant (vocab_parallel_host.h).
+const LceDevice& lce_device() {
   static const CudaLceDevice device;
   return device;
 }
 
-}  // namespace
 }  // namespace fusedloss::cuda
 
-TORCH_LIBRARY_IMPL(fusedloss, CUDA, m) { fusedloss::LceKernels<&fusedloss::cuda::cuda_device>::register_all(m); }
+TORCH_LIBRARY_IMPL(fusedloss, CUDA, m) { fusedloss::LceKernels<&fusedloss::cuda::lce_device>::register_all(m); }

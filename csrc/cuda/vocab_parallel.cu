@@ -142,9 +142,23 @@ struct VpRowGrad {
   }
 };
 
+// A barrier over the G threads of a row (the whole block when G > kWarp).
+template <int G>
+__device__ __forceinline__ void vp_group_sync() {
+  if constexpr (G > kWarp) {
+    __syncthreads();
+  } else {
+    __syncwarp();
+  }
+}
+
 // Every element takes the general formula; then the group's first thread
 // rewrites the target's entry, after a group barrier that orders the
 // provisional store (by whichever thread held the target) before its own.
+// The gradient may be written over the logits (grad_input == input, as the
+// linear variant runs it): the target's logit is read before a barrier that
+// precedes every store, and every other element is read by the thread that
+// writes it, just before.
 template <typename scalar_t, int G, bool kPlain>
 __global__ void __launch_bounds__(G > kWarp ? G : kRowBlock) vp_backward_kernel(const VpParams<scalar_t> p) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -170,6 +184,11 @@ __global__ void __launch_bounds__(G > kWarp ? G : kRowBlock) vp_backward_kernel(
   rg.w_t = p.target_weight(t, rg.o.num_classes);
   rg.k = math::ce_index_grad_coefs(rg.g, rg.m + rg.ls, rg.w_t, rg.o);
   rg.tl = p.local_class(t);
+  acc_t x_t = acc_t(0);
+  if (rg.tl >= 0) {  // uniform over the group
+    if (lane == 0) x_t = vp_capped(p, row[rg.tl * p.sC]);
+    vp_group_sync<G>();
+  }
   const RowSplit sp = split_row(row, C);
   const bool packed = p.sC == 1 && p.gC == 1 && split_row(static_cast<const scalar_t*>(out), C).head == sp.head;
   if (!packed) {
@@ -198,13 +217,9 @@ __global__ void __launch_bounds__(G > kWarp ? G : kRowBlock) vp_backward_kernel(
     }
     for (int64_t c = sp.tail + lane; c < C; c += G) out[c] = static_cast<scalar_t>(rg(p, c, vp_capped(p, row[c])));
   }
-  if (rg.tl >= 0) {  // uniform over the group
-    if constexpr (G > kWarp) {
-      __syncthreads();
-    } else {
-      __syncwarp();
-    }
-    if (lane == 0) out[rg.tl * p.gC] = static_cast<scalar_t>(rg.target(p, vp_capped(p, row[rg.tl * p.sC])));
+  if (rg.tl >= 0) {
+    vp_group_sync<G>();
+    if (lane == 0) out[rg.tl * p.gC] = static_cast<scalar_t>(rg.target(p, x_t));
   }
 }
 
@@ -234,6 +249,8 @@ struct CudaVpEngine {
       launch<scalar_t, false, false>(p);
     }
   }
+
+  static const LceDevice& lce_device() { return ::fusedloss::cuda::lce_device(); }
 
   template <typename F>
   static void for_each_row(int64_t n, const F& f) {

@@ -139,6 +139,24 @@ struct LceGrads {
   at::Tensor bias;    // (V) accumulator
 };
 
+// Each device's LceDevice (csrc/cpu/linear_cross_entropy.cpp,
+// csrc/cuda/linear_cross_entropy.cu), for ops outside this loss that run the
+// chunk loop (the vocabulary-parallel linear variant).
+namespace cpu {
+const LceDevice& lce_device();
+}  // namespace cpu
+namespace cuda {
+const LceDevice& lce_device();
+}  // namespace cuda
+
+// Gradient buffers of a call (mask: input, weight, bias): grad_input in the
+// input's dtype; grad_weight and grad_bias accumulators in fp32 for fp16/bf16
+// unless a single chunk gives them whole. lce_finish_grads returns them in
+// their parameters' dtypes (accumulators rounded once), or empty (0,) tensors.
+LceGrads lce_make_grads(const LceInputs& in, std::array<bool, 3> mask, int64_t chunk_rows);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_finish_grads(LceGrads& g, const at::Tensor& input,
+                                                                const at::Tensor& w);
+
 // Rows per chunk: `chunk_size` if positive, else as many rows as the device's
 // budget holds (at least 1); then evened out so that no chunk is much shorter
 // than the others.

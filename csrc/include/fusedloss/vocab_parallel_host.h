@@ -14,6 +14,14 @@
 //                               per-row (max, ls, s_other) for backward, stats
 //   vocab_parallel_ce_backward  one read and one write of the local logits
 //
+// The linear variant takes the hidden states x (N, D) and this rank's rows
+// W_local (C, D) (and b_local) of the head instead of the logits, which then
+// exist one chunk of rows at a time (linear_cross_entropy's chunk loop):
+//   vocab_parallel_linear_ce_local     per chunk: logits GEMM, the local pass
+//   -- rebase, the collectives and finalize as above --
+//   vocab_parallel_linear_ce_backward  per chunk: logits GEMM, their gradient
+//                                      in place, grad_input and grad_weight GEMMs
+//
 // The packed buffer is planar, so each field is a contiguous (N) view:
 //   [S_other (N) | x_t (N) | rel (N), only with label smoothing | C (1)]
 // x_t is the target's (capped) logit on the rank that holds the target and 0
@@ -25,10 +33,12 @@
 //   Engine::backward_rows<scalar_t>(const VpParams&)  the gradient of the local logits
 //   Engine::for_each_row(n, f)                         f(r) for r in [0, n): O(N) row functors
 //   Engine::check_finalized(...)                       the CPU raises torch's errors; CUDA leaves NaN rows
+//   Engine::lce_device()                               the device's GEMMs (linear_cross_entropy_host.h)
 // and the elementwise Engine (elementwise_ops.h) for the deterministic sums.
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/core/DeviceGuard.h>
@@ -37,10 +47,12 @@
 
 #include <fusedloss/checks.h>
 #include <fusedloss/elementwise_host.h>
+#include <fusedloss/linear_cross_entropy_host.h>
 #include <fusedloss/numerics.h>
 #include <fusedloss/outputs.h>
 #include <fusedloss/row_sum.h>
 
+#include <array>
 #include <limits>
 #include <optional>
 #include <tuple>
@@ -81,6 +93,7 @@ struct VpParams {
   // local pass outputs
   acc_t* max_out = nullptr;
   acc_t* packed_out = nullptr;
+  int64_t plane = 0;  // distance between the packed fields, when not N: a chunk's rows in a whole batch's buffer
   // backward
   const acc_t* state = nullptr;  // (N, 3): global max, ls, s_other
   const acc_t* stats = nullptr;  // [denominator of the mean, W, V]
@@ -97,17 +110,19 @@ struct VpParams {
   C10_HOST_DEVICE acc_t local_weight(int64_t c) const { return weight != nullptr ? weight[start + c] : acc_t(1); }
   C10_HOST_DEVICE const scalar_t* row(int64_t r) const { return input + r * sN; }
 
+  C10_HOST_DEVICE int64_t plane_stride() const { return plane != 0 ? plane : N; }
   C10_HOST_DEVICE void store_local(int64_t r, const math::RowState<acc_t>& st, acc_t x_t) const {
+    const int64_t P = plane_stride();
     max_out[r] = st.max;
     packed_out[r] = st.sum;
-    packed_out[N + r] = x_t;
-    if (with_f) packed_out[2 * N + r] = st.rel;
+    packed_out[P + r] = x_t;
+    if (with_f) packed_out[2 * P + r] = st.rel;
   }
   // An ignored row contributes nothing; -inf leaves the global max to the
   // other ranks (all of which ignore it too).
   C10_HOST_DEVICE void store_ignored_local(int64_t r) const {
     store_local(r, math::row_state_empty<acc_t>(), acc_t(0));
-    if (with_f) packed_out[2 * N + r] = acc_t(0);
+    if (with_f) packed_out[2 * plane_stride() + r] = acc_t(0);
   }
 
   // Backward: the options of the call, with V and W read from stats (on the
@@ -219,29 +234,55 @@ inline void check_vp_target(const char* op, const at::Tensor& target, int64_t N,
               target.sizes());
 }
 
+// The slice [vocab_start, vocab_start + C) of N rows whose logits are (or are
+// computed in) ref's dtype, with its target, weight and options.
+inline void check_vp_slice(const char* op, const at::Tensor& ref, int64_t N, int64_t C, const at::Tensor& target,
+                           const std::optional<at::Tensor>& weight, int64_t vocab_start, double label_smoothing,
+                           const std::optional<double>& softcap) {
+  check_vp_target(op, target, N, ref);
+  TORCH_CHECK(vocab_start >= 0, op, ": vocab_start must be non-negative, got ", vocab_start);
+  const int64_t limit =
+      ref.scalar_type() == at::kDouble ? vp_max_classes<double>() : vp_max_classes<float>();
+  TORCH_CHECK(C <= limit && vocab_start <= limit - C, op, ": classes up to ", limit, " (exact in the ",
+              ref.scalar_type() == at::kDouble ? "fp64" : "fp32", " sums) are supported, got slice [",
+              vocab_start, ", ", vocab_start + C, ")");
+  TORCH_CHECK(label_smoothing <= 1.0, op, ": label_smoothing must be at most 1, got ", label_smoothing);
+  TORCH_CHECK(!softcap.has_value() || *softcap > 0.0, op, ": softcap must be positive");
+  if (weight.has_value() && weight->defined()) {
+    check_device(op, "weight", *weight, ref);
+    check_floating(op, "weight", *weight);
+    TORCH_CHECK(weight->dim() == 1 && weight->numel() >= vocab_start + C, op,
+                ": weight must be the full 1-D class weight, holding at least the slice [", vocab_start, ", ",
+                vocab_start + C, "); got shape ", weight->sizes());
+  }
+}
+
 // The local logits, target, weight and options of a local pass or a backward.
 inline void check_vp_inputs(const char* op, const at::Tensor& input, const at::Tensor& target,
                             const std::optional<at::Tensor>& weight, int64_t vocab_start, double label_smoothing,
                             const std::optional<double>& softcap) {
   check_floating(op, "input", input);
   TORCH_CHECK(input.dim() == 2, op, ": local logits must be 2-D (N, C_local), got shape ", input.sizes());
-  check_vp_target(op, target, input.size(0), input);
-  TORCH_CHECK(vocab_start >= 0, op, ": vocab_start must be non-negative, got ", vocab_start);
-  const int64_t C = input.size(1);
-  const int64_t limit =
-      input.scalar_type() == at::kDouble ? vp_max_classes<double>() : vp_max_classes<float>();
-  TORCH_CHECK(C <= limit && vocab_start <= limit - C, op, ": classes up to ", limit, " (exact in the ",
-              input.scalar_type() == at::kDouble ? "fp64" : "fp32", " sums) are supported, got slice [",
-              vocab_start, ", ", vocab_start + C, ")");
-  TORCH_CHECK(label_smoothing <= 1.0, op, ": label_smoothing must be at most 1, got ", label_smoothing);
-  TORCH_CHECK(!softcap.has_value() || *softcap > 0.0, op, ": softcap must be positive");
-  if (weight.has_value() && weight->defined()) {
-    check_device(op, "weight", *weight, input);
-    check_floating(op, "weight", *weight);
-    TORCH_CHECK(weight->dim() == 1 && weight->numel() >= vocab_start + C, op,
-                ": weight must be the full 1-D class weight, holding at least the slice [", vocab_start, ", ",
-                vocab_start + C, "); got shape ", weight->sizes());
+  check_vp_slice(op, input, input.size(0), input.size(1), target, weight, vocab_start, label_smoothing, softcap);
+}
+
+// The linear variant: hidden states (N, D), this rank's rows (C, D) of the
+// head's weight and (C) of its bias, all of one dtype on one device.
+inline void check_vp_linear_inputs(const char* op, const at::Tensor& input, const at::Tensor& w,
+                                   const std::optional<at::Tensor>& bias, const at::Tensor& target,
+                                   const std::optional<at::Tensor>& weight, int64_t vocab_start,
+                                   double label_smoothing, const std::optional<double>& softcap) {
+  check_floating(op, "input", input);
+  TORCH_CHECK(input.dim() == 2, op, ": input must be 2-D (N, D), got shape ", input.sizes());
+  TORCH_CHECK(w.dim() == 2 && w.size(1) == input.size(1), op, ": linear_weight must be (C_local, ", input.size(1),
+              "), got shape ", w.sizes());
+  check_like(op, "linear_weight", w, input);
+  if (bias.has_value() && bias->defined()) {
+    check_like(op, "linear_bias", *bias, input);
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == w.size(0), op, ": linear_bias must be (", w.size(0),
+                "), got shape ", bias->sizes());
   }
+  check_vp_slice(op, input, input.size(0), w.size(0), target, weight, vocab_start, label_smoothing, softcap);
 }
 
 inline void check_acc(const char* op, const char* name, const at::Tensor& t, int64_t numel, const at::Tensor& ref) {
@@ -429,10 +470,153 @@ struct VocabParallelCeOps {
     return grad_input;
   }
 
+  // The linear variant (fusedloss.distributed.vocab_parallel_linear_cross_entropy):
+  // this rank's logits x W_local^T (+ b_local) exist one chunk of rows at a
+  // time (linear_cross_entropy's chunk loop and GEMMs, Engine::lce_device()).
+  //
+  // linear_local: the local pass of every chunk, written straight into the
+  // whole batch's buffers (VpParams::plane): the same outputs as `local` on
+  // the (N, C) logits, which never exist.
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_local(
+      const at::Tensor& input, const at::Tensor& linear_weight, const at::Tensor& target_,
+      const std::optional<at::Tensor>& linear_bias, const std::optional<at::Tensor>& weight_, int64_t vocab_start,
+      int64_t ignore_index, double label_smoothing, std::optional<double> softcap, int64_t chunk_size) {
+    constexpr const char* op = "fusedloss::vocab_parallel_linear_ce_local";
+    const at::AutoDispatchBelowADInplaceOrView below;  // kernel-owned buffers: no autograd
+    check_vp_linear_inputs(op, input, linear_weight, linear_bias, target_, weight_, vocab_start, label_smoothing,
+                           softcap);
+    const int64_t C = linear_weight.size(0);
+    if (C == 0) {  // an empty slice: the state of no classes, without a GEMM
+      return local(at::empty({input.size(0), 0}, input.options()), target_, weight_, vocab_start, ignore_index,
+                   label_smoothing, softcap);
+    }
+    const c10::OptionalDeviceGuard guard(input.device());
+    const LceInputs in = lce_inputs(input, linear_weight, linear_bias);
+    const int64_t N = in.N;
+    const auto acc_type = opmath_type(input.scalar_type());
+    const auto acc_opts = input.options().dtype(acc_type);
+    const int64_t P = vp_fields(label_smoothing);
+    at::Tensor local_max = at::empty({N}, acc_opts);
+    at::Tensor packed = at::empty({P * N + 1}, acc_opts);
+    at::Tensor mass = at::empty({}, acc_opts);
+    packed.narrow(0, P * N, 1).fill_(static_cast<double>(C));
+    const at::Tensor weight = acc_weight(weight_, acc_type);
+    if (weight.defined()) {
+      sum_into<ElementwiseEngine>(weight.narrow(0, vocab_start, C), mass);
+    } else {
+      mass.fill_(static_cast<double>(C));
+    }
+    const at::Tensor target = target_.to(at::kLong).contiguous();
+    if (N == 0) return {local_max, packed, mass};
+    const LceDevice& dev = Engine::lce_device();
+    const int64_t rows = lce_chunk_rows(dev, N, C, input.scalar_type(), chunk_size);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "vocab_parallel_linear_ce_local", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      acc_t* max_out = local_max.mutable_data_ptr<acc_t>();
+      acc_t* packed_out = packed.mutable_data_ptr<acc_t>();
+      lce_chunks(
+          dev, in, rows,
+          [&](const at::Tensor& logits, int64_t r0, int64_t n) {
+            VpParams<scalar_t> p;
+            fill_common(p, logits, target.narrow(0, r0, n), weight, vocab_start, ignore_index, label_smoothing,
+                        softcap);
+            p.plane = N;
+            p.max_out = max_out + r0;
+            p.packed_out = packed_out + r0;
+            Engine::template local_rows<scalar_t>(p);
+          },
+          nullptr);
+    });
+    return {local_max, packed, mass};
+  }
+
+  // linear_backward: per chunk, the logits again, their gradient written over
+  // them from the global per-row state (the row kernel of `backward`, in
+  // place), then grad_input's rows and this chunk's share of grad_weight and
+  // grad_bias (fp32 accumulators for fp16/bf16 over several chunks, rounded
+  // once). grad_input is this slice's part of the hidden states' gradient
+  // (the column-parallel layer's backward sums it over the group). Returns
+  // empty (0,) tensors for the gradients not in output_mask.
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward(
+      const at::Tensor& grad, const at::Tensor& input, const at::Tensor& linear_weight, const at::Tensor& target_,
+      const std::optional<at::Tensor>& linear_bias, const std::optional<at::Tensor>& weight_, const at::Tensor& state,
+      const at::Tensor& stats, int64_t vocab_start, int64_t ignore_index, int64_t reduction, double label_smoothing,
+      double lse_square_scale, std::optional<double> softcap, int64_t chunk_size, std::array<bool, 3> output_mask) {
+    constexpr const char* op = "fusedloss::vocab_parallel_linear_ce_backward";
+    const at::AutoDispatchBelowADInplaceOrView below;  // kernel-owned buffers: no autograd
+    check_reduction(op, reduction);
+    check_vp_linear_inputs(op, input, linear_weight, linear_bias, target_, weight_, vocab_start, label_smoothing,
+                           softcap);
+    const int64_t N = input.size(0), C = linear_weight.size(0);
+    const auto acc_type = opmath_type(input.scalar_type());
+    TORCH_CHECK(state.scalar_type() == acc_type && stats.scalar_type() == acc_type, op,
+                ": 'state' and 'stats' must be the finalize op's (", acc_type, ")");
+    check_acc(op, "state", state, 3 * N, state);
+    check_acc(op, "stats", stats, 3, state);
+    check_device(op, "state", state, input);
+    check_device(op, "grad", grad, input);
+    check_floating(op, "grad", grad);
+    TORCH_CHECK(grad.numel() == (reduction == kReductionNone ? N : 1), op, ": grad must have the loss's shape");
+    const c10::OptionalDeviceGuard guard(input.device());
+    const LceInputs in = lce_inputs(input, linear_weight, linear_bias);
+    const std::array<bool, 3> mask{output_mask[0], output_mask[1], output_mask[2] && in.b.defined()};
+    const LceDevice& dev = Engine::lce_device();
+    const int64_t rows = lce_chunk_rows(dev, N, C, input.scalar_type(), chunk_size);
+    LceGrads grads = lce_make_grads(in, mask, rows);
+    if (N == 0 || C == 0) {
+      // No rows, or no classes in this slice: every gradient is zero (an
+      // empty slice adds nothing to the hidden states' gradient).
+      for (at::Tensor* t : {&grads.input, &grads.weight, &grads.bias}) {
+        if (t->defined()) t->zero_();
+      }
+      return lce_finish_grads(grads, input, linear_weight);
+    }
+    if (!(mask[0] || mask[1] || mask[2])) return lce_finish_grads(grads, input, linear_weight);
+    const at::Tensor weight = acc_weight(weight_, acc_type);
+    const at::Tensor target = target_.to(at::kLong).contiguous();
+    const at::Tensor g = grad.to(acc_type).contiguous();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "vocab_parallel_linear_ce_backward", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      lce_chunks(
+          dev, in, rows,
+          [&](const at::Tensor& logits, int64_t r0, int64_t n) {
+            VpParams<scalar_t> p;
+            fill_common(p, logits, target.narrow(0, r0, n), weight, vocab_start, ignore_index, label_smoothing,
+                        softcap);
+            p.state = state.const_data_ptr<acc_t>() + 3 * r0;
+            p.stats = stats.const_data_ptr<acc_t>();
+            p.smoothing = label_smoothing > 0.0 ? static_cast<acc_t>(label_smoothing) : acc_t(0);
+            p.z_loss = static_cast<acc_t>(lse_square_scale);
+            p.grad_per_row = reduction == kReductionNone;
+            p.grad = g.const_data_ptr<acc_t>() + (p.grad_per_row ? r0 : 0);
+            p.mean = reduction == kReductionMean;
+            // In place: the row kernels read every logit (and the target's)
+            // before writing its gradient.
+            p.grad_input = logits.mutable_data_ptr<scalar_t>();
+            p.gN = logits.stride(0);
+            p.gC = 1;
+            Engine::template backward_rows<scalar_t>(p);
+          },
+          &grads);
+    });
+    return lce_finish_grads(grads, input, linear_weight);
+  }
+
  private:
   static at::Tensor acc_weight(const std::optional<at::Tensor>& weight, at::ScalarType acc_type) {
     if (!weight.has_value() || !weight->defined()) return at::Tensor();
     return weight->to(acc_type).contiguous();
+  }
+
+  static LceInputs lce_inputs(const at::Tensor& input, const at::Tensor& w, const std::optional<at::Tensor>& b) {
+    LceInputs in;
+    in.x = input;
+    in.w = w;
+    in.b = b.has_value() && b->defined() ? *b : at::Tensor();
+    in.N = input.size(0);
+    in.D = input.size(1);
+    in.V = w.size(0);
+    return in;
   }
 
   template <typename scalar_t>
@@ -467,6 +651,8 @@ void register_vocab_parallel_ops(torch::Library& m) {
   m.impl("vocab_parallel_ce_rebase", &Ops::rebase);
   m.impl("vocab_parallel_ce_finalize", &Ops::finalize);
   m.impl("vocab_parallel_ce_backward", &Ops::backward);
+  m.impl("vocab_parallel_linear_ce_local", &Ops::linear_local);
+  m.impl("vocab_parallel_linear_ce_backward", &Ops::linear_backward);
 }
 
 }  // namespace fusedloss

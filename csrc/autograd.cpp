@@ -56,6 +56,18 @@ bool same_shape(const Tensor& a, const Tensor& b) { return a.sym_sizes() == b.sy
 bool has_fw_grad(const Tensor& t) { return t.defined() && t._fw_grad(/*level=*/0).defined(); }
 bool has_fw_grad(const OptTensor& t) { return t.has_value() && has_fw_grad(*t); }
 
+// Whether a call builds a graph: grad mode on and an operand that requires
+// grad. Without one, torch::autograd::Function::apply would still make a node
+// and a context for nothing; the entry points below run the op below autograd
+// instead (a few microseconds a call: eval loops, frozen inputs).
+bool graph_needed(std::initializer_list<const Tensor*> operands) {
+  if (!at::GradMode::is_enabled()) return false;
+  for (const Tensor* t : operands) {
+    if (t != nullptr && t->defined() && t->requires_grad()) return true;
+  }
+  return false;
+}
+
 // Tensors on different devices (a meta target next to CPU logits would
 // otherwise send the call to the meta kernel): refused, so that
 // fusedloss.functional's fallback raises torch's own error.
@@ -154,6 +166,10 @@ Tensor bce_with_logits(const Tensor& input, const Tensor& target, const OptTenso
   if (has_fw_grad(input) || has_fw_grad(target)) {
     return composite::bce_with_logits(input, target, weight, pos_weight, reduction, out_dtype);
   }
+  if (!graph_needed({&input, &target})) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    return FUSEDLOSS_OP("bce_with_logits", BceSig).call(input, target, weight, pos_weight, reduction, out_dtype);
+  }
   return BceWithLogits::apply(input, target, weight, pos_weight, reduction, out_dtype);
 }
 
@@ -195,11 +211,20 @@ struct Mse : torch::autograd::Function<Mse> {
   }
 };
 
+// Defined below, with the no-grad kernels of the losses whose forward op
+// returns saved state.
+Tensor mse_no_grad(const Tensor& input, const Tensor& target, const OptTensor& weight, int64_t reduction,
+                   OptDtype out_dtype);
+Tensor cross_entropy_no_grad(const Tensor& input, const Tensor& target, const OptTensor& weight, int64_t ignore_index,
+                             int64_t reduction, double label_smoothing, double lse_square_scale,
+                             std::optional<double> softcap, bool inplace_backward, OptDtype out_dtype);
+
 Tensor mse(const Tensor& input, const Tensor& target, const OptTensor& weight, int64_t reduction, OptDtype out_dtype) {
   check_same_device(input, {&target, ptr(weight)});
   if (has_fw_grad(input) || has_fw_grad(target) || has_fw_grad(weight)) {
     return composite::mse(input, target, weight, reduction, out_dtype);
   }
+  if (!graph_needed({&input, &target, ptr(weight)})) return mse_no_grad(input, target, weight, reduction, out_dtype);
   return Mse::apply(input, target, weight, reduction, out_dtype);
 }
 
@@ -241,6 +266,10 @@ Tensor hinge_embedding(const Tensor& input, const Tensor& target, double margin,
   check_same_device(input, {&target});
   if (has_fw_grad(input)) return composite::hinge_embedding(input, target, margin, reduction, out_dtype);
   // The target is not differentiated: keep it out of the graph.
+  if (!graph_needed({&input})) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    return FUSEDLOSS_OP("hinge_embedding", HingeEmbeddingSig).call(input, target, margin, reduction, out_dtype);
+  }
   return HingeEmbedding::apply(input, target.detach(), margin, reduction, out_dtype);
 }
 
@@ -276,6 +305,10 @@ Tensor soft_margin(const Tensor& input, const Tensor& target, int64_t reduction,
   check_same_device(input, {&target});
   check_no_requires_grad(target, "target", "soft_margin_loss");
   if (has_fw_grad(input)) return composite::soft_margin(input, target, reduction, out_dtype);
+  if (!graph_needed({&input})) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    return FUSEDLOSS_OP("soft_margin", SoftMarginSig).call(input, target, reduction, out_dtype);
+  }
   return SoftMargin::apply(input, target, reduction, out_dtype);
 }
 
@@ -322,6 +355,10 @@ Tensor hinge(const Tensor& input, const Tensor& target, double margin, bool squa
   if (has_fw_grad(input) || has_fw_grad(target)) {
     return composite::hinge(input, target, margin, squared, reduction, out_dtype);
   }
+  if (!graph_needed({&input, &target})) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    return FUSEDLOSS_OP("hinge", HingeSig).call(input, target, margin, squared, reduction, out_dtype);
+  }
   return Hinge::apply(input, target, margin, squared, reduction, out_dtype);
 }
 
@@ -364,6 +401,10 @@ Tensor multi_margin(const Tensor& input, const Tensor& target, int64_t p, double
   check_same_device(input, {&target, ptr(weight)});
   check_no_requires_grad(weight, "weight", "multi_margin_loss");
   if (has_fw_grad(input)) return composite::multi_margin(input, target, p, margin, weight, reduction, out_dtype);
+  if (!graph_needed({&input})) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    return FUSEDLOSS_OP("multi_margin", MultiMarginSig).call(input, target, p, margin, weight, reduction, out_dtype);
+  }
   return MultiMargin::apply(input, target, p, margin, weight, reduction, out_dtype);
 }
 
@@ -470,6 +511,10 @@ Tensor cross_entropy(const Tensor& input, const Tensor& target, const OptTensor&
   if (weight_rg || has_fw_grad(input) || has_fw_grad(target) || has_fw_grad(weight)) {
     return composite::cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale,
                                     softcap, false, out_dtype);
+  }
+  if (!graph_needed({&input, &target})) {
+    return cross_entropy_no_grad(input, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale,
+                                 softcap, inplace_backward, out_dtype);
   }
   if (inplace_backward && input.requires_grad() && at::GradMode::is_enabled()) check_inplace_backward(input);
   return CrossEntropy::apply(input, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale,
@@ -644,6 +689,10 @@ Tensor sigmoid_focal(const Tensor& input, const Tensor& target, double alpha, do
   if (has_fw_grad(input) || has_fw_grad(target)) {
     return composite::sigmoid_focal(input, target, alpha, gamma, reduction, out_dtype);
   }
+  if (!graph_needed({&input, &target})) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    return FUSEDLOSS_OP("sigmoid_focal", SigmoidFocalSig).call(input, target, alpha, gamma, reduction, out_dtype);
+  }
   return SigmoidFocal::apply(input, target, alpha, gamma, reduction, out_dtype);
 }
 
@@ -687,6 +736,11 @@ Tensor multilabel_soft_margin(const Tensor& input, const Tensor& target, const O
   const bool weight_rg = weight.has_value() && weight->defined() && weight->requires_grad() && at::GradMode::is_enabled();
   if (weight_rg || has_fw_grad(input) || has_fw_grad(target) || has_fw_grad(weight)) {
     return composite::multilabel_soft_margin(input, target, weight, reduction, out_dtype);
+  }
+  if (!graph_needed({&input, &target})) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    return FUSEDLOSS_OP("multilabel_soft_margin", MultilabelSoftMarginSig)
+        .call(input, target, weight, reduction, out_dtype);
   }
   return MultilabelSoftMargin::apply(input, target, weight, reduction, out_dtype);
 }
@@ -738,11 +792,17 @@ struct Distill : torch::autograd::Function<Distill> {
   }
 };
 
+Tensor distill_no_grad(const Tensor& student, const Tensor& teacher, const OptTensor& target, double beta,
+                       double temperature, int64_t ignore_index, int64_t reduction, OptDtype out_dtype);
+
 Tensor distill(const Tensor& student, const Tensor& teacher, const OptTensor& target, double beta, double temperature,
                int64_t ignore_index, int64_t reduction, OptDtype out_dtype) {
   check_same_device(student, {&teacher, ptr(target)});
   if (has_fw_grad(student) || has_fw_grad(teacher)) {
     return composite::distill(student, teacher, target, beta, temperature, ignore_index, reduction, out_dtype);
+  }
+  if (!graph_needed({&student, &teacher})) {
+    return distill_no_grad(student, teacher, target, beta, temperature, ignore_index, reduction, out_dtype);
   }
   return Distill::apply(student, teacher, target, beta, temperature, ignore_index, reduction, out_dtype);
 }
@@ -918,6 +978,11 @@ struct LinearCrossEntropy : torch::autograd::Function<LinearCrossEntropy> {
   }
 };
 
+Tensor linear_cross_entropy_no_grad(const Tensor& input, const Tensor& linear_weight, const Tensor& target,
+                                    const OptTensor& linear_bias, const OptTensor& weight, int64_t ignore_index,
+                                    int64_t reduction, double label_smoothing, double lse_square_scale,
+                                    std::optional<double> softcap, int64_t chunk_size, OptDtype out_dtype);
+
 Tensor linear_cross_entropy(const Tensor& input, const Tensor& linear_weight, const Tensor& target,
                             const OptTensor& linear_bias, const OptTensor& weight, int64_t ignore_index,
                             int64_t reduction, double label_smoothing, double lse_square_scale,
@@ -933,6 +998,10 @@ Tensor linear_cross_entropy(const Tensor& input, const Tensor& linear_weight, co
       has_fw_grad(linear_weight) || has_fw_grad(target) || has_fw_grad(linear_bias) || has_fw_grad(weight)) {
     return composite::linear_cross_entropy(input, linear_weight, target, linear_bias, weight, ignore_index, reduction,
                                            label_smoothing, lse_square_scale, softcap, chunk_size, out_dtype);
+  }
+  if (!graph_needed({&input, &linear_weight, ptr(linear_bias)})) {
+    return linear_cross_entropy_no_grad(input, linear_weight, target, linear_bias, weight, ignore_index, reduction,
+                                        label_smoothing, lse_square_scale, softcap, chunk_size, out_dtype);
   }
   const bool precompute = reduction != kReductionNone && input.scalar_type() != at::kHalf;
   return LinearCrossEntropy::apply(input, linear_weight, target, linear_bias, weight, ignore_index, reduction,

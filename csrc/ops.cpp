@@ -232,6 +232,24 @@ TORCH_LIBRARY(fusedloss, m) {
       "float lse_square_scale=0.0, float? softcap=None, int chunk_size=0, ScalarType? out_dtype=None) -> Tensor");
 }
 
+// The ops that run below a loss's autograd (its saved-state forward, its
+// backward, the local passes around vocabulary parallelism's collectives) are
+// not differentiable themselves: autograd passes straight through to their
+// kernels. Without this, every call would take torch's boxed "autograd not
+// implemented" fallback, which costs more than a small loss. (The in-place
+// backward keeps that fallback: it bumps the logits' version counter.)
+TORCH_LIBRARY_IMPL(fusedloss, Autograd, m) {
+  for (const char* name :
+       {"bce_with_logits_backward", "cross_entropy_backward", "cross_entropy_forward", "distill_backward",
+        "distill_forward", "hinge_backward", "hinge_embedding_backward", "linear_cross_entropy_backward",
+        "linear_cross_entropy_forward", "mse_backward", "mse_forward", "multi_margin_backward",
+        "multilabel_soft_margin_backward", "sigmoid_focal_backward", "soft_margin_backward",
+        "vocab_parallel_ce_backward", "vocab_parallel_ce_finalize", "vocab_parallel_ce_local",
+        "vocab_parallel_ce_rebase", "vocab_parallel_linear_ce_backward", "vocab_parallel_linear_ce_local"}) {
+    m.impl(name, torch::CppFunction::makeFallthrough());
+  }
+}
+
 namespace {
 
 PyObject* empty_cpu_cache(PyObject*, PyObject*) {

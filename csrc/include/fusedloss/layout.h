@@ -62,6 +62,12 @@ inline bool describe_layout(const at::Tensor& t, Layout* out) {
 // layout that fits no pattern (a transposed input, an exotic broadcast) costs a
 // contiguous copy.
 inline at::Tensor as_operand(const at::Tensor& t, at::IntArrayRef sizes, Layout* layout) {
+  if (t.numel() == 1) {
+    // One value read for every element (a reduced loss's grad_output, a 0-d
+    // weight): its Layout needs no view, which would cost more than a small loss.
+    *layout = Layout{};
+    return t;
+  }
   at::Tensor e = t.sizes() == sizes ? t : t.expand(sizes);
   if (describe_layout(e, layout)) return e;
   at::Tensor c = e.contiguous();

@@ -294,6 +294,31 @@ inline void check_acc(const char* op, const char* name, const at::Tensor& t, int
 
 template <typename Engine, typename ElementwiseEngine>
 struct VocabParallelCeOps {
+ private:
+  // The local pass's outputs for N rows of this rank's C classes, in the
+  // accumulation dtype: (local_max (N), packed [fields x N | C], mass (): the
+  // sum of this rank's class weights, C when unweighted) and the class weight
+  // in the accumulation dtype (undefined when there is none).
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> local_buffers(
+      const at::Tensor& input, int64_t N, int64_t C, const std::optional<at::Tensor>& weight_, int64_t vocab_start,
+      double label_smoothing) {
+    const auto acc_type = opmath_type(input.scalar_type());
+    const auto acc_opts = input.options().dtype(acc_type);
+    const int64_t P = vp_fields(label_smoothing);
+    at::Tensor local_max = at::empty({N}, acc_opts);
+    at::Tensor packed = at::empty({P * N + 1}, acc_opts);
+    at::Tensor mass = at::empty({}, acc_opts);
+    packed.narrow(0, P * N, 1).fill_(static_cast<double>(C));
+    at::Tensor weight = acc_weight(weight_, acc_type);
+    if (weight.defined()) {
+      sum_into<ElementwiseEngine>(weight.narrow(0, vocab_start, C), mass);
+    } else {
+      mass.fill_(static_cast<double>(C));
+    }
+    return {local_max, packed, mass, weight};
+  }
+
+ public:
   // Returns (local_max (N), packed, mass ()): mass is the sum of this rank's
   // class weights (C when unweighted), which the rebase of rel needs.
   static std::tuple<at::Tensor, at::Tensor, at::Tensor> local(const at::Tensor& input_, const at::Tensor& target_,
@@ -305,19 +330,8 @@ struct VocabParallelCeOps {
     const c10::OptionalDeviceGuard guard(input_.device());
     const at::Tensor& input = input_;
     const int64_t N = input.size(0), C = input.size(1);
-    const auto acc_type = opmath_type(input.scalar_type());
-    const auto acc_opts = input.options().dtype(acc_type);
-    const int64_t P = vp_fields(label_smoothing);
-    at::Tensor local_max = at::empty({N}, acc_opts);
-    at::Tensor packed = at::empty({P * N + 1}, acc_opts);
-    at::Tensor mass = at::empty({}, acc_opts);
-    packed.narrow(0, P * N, 1).fill_(static_cast<double>(C));
-    const at::Tensor weight = acc_weight(weight_, acc_type);
-    if (weight.defined()) {
-      sum_into<ElementwiseEngine>(weight.narrow(0, vocab_start, C), mass);
-    } else {
-      mass.fill_(static_cast<double>(C));
-    }
+    at::Tensor local_max, packed, mass, weight;  // named, not bound: the dispatch lambdas capture them
+    std::tie(local_max, packed, mass, weight) = local_buffers(input, N, C, weight_, vocab_start, label_smoothing);
     const at::Tensor target = target_.to(at::kLong).contiguous();
     if (N == 0) return {local_max, packed, mass};
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "vocab_parallel_ce_local", [&] {
@@ -493,19 +507,8 @@ struct VocabParallelCeOps {
     const c10::OptionalDeviceGuard guard(input.device());
     const LceInputs in = lce_inputs(input, linear_weight, linear_bias);
     const int64_t N = in.N;
-    const auto acc_type = opmath_type(input.scalar_type());
-    const auto acc_opts = input.options().dtype(acc_type);
-    const int64_t P = vp_fields(label_smoothing);
-    at::Tensor local_max = at::empty({N}, acc_opts);
-    at::Tensor packed = at::empty({P * N + 1}, acc_opts);
-    at::Tensor mass = at::empty({}, acc_opts);
-    packed.narrow(0, P * N, 1).fill_(static_cast<double>(C));
-    const at::Tensor weight = acc_weight(weight_, acc_type);
-    if (weight.defined()) {
-      sum_into<ElementwiseEngine>(weight.narrow(0, vocab_start, C), mass);
-    } else {
-      mass.fill_(static_cast<double>(C));
-    }
+    at::Tensor local_max, packed, mass, weight;  // named, not bound: the dispatch lambdas capture them
+    std::tie(local_max, packed, mass, weight) = local_buffers(input, N, C, weight_, vocab_start, label_smoothing);
     const at::Tensor target = target_.to(at::kLong).contiguous();
     if (N == 0) return {local_max, packed, mass};
     const LceDevice& dev = Engine::lce_device();

@@ -76,12 +76,7 @@ struct CudaLceDevice final
 
   void reduce(const at::Tensor& loss_rows, const at::Tensor& weight_rows, int64_t reduction, at::Tensor& loss,
               at::Tensor* denominator) const override {
-    ElementwiseCall c(loss_rows, loss_rows.scalar_type());
-    c.set(0, loss_rows);
-    c.set(1, weight_rows);
-    AT_DISPATCH_FLOATING_TYPES(loss_rows.scalar_type(), "linear_cross_entropy_sum", [&] {
-      CudaEngine::template forward<scalar_t>(c, Sums<scalar_t, 2>{}, reduction, loss, denominator);
-    });
+    sum_rows_into<CudaEngine>(loss_rows, weight_rows, reduction, loss, denominator);
   }
 
   int64_t chunk_budget_bytes() const override { return kChunkBudgetBytes; }

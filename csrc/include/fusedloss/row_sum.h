@@ -39,4 +39,17 @@ void sum_into(const at::Tensor& t, at::Tensor out, int64_t reduction = kReductio
   sum_into<ElementwiseEngine>(t, OutSlot{out.data_ptr(), out.scalar_type()}, reduction);
 }
 
+// The reduction of per-row losses with per-row weights (mean: sum of the
+// losses over sum of the weights, which goes to *denominator when given).
+template <typename ElementwiseEngine>
+void sum_rows_into(const at::Tensor& loss_rows, const at::Tensor& weight_rows, int64_t reduction, at::Tensor& loss,
+                   at::Tensor* denominator) {
+  ElementwiseCall c(loss_rows, loss_rows.scalar_type());
+  c.set(0, loss_rows);
+  c.set(1, weight_rows);
+  AT_DISPATCH_FLOATING_TYPES(loss_rows.scalar_type(), "fusedloss_sum_rows", [&] {
+    ElementwiseEngine::template forward<scalar_t>(c, Sums<scalar_t, 2>{}, reduction, loss, denominator);
+  });
+}
+
 }  // namespace fusedloss

@@ -292,6 +292,21 @@ inline void check_acc(const char* op, const char* name, const at::Tensor& t, int
               ", got ", t.scalar_type(), " of shape ", t.sizes(), " on ", t.device());
 }
 
+// The backward ops' saved state: the finalize op's (N, 3) rows and 3 stats in
+// the accumulation dtype of `input`, and a grad of the loss's shape.
+inline void check_backward_state(const char* op, const at::Tensor& grad, const at::Tensor& input,
+                                 const at::Tensor& state, const at::Tensor& stats, int64_t N, int64_t reduction) {
+  const auto acc_type = opmath_type(input.scalar_type());
+  TORCH_CHECK(state.scalar_type() == acc_type && stats.scalar_type() == acc_type, op,
+              ": 'state' and 'stats' must be the finalize op's (", acc_type, ")");
+  check_acc(op, "state", state, 3 * N, state);
+  check_acc(op, "stats", stats, 3, state);
+  check_device(op, "state", state, input);
+  check_device(op, "grad", grad, input);
+  check_floating(op, "grad", grad);
+  TORCH_CHECK(grad.numel() == (reduction == kReductionNone ? N : 1), op, ": grad must have the loss's shape");
+}
+
 template <typename Engine, typename ElementwiseEngine>
 struct VocabParallelCeOps {
  private:
@@ -451,14 +466,7 @@ struct VocabParallelCeOps {
     check_vp_inputs(op, input, target_, weight_, vocab_start, label_smoothing, softcap);
     const int64_t N = input.size(0), C = input.size(1);
     const auto acc_type = opmath_type(input.scalar_type());
-    TORCH_CHECK(state.scalar_type() == acc_type && stats.scalar_type() == acc_type, op,
-                ": 'state' and 'stats' must be the finalize op's (", acc_type, ")");
-    check_acc(op, "state", state, 3 * N, state);
-    check_acc(op, "stats", stats, 3, state);
-    check_device(op, "state", state, input);
-    check_device(op, "grad", grad, input);
-    check_floating(op, "grad", grad);
-    TORCH_CHECK(grad.numel() == (reduction == kReductionNone ? N : 1), op, ": grad must have the loss's shape");
+    check_backward_state(op, grad, input, state, stats, N, reduction);
     const c10::OptionalDeviceGuard guard(input.device());
     at::Tensor grad_input = empty_output(input.sizes(), input.options());
     if (N == 0 || C == 0) return grad_input;
@@ -552,14 +560,7 @@ struct VocabParallelCeOps {
                            softcap);
     const int64_t N = input.size(0), C = linear_weight.size(0);
     const auto acc_type = opmath_type(input.scalar_type());
-    TORCH_CHECK(state.scalar_type() == acc_type && stats.scalar_type() == acc_type, op,
-                ": 'state' and 'stats' must be the finalize op's (", acc_type, ")");
-    check_acc(op, "state", state, 3 * N, state);
-    check_acc(op, "stats", stats, 3, state);
-    check_device(op, "state", state, input);
-    check_device(op, "grad", grad, input);
-    check_floating(op, "grad", grad);
-    TORCH_CHECK(grad.numel() == (reduction == kReductionNone ? N : 1), op, ": grad must have the loss's shape");
+    check_backward_state(op, grad, input, state, stats, N, reduction);
     const c10::OptionalDeviceGuard guard(input.device());
     const LceInputs in = lce_inputs(input, linear_weight, linear_bias);
     const std::array<bool, 3> mask{output_mask[0], output_mask[1], output_mask[2] && in.b.defined()};

@@ -250,6 +250,10 @@ TORCH_LIBRARY_IMPL(fusedloss, Autograd, m) {
   }
 }
 
+namespace fusedloss {
+PyObject* make_calls_module();  // python_calls.cpp
+}  // namespace fusedloss
+
 namespace {
 
 PyObject* empty_cpu_cache(PyObject*, PyObject*) {
@@ -287,14 +291,21 @@ PyMethodDef methods[] = {
 }  // namespace
 
 // A plain Python module whose import loads the library above. It carries the
-// build's identity, which fusedloss checks against the running torch, and the
-// CPU buffer cache's controls (not ops: they take no tensors).
+// build's identity, which fusedloss checks against the running torch, the CPU
+// buffer cache's controls (not ops: they take no tensors), and `calls`, the
+// eager entry points of the loss ops (python_calls.cpp).
 extern "C" PyObject* PyInit__C(void) {
   static PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", "fusedloss operators (torch.ops.fusedloss)", -1,
                             methods};
   PyObject* mod = PyModule_Create(&def);
   if (mod == nullptr) return nullptr;
   PyModule_AddStringConstant(mod, "torch_version", FUSEDLOSS_TORCH_VERSION);
+  PyObject* calls = fusedloss::make_calls_module();
+  if (calls == nullptr || PyModule_AddObject(mod, "calls", calls) < 0) {
+    Py_XDECREF(calls);
+    Py_DECREF(mod);
+    return nullptr;
+  }
 #ifdef FUSEDLOSS_WITH_CUDA
   PyModule_AddIntConstant(mod, "with_cuda", 1);
 #else

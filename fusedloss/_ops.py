@@ -5,9 +5,11 @@ torch.compile and torch.library.opcheck reason about every op without running it
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
+import types
 
 import torch
 
@@ -92,6 +94,27 @@ def load() -> tuple[object, dict]:
 
 _C, BUILD_INFO = load()
 ops = torch.ops.fusedloss
+
+# The loss ops' eager entry points (csrc/python_calls.cpp): the dispatcher call
+# of ops.<name>.default with a cheaper conversion of the Python arguments (a
+# small call's largest cost after the math). torch.compile must see the op
+# itself, so callers take ops.<name>.default while compiling.
+_EAGER_CALLS = (
+    "bce_with_logits",
+    "mse",
+    "cross_entropy",
+    "hinge_embedding",
+    "soft_margin",
+    "hinge",
+    "multi_margin",
+    "sigmoid_focal",
+    "multilabel_soft_margin",
+    "distill",
+    "linear_cross_entropy",
+)
+eager = types.SimpleNamespace(
+    **{name: functools.partial(getattr(_C.calls, name), getattr(ops, name).default) for name in _EAGER_CALLS}
+)
 
 
 # Whether the installed torch's clamp passes the gradient where its input

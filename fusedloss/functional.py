@@ -35,7 +35,7 @@ from torch.nn import _reduction as _Reduction
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from . import _validation
-from ._ops import BUILD_INFO, ops, rebuild_command
+from ._ops import BUILD_INFO, eager, ops, rebuild_command
 
 __all__ = [
     "binary_cross_entropy_with_logits",
@@ -54,6 +54,7 @@ _REDUCTION_NAMES = {0: "none", 1: "mean", 2: "sum"}
 _REFUSALS = (RuntimeError, ValueError, IndexError, TypeError, NotImplementedError)
 
 _functorch_stack = torch._C._functorch.peek_interpreter_stack
+_compiling = torch.compiler.is_compiling
 
 
 def _reduction_enum(size_average, reduce, reduction) -> int:
@@ -65,7 +66,7 @@ def _reduction_enum(size_average, reduce, reduction) -> int:
 
 def _transformed() -> bool:
     """Whether a torch.func transform (vmap, grad, jvp) is active."""
-    return not torch.compiler.is_compiling() and _functorch_stack() is not None
+    return not _compiling() and _functorch_stack() is not None
 
 
 def _decomposed(composite, *args):
@@ -154,7 +155,9 @@ def binary_cross_entropy_with_logits(
     if _transformed():
         return _decomposed(ops.bce_with_logits_composite, input, target, weight, pos_weight, red, out_dtype)
     try:
-        return ops.bce_with_logits.default(input, target, weight, pos_weight, red, out_dtype)
+        return (ops.bce_with_logits.default if _compiling() else eager.bce_with_logits)(
+            input, target, weight, pos_weight, red, out_dtype
+        )
     except _REFUSALS as e:
         _on_refusal(e, input, "binary_cross_entropy_with_logits")
     return ops.bce_with_logits_composite.default(input, target, weight, pos_weight, red, out_dtype)
@@ -197,7 +200,7 @@ def _mse_loss(input, target, size_average, reduce, reduction, weight, out_dtype)
     if _transformed():
         return _decomposed(ops.mse_composite, x, y, weight, red, out_dtype)
     try:
-        return ops.mse.default(x, y, weight, red, out_dtype)
+        return (ops.mse.default if _compiling() else eager.mse)(x, y, weight, red, out_dtype)
     except _REFUSALS as e:
         _on_refusal(e, input, "mse_loss")
     return ops.mse_composite.default(x, y, weight, red, out_dtype)
@@ -364,7 +367,7 @@ def cross_entropy(
             )
             if loss is not None:
                 return loss
-    if inplace_backward and torch.compiler.is_compiling():
+    if inplace_backward and _compiling():
         inplace_backward = False
     if _transformed():
         return _decomposed(
@@ -384,7 +387,7 @@ def cross_entropy(
         if _validation._enabled and input.device.type != "cpu" and not target.is_floating_point():
             _validation.check_class_indices(target, input.shape[0 if input.dim() == 1 else 1], ignore_index)
         try:
-            return ops.cross_entropy.default(
+            return (ops.cross_entropy.default if _compiling() else eager.cross_entropy)(
                 input, target, weight, ignore_index, red, label_smoothing, lse_square_scale, softcap,
                 inplace_backward, out_dtype,
             )  # fmt: skip
@@ -433,7 +436,9 @@ def hinge_embedding_loss(
         return _decomposed(ops.hinge_embedding_composite, input, target, float(margin), red, out_dtype)
     try:
         x, y = _broadcast_pair(input, target)
-        return ops.hinge_embedding.default(x, y, float(margin), red, out_dtype)
+        return (ops.hinge_embedding.default if _compiling() else eager.hinge_embedding)(
+            x, y, float(margin), red, out_dtype
+        )
     except _REFUSALS as e:
         _on_refusal(e, input, "hinge_embedding_loss")
     return ops.hinge_embedding_composite.default(input, target, float(margin), red, out_dtype)
@@ -475,7 +480,7 @@ def soft_margin_loss(
         return _decomposed(ops.soft_margin_composite, input, target, red, out_dtype)
     try:
         y = target if target.shape == input.shape else target.expand(input.shape)
-        return ops.soft_margin.default(input, y, red, out_dtype)
+        return (ops.soft_margin.default if _compiling() else eager.soft_margin)(input, y, red, out_dtype)
     except _REFUSALS as e:
         _on_refusal(e, input, "soft_margin_loss")
     # torch's own kernel (its errors for invalid arguments are its kernel's).
@@ -518,7 +523,7 @@ def hinge_loss(
         return _decomposed(ops.hinge_composite, input, target, float(margin), bool(squared), red, out_dtype)
     try:
         x, y = _broadcast_pair(input, target)
-        return ops.hinge.default(x, y, float(margin), bool(squared), red, out_dtype)
+        return (ops.hinge.default if _compiling() else eager.hinge)(x, y, float(margin), bool(squared), red, out_dtype)
     except _REFUSALS as e:
         _on_refusal(e, input, "hinge_loss")
     return ops.hinge_composite.default(input, target, float(margin), bool(squared), red, out_dtype)
@@ -576,7 +581,9 @@ def multi_margin_loss(
         if _validation._enabled and input.device.type != "cpu":
             _validation.check_multi_margin_targets(target, input.shape[-1] if input.dim() else 1)
         try:
-            return ops.multi_margin.default(input, target, int(p), float(margin), weight, red, out_dtype)
+            return (ops.multi_margin.default if _compiling() else eager.multi_margin)(
+                input, target, int(p), float(margin), weight, red, out_dtype
+            )
         except _REFUSALS as e:
             _on_refusal(e, input, "multi_margin_loss")
     # torch's own kernel (its errors for invalid arguments are its kernel's).
@@ -649,7 +656,9 @@ def sigmoid_focal_loss(
     if _transformed():
         return _decomposed(ops.sigmoid_focal_composite, inputs, targets, a, g, red, out_dtype)
     try:
-        return ops.sigmoid_focal.default(inputs, targets, a, g, red, out_dtype)
+        return (ops.sigmoid_focal.default if _compiling() else eager.sigmoid_focal)(
+            inputs, targets, a, g, red, out_dtype
+        )
     except _REFUSALS as e:
         _on_refusal(e, inputs, "sigmoid_focal_loss")
     return ops.sigmoid_focal_composite.default(inputs, targets, a, g, red, out_dtype)
@@ -708,7 +717,9 @@ def multilabel_soft_margin_loss(
         try:
             # A broadcast target is read in place; autograd sums its gradient back.
             y = target if target.shape == input.shape else target.expand(input.shape)
-            return ops.multilabel_soft_margin.default(input, y, weight, red, out_dtype)
+            return (ops.multilabel_soft_margin.default if _compiling() else eager.multilabel_soft_margin)(
+                input, y, weight, red, out_dtype
+            )
         except _REFUSALS as e:
             _on_refusal(e, input, "multilabel_soft_margin_loss")
     return ops.multilabel_soft_margin_composite.default(input, target, weight, red, out_dtype)
@@ -789,7 +800,7 @@ def _distill(student_logits, teacher_logits, target, beta, temperature, reductio
     if _transformed():
         return _decomposed(ops.distill_composite, student_logits, teacher_logits, target, *args)
     try:
-        return ops.distill.default(student_logits, teacher_logits, target, *args)
+        return (ops.distill.default if _compiling() else eager.distill)(student_logits, teacher_logits, target, *args)
     except _REFUSALS as e:
         _on_refusal(e, student_logits, name)
     return ops.distill_composite.default(student_logits, teacher_logits, target, *args)

@@ -18,8 +18,8 @@ import torch
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from . import _validation
-from ._ops import ops
-from .functional import _REFUSALS, _autocast, _decomposed, _on_refusal, _reduction_enum, _transformed
+from ._ops import eager, ops
+from .functional import _REFUSALS, _autocast, _compiling, _decomposed, _on_refusal, _reduction_enum, _transformed
 
 __all__ = ["LinearCrossEntropyLoss", "linear_cross_entropy", "CPU_CHUNK_BUDGET_BYTES", "CUDA_CHUNK_BUDGET_BYTES"]
 
@@ -183,7 +183,7 @@ def linear_cross_entropy(
         if _validation._enabled and input.device.type != "cpu" and not target.is_floating_point():
             _validation.check_class_indices(target, num_classes, ignore_index)
         try:
-            return ops.linear_cross_entropy.default(*args)
+            return (ops.linear_cross_entropy.default if _compiling() else eager.linear_cross_entropy)(*args)
         except _REFUSALS as e:
             _on_refusal(e, input, "linear_cross_entropy")
     return ops.linear_cross_entropy_composite.default(*args)

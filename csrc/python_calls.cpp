@@ -1,0 +1,203 @@
+// Eager calls of the loss ops from fusedloss.functional, straight into the
+// dispatcher.
+//
+// torch.ops.fusedloss.<op>(...) converts its Python arguments by walking the
+// op's schema into a boxed stack and unboxes them again for the kernel: about
+// 2 us a call on the 2-core development machine, as much as the whole loss at
+// (32, 10) and the part of a small call where fusedloss was slower than
+// torch's own losses (whose Python bindings are generated C++). The functions
+// here take the same arguments in the schema's order and make the same typed
+// dispatcher call as the C++ code does, so every dispatch key (autograd,
+// autocast, tracing, Python modes and tensor subclasses) sees exactly the call
+// torch.ops makes; only the conversion differs.
+//
+// Each function's first argument is the op's plain torch.ops overload. An
+// argument of a type converted here by no rule below (a SymInt, a numpy
+// scalar, a wrong type) sends the call there unchanged, so that what it
+// accepts and the errors it raises stay torch.ops's. Under torch.compile the
+// functional layer calls the overload itself (fusedloss/_ops.py registers the
+// substitution for dynamo), so the traced graph holds the op.
+
+#include <torch/csrc/Dtype.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/python_variable.h>
+
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <optional>
+#include <tuple>
+#include <utility>
+
+namespace fusedloss {
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+using OptDtype = std::optional<at::ScalarType>;
+
+// One argument's conversion: ok() says whether `o` is of a type this rule
+// converts exactly as the schema would; get() converts it.
+template <typename T>
+struct From;
+
+template <>
+struct From<const Tensor&> {
+  using type = Tensor;
+  static bool ok(PyObject* o) { return THPVariable_Check(o); }
+  static Tensor get(PyObject* o) { return THPVariable_Unpack(o); }
+};
+
+template <>
+struct From<const OptTensor&> {
+  using type = OptTensor;
+  static bool ok(PyObject* o) { return o == Py_None || THPVariable_Check(o); }
+  static OptTensor get(PyObject* o) { return o == Py_None ? OptTensor() : OptTensor(THPVariable_Unpack(o)); }
+};
+
+// A Python int within int64 (bool is an int subclass the schema refuses).
+template <>
+struct From<int64_t> {
+  using type = int64_t;
+  static bool ok(PyObject* o) {
+    if (!PyLong_CheckExact(o)) return false;
+    int overflow = 0;
+    PyLong_AsLongLongAndOverflow(o, &overflow);
+    return overflow == 0;
+  }
+  static int64_t get(PyObject* o) { return PyLong_AsLongLong(o); }
+};
+
+// A Python float, or an int within int64 (the schema takes both).
+template <>
+struct From<double> {
+  using type = double;
+  static bool ok(PyObject* o) { return PyFloat_CheckExact(o) || From<int64_t>::ok(o); }
+  static double get(PyObject* o) {
+    return PyFloat_CheckExact(o) ? PyFloat_AS_DOUBLE(o) : static_cast<double>(PyLong_AsLongLong(o));
+  }
+};
+
+template <>
+struct From<bool> {
+  using type = bool;
+  static bool ok(PyObject* o) { return PyBool_Check(o); }
+  static bool get(PyObject* o) { return o == Py_True; }
+};
+
+template <>
+struct From<std::optional<double>> {
+  using type = std::optional<double>;
+  static bool ok(PyObject* o) { return o == Py_None || From<double>::ok(o); }
+  static type get(PyObject* o) { return o == Py_None ? type() : type(From<double>::get(o)); }
+};
+
+template <>
+struct From<OptDtype> {
+  using type = OptDtype;
+  static bool ok(PyObject* o) { return o == Py_None || THPDtype_Check(o); }
+  static type get(PyObject* o) {
+    return o == Py_None ? type() : type(reinterpret_cast<THPDtype*>(o)->scalar_type);
+  }
+};
+
+// The GIL is let go for the op, as torch.ops does: a long loss does not stop
+// the process's other Python threads. The dispatcher takes it back wherever
+// Python runs (modes, subclasses).
+struct WithoutGil {
+  PyThreadState* state = PyEval_SaveThread();
+  ~WithoutGil() { PyEval_RestoreThread(state); }
+};
+
+template <const char* Name, typename Sig>
+struct Call;
+
+template <const char* Name, typename... Args>
+struct Call<Name, Tensor(Args...)> {
+  static constexpr Py_ssize_t kArgs = sizeof...(Args);
+
+  static PyObject* fn(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+    HANDLE_TH_ERRORS
+    if (nargs < 1) {
+      PyErr_Format(PyExc_TypeError, "%s: expected the op's overload first", Name);
+      return nullptr;
+    }
+    if (nargs != kArgs + 1 || !convertible(args + 1, std::index_sequence_for<Args...>{})) {
+      return PyObject_Vectorcall(args[0], args + 1, nargs - 1, nullptr);
+    }
+    auto values = convert(args + 1, std::index_sequence_for<Args...>{});
+    static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(Name, "").typed<Tensor(Args...)>();
+    Tensor out;
+    {
+      WithoutGil released;
+      out = std::apply([](auto&... v) { return op.call(v...); }, values);
+    }
+    return THPVariable_Wrap(std::move(out));
+    END_HANDLE_TH_ERRORS
+  }
+
+  template <size_t... I>
+  static bool convertible(PyObject* const* a, std::index_sequence<I...>) {
+    return (From<Args>::ok(a[I]) && ...);
+  }
+  template <size_t... I>
+  static std::tuple<typename From<Args>::type...> convert(PyObject* const* a, std::index_sequence<I...>) {
+    return {From<Args>::get(a[I])...};
+  }
+};
+
+// The schemas of csrc/ops.cpp, as C++ signatures (a mismatch raises on the
+// first call: tests/test_small_calls.py calls each).
+constexpr char kBce[] = "fusedloss::bce_with_logits";
+using BceSig = Tensor(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, int64_t, OptDtype);
+constexpr char kMse[] = "fusedloss::mse";
+using MseSig = Tensor(const Tensor&, const Tensor&, const OptTensor&, int64_t, OptDtype);
+constexpr char kCe[] = "fusedloss::cross_entropy";
+using CeSig = Tensor(const Tensor&, const Tensor&, const OptTensor&, int64_t, int64_t, double, double,
+                     std::optional<double>, bool, OptDtype);
+constexpr char kHingeEmbedding[] = "fusedloss::hinge_embedding";
+using HingeEmbeddingSig = Tensor(const Tensor&, const Tensor&, double, int64_t, OptDtype);
+constexpr char kSoftMargin[] = "fusedloss::soft_margin";
+using SoftMarginSig = Tensor(const Tensor&, const Tensor&, int64_t, OptDtype);
+constexpr char kHinge[] = "fusedloss::hinge";
+using HingeSig = Tensor(const Tensor&, const Tensor&, double, bool, int64_t, OptDtype);
+constexpr char kMultiMargin[] = "fusedloss::multi_margin";
+using MultiMarginSig = Tensor(const Tensor&, const Tensor&, int64_t, double, const OptTensor&, int64_t, OptDtype);
+constexpr char kSigmoidFocal[] = "fusedloss::sigmoid_focal";
+using SigmoidFocalSig = Tensor(const Tensor&, const Tensor&, double, double, int64_t, OptDtype);
+constexpr char kMultilabelSoftMargin[] = "fusedloss::multilabel_soft_margin";
+using MultilabelSoftMarginSig = Tensor(const Tensor&, const Tensor&, const OptTensor&, int64_t, OptDtype);
+constexpr char kDistill[] = "fusedloss::distill";
+using DistillSig = Tensor(const Tensor&, const Tensor&, const OptTensor&, double, double, int64_t, int64_t, OptDtype);
+constexpr char kLce[] = "fusedloss::linear_cross_entropy";
+using LceSig = Tensor(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, int64_t,
+                      int64_t, double, double, std::optional<double>, int64_t, OptDtype);
+
+#define FUSEDLOSS_CALL(py_name, Name, Sig) \
+  {py_name, reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&Call<Name, Sig>::fn)), METH_FASTCALL, nullptr}
+
+PyMethodDef calls[] = {
+    FUSEDLOSS_CALL("bce_with_logits", kBce, BceSig),
+    FUSEDLOSS_CALL("mse", kMse, MseSig),
+    FUSEDLOSS_CALL("cross_entropy", kCe, CeSig),
+    FUSEDLOSS_CALL("hinge_embedding", kHingeEmbedding, HingeEmbeddingSig),
+    FUSEDLOSS_CALL("soft_margin", kSoftMargin, SoftMarginSig),
+    FUSEDLOSS_CALL("hinge", kHinge, HingeSig),
+    FUSEDLOSS_CALL("multi_margin", kMultiMargin, MultiMarginSig),
+    FUSEDLOSS_CALL("sigmoid_focal", kSigmoidFocal, SigmoidFocalSig),
+    FUSEDLOSS_CALL("multilabel_soft_margin", kMultilabelSoftMargin, MultilabelSoftMarginSig),
+    FUSEDLOSS_CALL("distill", kDistill, DistillSig),
+    FUSEDLOSS_CALL("linear_cross_entropy", kLce, LceSig),
+    {nullptr, nullptr, 0, nullptr}};
+
+#undef FUSEDLOSS_CALL
+
+}  // namespace
+
+// fusedloss._C.calls: a submodule holding the functions above.
+PyObject* make_calls_module() {
+  static PyModuleDef def = {PyModuleDef_HEAD_INIT, "fusedloss._C.calls",
+                            "Eager calls of the loss ops (fusedloss/functional.py)", -1, calls};
+  return PyModule_Create(&def);
+}
+
+}  // namespace fusedloss

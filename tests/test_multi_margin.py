@@ -195,3 +195,35 @@ def test_cuda_strict_mode_message():
             FF.multi_margin_loss(torch.randn(2, 3), torch.tensor([0, 3]))
     finally:
         fusedloss.set_validation(False)
+
+
+@pytest.mark.parametrize("p", [1, 2])
+@pytest.mark.parametrize("C", [1, 2, 3, 7, 10, 15])
+def test_short_rows_sum_in_class_order(C, p):
+    """Rows shorter than one vector take the CPU's scalar loop: each term and
+    its sum in class order, from 0, exactly as written here in fp32 (the order
+    the vector loop's single partial vector sums in)."""
+    torch.manual_seed(C)
+    x = make((64, C), torch.float32, "cpu", -2, 2, requires_grad=True)
+    t = torch.randint(0, C, (64,))
+    margin = 0.7
+    loss = FF.multi_margin_loss(x, t, p=p, margin=margin, reduction="none")
+    (grad,) = torch.autograd.grad(loss, x, torch.ones_like(loss))
+
+    xd = x.detach()
+    base = torch.tensor(margin, dtype=torch.float32) - xd.gather(1, t[:, None])[:, 0]
+    inv_c = torch.tensor(1.0, dtype=torch.float32) / C
+    total = torch.zeros(64)
+    grad_sum = torch.zeros(64)
+    want_grad = torch.zeros(64, C)
+    for c in range(C):
+        z = base + xd[:, c]
+        keep = (z > 0) & (t != c)
+        term = torch.where(keep, z if p == 1 else z * z, torch.zeros(()))
+        d = torch.where(keep, torch.ones(()) if p == 1 else 2 * z, torch.zeros(())) * inv_c
+        total = total + term
+        grad_sum = grad_sum + d
+        want_grad[:, c] = d
+    want_grad[torch.arange(64), t] = -grad_sum
+    assert torch.equal(loss, total * inv_c)
+    assert torch.equal(grad, want_grad)

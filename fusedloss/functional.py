@@ -7,7 +7,9 @@ torch are listed in each docstring.
 How a call runs: the Python checks torch itself makes in Python (its
 ValueErrors and warnings), then one call of the loss op
 (``torch.ops.fusedloss.<loss>``), whose C++ autograd kernel records the fused
-backward. If the op refuses the arguments (invalid input, or a combination the
+backward. Outside torch.compile the op is called through its eager entry
+point (``fusedloss._ops.eager``: the same dispatcher call, with the Python
+arguments converted by typed C++ rather than torch.ops's schema walk). If the op refuses the arguments (invalid input, or a combination the
 kernels do not take), the call is computed by the loss's composite (torch's
 own ATen ops, fusedloss/_composite.py), which raises torch's error for invalid
 input or returns torch's result. The same composite runs under torch.func

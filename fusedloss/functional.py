@@ -9,8 +9,9 @@ ValueErrors and warnings), then one call of the loss op
 (``torch.ops.fusedloss.<loss>``), whose C++ autograd kernel records the fused
 backward. Outside torch.compile the op is called through its eager entry
 point (``fusedloss._ops.eager``: the same dispatcher call, with the Python
-arguments converted by typed C++ rather than torch.ops's schema walk). If the op refuses the arguments (invalid input, or a combination the
-kernels do not take), the call is computed by the loss's composite (torch's
+arguments converted by typed C++ rather than torch.ops's schema walk). If the
+op refuses the arguments (invalid input, or a combination the kernels do not
+take), the call is computed by the loss's composite (torch's
 own ATen ops, fusedloss/_composite.py), which raises torch's error for invalid
 input or returns torch's result. The same composite runs under torch.func
 transforms (vmap, grad), which the fused kernels have no batching rules for.
@@ -66,9 +67,11 @@ def _reduction_enum(size_average, reduce, reduction) -> int:
     return _Reduction.get_enum(reduction) if enum is None else enum
 
 
-def _transformed() -> bool:
-    """Whether a torch.func transform (vmap, grad, jvp) is active."""
-    return not _compiling() and _functorch_stack() is not None
+def _transformed(compiling: bool) -> bool:
+    """Whether a torch.func transform (vmap, grad, jvp) is active; `compiling`
+    is _compiling(), asked once per call by the caller, which also picks the
+    op's entry point by it."""
+    return not compiling and _functorch_stack() is not None
 
 
 def _decomposed(composite, *args):
@@ -154,10 +157,11 @@ def binary_cross_entropy_with_logits(
     red = _reduction_enum(size_average, reduce, reduction)
     if not (target.size() == input.size()):
         raise ValueError(f"Target size ({target.size()}) must be the same as input size ({input.size()})")
-    if _transformed():
+    compiling = _compiling()
+    if _transformed(compiling):
         return _decomposed(ops.bce_with_logits_composite, input, target, weight, pos_weight, red, out_dtype)
     try:
-        return (ops.bce_with_logits.default if _compiling() else eager.bce_with_logits)(
+        return (ops.bce_with_logits.default if compiling else eager.bce_with_logits)(
             input, target, weight, pos_weight, red, out_dtype
         )
     except _REFUSALS as e:
@@ -199,10 +203,11 @@ def _mse_loss(input, target, size_average, reduce, reduction, weight, out_dtype)
             return _as(loss / weight.sum() if red == 1 else loss, out_dtype)
     else:
         red = _reduction_enum(None, None, reduction)
-    if _transformed():
+    compiling = _compiling()
+    if _transformed(compiling):
         return _decomposed(ops.mse_composite, x, y, weight, red, out_dtype)
     try:
-        return (ops.mse.default if _compiling() else eager.mse)(x, y, weight, red, out_dtype)
+        return (ops.mse.default if compiling else eager.mse)(x, y, weight, red, out_dtype)
     except _REFUSALS as e:
         _on_refusal(e, input, "mse_loss")
     return ops.mse_composite.default(x, y, weight, red, out_dtype)
@@ -369,9 +374,10 @@ def cross_entropy(
             )
             if loss is not None:
                 return loss
-    if inplace_backward and _compiling():
+    compiling = _compiling()
+    if inplace_backward and compiling:
         inplace_backward = False
-    if _transformed():
+    if _transformed(compiling):
         return _decomposed(
             ops.cross_entropy_composite,
             input, target, weight, ignore_index, red, label_smoothing, lse_square_scale, softcap, False, out_dtype,
@@ -389,7 +395,7 @@ def cross_entropy(
         if _validation._enabled and input.device.type != "cpu" and not target.is_floating_point():
             _validation.check_class_indices(target, input.shape[0 if input.dim() == 1 else 1], ignore_index)
         try:
-            return (ops.cross_entropy.default if _compiling() else eager.cross_entropy)(
+            return (ops.cross_entropy.default if compiling else eager.cross_entropy)(
                 input, target, weight, ignore_index, red, label_smoothing, lse_square_scale, softcap,
                 inplace_backward, out_dtype,
             )  # fmt: skip
@@ -434,11 +440,12 @@ def hinge_embedding_loss(
             out_dtype=out_dtype,
         )
     red = _reduction_enum(size_average, reduce, reduction)
-    if _transformed():
+    compiling = _compiling()
+    if _transformed(compiling):
         return _decomposed(ops.hinge_embedding_composite, input, target, float(margin), red, out_dtype)
     try:
         x, y = _broadcast_pair(input, target)
-        return (ops.hinge_embedding.default if _compiling() else eager.hinge_embedding)(
+        return (ops.hinge_embedding.default if compiling else eager.hinge_embedding)(
             x, y, float(margin), red, out_dtype
         )
     except _REFUSALS as e:
@@ -478,11 +485,12 @@ def soft_margin_loss(
             out_dtype=out_dtype,
         )
     red = _reduction_enum(size_average, reduce, reduction)
-    if _transformed():
+    compiling = _compiling()
+    if _transformed(compiling):
         return _decomposed(ops.soft_margin_composite, input, target, red, out_dtype)
     try:
         y = target if target.shape == input.shape else target.expand(input.shape)
-        return (ops.soft_margin.default if _compiling() else eager.soft_margin)(input, y, red, out_dtype)
+        return (ops.soft_margin.default if compiling else eager.soft_margin)(input, y, red, out_dtype)
     except _REFUSALS as e:
         _on_refusal(e, input, "soft_margin_loss")
     # torch's own kernel (its errors for invalid arguments are its kernel's).
@@ -521,11 +529,12 @@ def hinge_loss(
             out_dtype=out_dtype,
         )
     red = _Reduction.get_enum(reduction)
-    if _transformed():
+    compiling = _compiling()
+    if _transformed(compiling):
         return _decomposed(ops.hinge_composite, input, target, float(margin), bool(squared), red, out_dtype)
     try:
         x, y = _broadcast_pair(input, target)
-        return (ops.hinge.default if _compiling() else eager.hinge)(x, y, float(margin), bool(squared), red, out_dtype)
+        return (ops.hinge.default if compiling else eager.hinge)(x, y, float(margin), bool(squared), red, out_dtype)
     except _REFUSALS as e:
         _on_refusal(e, input, "hinge_loss")
     return ops.hinge_composite.default(input, target, float(margin), bool(squared), red, out_dtype)
@@ -575,7 +584,8 @@ def multi_margin_loss(
         raise ValueError("only p == 1 and p == 2 supported")
     if weight is not None and weight.dim() != 1:
         raise ValueError("weight must be one-dimensional")
-    if _transformed():
+    compiling = _compiling()
+    if _transformed(compiling):
         return _decomposed(ops.multi_margin_composite, input, target, int(p), float(margin), weight, red, out_dtype)
     # torch refuses a class weight of another dtype (under autocast, or with an
     # out_dtype, the computation is fp32 for both).
@@ -583,7 +593,7 @@ def multi_margin_loss(
         if _validation._enabled and input.device.type != "cpu":
             _validation.check_multi_margin_targets(target, input.shape[-1] if input.dim() else 1)
         try:
-            return (ops.multi_margin.default if _compiling() else eager.multi_margin)(
+            return (ops.multi_margin.default if compiling else eager.multi_margin)(
                 input, target, int(p), float(margin), weight, red, out_dtype
             )
         except _REFUSALS as e:
@@ -655,12 +665,11 @@ def sigmoid_focal_loss(
         raise ValueError(
             f"Invalid Value for arg 'reduction': '{reduction} \n Supported reduction modes: 'none', 'mean', 'sum'"
         )
-    if _transformed():
+    compiling = _compiling()
+    if _transformed(compiling):
         return _decomposed(ops.sigmoid_focal_composite, inputs, targets, a, g, red, out_dtype)
     try:
-        return (ops.sigmoid_focal.default if _compiling() else eager.sigmoid_focal)(
-            inputs, targets, a, g, red, out_dtype
-        )
+        return (ops.sigmoid_focal.default if compiling else eager.sigmoid_focal)(inputs, targets, a, g, red, out_dtype)
     except _REFUSALS as e:
         _on_refusal(e, inputs, "sigmoid_focal_loss")
     return ops.sigmoid_focal_composite.default(inputs, targets, a, g, red, out_dtype)
@@ -713,13 +722,14 @@ def multilabel_soft_margin_loss(
         # torch computes the loss (and raises its errors) before it looks at the reduction.
         ops.multilabel_soft_margin_composite.default(input, target, weight, 0, out_dtype)
         raise ValueError(reduction + " is not valid")
-    if _transformed():
+    compiling = _compiling()
+    if _transformed(compiling):
         return _decomposed(ops.multilabel_soft_margin_composite, input, target, weight, red, out_dtype)
     if input.dim() >= 1:
         try:
             # A broadcast target is read in place; autograd sums its gradient back.
             y = target if target.shape == input.shape else target.expand(input.shape)
-            return (ops.multilabel_soft_margin.default if _compiling() else eager.multilabel_soft_margin)(
+            return (ops.multilabel_soft_margin.default if compiling else eager.multilabel_soft_margin)(
                 input, y, weight, red, out_dtype
             )
         except _REFUSALS as e:
@@ -799,10 +809,11 @@ def _distill(student_logits, teacher_logits, target, beta, temperature, reductio
                 f"{tuple(student_logits.shape[:-1])}"
             )
     args = (float(beta), float(temperature), int(ignore_index), red, out_dtype)
-    if _transformed():
+    compiling = _compiling()
+    if _transformed(compiling):
         return _decomposed(ops.distill_composite, student_logits, teacher_logits, target, *args)
     try:
-        return (ops.distill.default if _compiling() else eager.distill)(student_logits, teacher_logits, target, *args)
+        return (ops.distill.default if compiling else eager.distill)(student_logits, teacher_logits, target, *args)
     except _REFUSALS as e:
         _on_refusal(e, student_logits, name)
     return ops.distill_composite.default(student_logits, teacher_logits, target, *args)

@@ -168,7 +168,8 @@ def linear_cross_entropy(
         input, linear_weight, target, linear_bias, weight, ignore_index, red, float(label_smoothing),
         float(lse_square_scale), softcap, rows, out_dtype,
     )  # fmt: skip
-    if _transformed():
+    compiling = _compiling()
+    if _transformed(compiling):
         return _decomposed(ops.linear_cross_entropy_composite, *args)
     # torch refuses a class weight of another dtype for class indices (under
     # autocast, or with an out_dtype, the computation is fp32 for both): the
@@ -183,7 +184,7 @@ def linear_cross_entropy(
         if _validation._enabled and input.device.type != "cpu" and not target.is_floating_point():
             _validation.check_class_indices(target, num_classes, ignore_index)
         try:
-            return (ops.linear_cross_entropy.default if _compiling() else eager.linear_cross_entropy)(*args)
+            return (ops.linear_cross_entropy.default if compiling else eager.linear_cross_entropy)(*args)
         except _REFUSALS as e:
             _on_refusal(e, input, "linear_cross_entropy")
     return ops.linear_cross_entropy_composite.default(*args)

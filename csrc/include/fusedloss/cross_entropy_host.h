@@ -314,7 +314,7 @@ struct CrossEntropyOps {
 
     at::Tensor loss;
     if (none) {
-      loss = row_loss.to(loss_type);
+      loss = finish(row_loss, loss_type);
     } else {
       ElementwiseCall c(g.rows(), input.device(), acc_type);
       c.set_flat(0, rows, 0);
@@ -457,7 +457,7 @@ struct CrossEntropyOps {
   template <typename scalar_t>
   static void set_target(CeParams<scalar_t>& p, at::Tensor& target, bool prob, at::ScalarType acc_type) {
     if (prob) {
-      if (!loadable(target.scalar_type(), acc_type)) target = target.to(acc_type);
+      if (!loadable(target.scalar_type(), acc_type)) target = finish(target, acc_type);
       CeGeometry tg = ce_geometry(target);
       p.target_prob = target.const_data_ptr();
       p.target_dtype = dtype_code(target.scalar_type());
@@ -465,7 +465,7 @@ struct CrossEntropyOps {
       p.tC = tg.sC;
       p.tS = tg.sS;
     } else {
-      target = target.to(at::kLong).contiguous();
+      target = finish(target, at::kLong).contiguous();
       p.target_index = target.const_data_ptr<int64_t>();
     }
   }
@@ -478,7 +478,7 @@ struct CrossEntropyOps {
                             const std::optional<double>& softcap, bool prob) {
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
-    keep.grad = grad.to(acc_type).contiguous();
+    keep.grad = finish(grad, acc_type).contiguous();
     keep.weight = acc_weight(weight_, acc_type);
     keep.target = target_;
     fill_common(p, g, input, keep.weight, stats, ignore_index, label_smoothing, lse_square_scale, softcap);

@@ -278,7 +278,7 @@ struct DistillOps {
     check_floating(op, "grad", grad);
     TORCH_CHECK(grad.numel() == (reduction == kReductionNone ? g.rows() : 1), op,
                 ": grad must have the loss's shape");
-    const at::Tensor grad_acc = grad.to(acc_type).contiguous();
+    const at::Tensor grad_acc = finish(grad, acc_type).contiguous();
     const auto opts = student_.options().dtype(dtype);
     at::Tensor grad_student =
         output_mask[0] ? empty_output(student_.sizes(), opts) : at::empty({0}, student_.options());

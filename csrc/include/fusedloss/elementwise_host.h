@@ -107,12 +107,6 @@ struct ElementwiseCall {
   }
 };
 
-// An output in its wanted dtype (a no-op unless the engine had to store it in
-// the accumulation type: e.g. an fp32 gradient of an fp64 call).
-inline at::Tensor finish(const at::Tensor& t, at::ScalarType dtype) {
-  return t.scalar_type() == dtype ? t : t.to(dtype);
-}
-
 // Common checks: input floating point, target on its device with its shape.
 inline void check_elementwise(const char* op, const at::Tensor& input, const at::Tensor& target, int64_t reduction) {
   check_reduction(op, reduction);

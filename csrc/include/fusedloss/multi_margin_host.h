@@ -103,12 +103,12 @@ struct MultiMarginOps {
     });
     if (reduction == kReductionNone) {
       // torch: one value per row, or a 0-d loss for a 0-d target
-      return row_loss.view(target_.dim() > 0 ? at::IntArrayRef({N}) : at::IntArrayRef({})).to(loss_type);
+      return finish(row_loss.view(target_.dim() > 0 ? at::IntArrayRef({N}) : at::IntArrayRef({})), loss_type);
     }
     at::Tensor total = at::empty({}, input.options().dtype(acc_type));
     // A mean over no rows is 0/0 = NaN (torch returns an unspecified value).
     sum_into<ElementwiseEngine>(row_loss, total, reduction);
-    return total.to(loss_type);
+    return finish(total, loss_type);
   }
 
   static at::Tensor backward(const at::Tensor& grad_, const at::Tensor& input_, const at::Tensor& target_, int64_t p,
@@ -121,7 +121,7 @@ struct MultiMarginOps {
     const auto acc_type = opmath_type(input.scalar_type());
     check_device(op, "grad", grad_, input);
     check_floating(op, "grad", grad_);
-    const at::Tensor grad = grad_.to(acc_type).contiguous();
+    const at::Tensor grad = finish(grad_, acc_type).contiguous();
     const at::Tensor weight = acc_weight(weight_, acc_type);
     const int64_t N = input.dim() == 2 ? input.size(0) : 1;
     const int64_t C = input.dim() == 0 ? 1 : input.size(-1);

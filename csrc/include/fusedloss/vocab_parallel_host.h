@@ -347,7 +347,7 @@ struct VocabParallelCeOps {
     const int64_t N = input.size(0), C = input.size(1);
     at::Tensor local_max, packed, mass, weight;  // named, not bound: the dispatch lambdas capture them
     std::tie(local_max, packed, mass, weight) = local_buffers(input, N, C, weight_, vocab_start, label_smoothing);
-    const at::Tensor target = target_.to(at::kLong).contiguous();
+    const at::Tensor target = finish(target_, at::kLong).contiguous();
     if (N == 0) return {local_max, packed, mass};
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "vocab_parallel_ce_local", [&] {
       VpParams<scalar_t> p;
@@ -416,7 +416,7 @@ struct VocabParallelCeOps {
     } else {
       stats.narrow(0, 1, 1).copy_(V);
     }
-    const at::Tensor target = target_.to(at::kLong).contiguous();
+    const at::Tensor target = finish(target_, at::kLong).contiguous();
     if (N > 0) {
       AT_DISPATCH_FLOATING_TYPES(acc_type, "vocab_parallel_ce_finalize", [&] {
         VpFinalizeRow<scalar_t> f;
@@ -439,7 +439,7 @@ struct VocabParallelCeOps {
     }
     at::Tensor loss;
     if (reduction == kReductionNone) {
-      loss = rows.select(0, 0).to(loss_dtype);
+      loss = finish(rows.select(0, 0), loss_dtype);
       stats.select(0, 0).fill_(1);
     } else {
       ElementwiseCall c(rows.select(0, 0), acc_type);
@@ -471,8 +471,8 @@ struct VocabParallelCeOps {
     at::Tensor grad_input = empty_output(input.sizes(), input.options());
     if (N == 0 || C == 0) return grad_input;
     const at::Tensor weight = acc_weight(weight_, acc_type);
-    const at::Tensor target = target_.to(at::kLong).contiguous();
-    const at::Tensor g = grad.to(acc_type).contiguous();
+    const at::Tensor target = finish(target_, at::kLong).contiguous();
+    const at::Tensor g = finish(grad, acc_type).contiguous();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "vocab_parallel_ce_backward", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       VpParams<scalar_t> p;
@@ -517,7 +517,7 @@ struct VocabParallelCeOps {
     const int64_t N = in.N;
     at::Tensor local_max, packed, mass, weight;  // named, not bound: the dispatch lambdas capture them
     std::tie(local_max, packed, mass, weight) = local_buffers(input, N, C, weight_, vocab_start, label_smoothing);
-    const at::Tensor target = target_.to(at::kLong).contiguous();
+    const at::Tensor target = finish(target_, at::kLong).contiguous();
     if (N == 0) return {local_max, packed, mass};
     const LceDevice& dev = Engine::lce_device();
     const int64_t rows = lce_chunk_rows(dev, N, C, input.scalar_type(), chunk_size);
@@ -577,8 +577,8 @@ struct VocabParallelCeOps {
     }
     if (!(mask[0] || mask[1] || mask[2])) return lce_finish_grads(grads, input, linear_weight);
     const at::Tensor weight = acc_weight(weight_, acc_type);
-    const at::Tensor target = target_.to(at::kLong).contiguous();
-    const at::Tensor g = grad.to(acc_type).contiguous();
+    const at::Tensor target = finish(target_, at::kLong).contiguous();
+    const at::Tensor g = finish(grad, acc_type).contiguous();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "vocab_parallel_linear_ce_backward", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       lce_chunks(

@@ -26,6 +26,7 @@
 
 #include <fusedloss/composite.h>
 #include <fusedloss/numerics.h>
+#include <fusedloss/op_signatures.h>
 
 #include <optional>
 #include <tuple>
@@ -128,8 +129,6 @@ variable_list grads_then_none(variable_list grads, size_t n_args) {
 
 // ---------------------------------------------------------------------------
 // binary_cross_entropy_with_logits: gradients for input and target.
-using BceSig = Tensor(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, int64_t, OptDtype);
-
 struct BceWithLogits : torch::autograd::Function<BceWithLogits> {
   static Tensor forward(AutogradContext* ctx, const Tensor& input, const Tensor& target, const OptTensor& weight,
                         const OptTensor& pos_weight, int64_t reduction, OptDtype out_dtype) {
@@ -137,7 +136,7 @@ struct BceWithLogits : torch::autograd::Function<BceWithLogits> {
     ctx->save_for_backward({input, target, value_or_undefined(weight), value_or_undefined(pos_weight)});
     ctx->saved_data["reduction"] = reduction;
     ctx->saved_data["out_dtype"] = out_dtype;
-    return FUSEDLOSS_OP("bce_with_logits", BceSig).call(input, target, weight, pos_weight, reduction, out_dtype);
+    return FUSEDLOSS_OP("bce_with_logits", sig::Bce).call(input, target, weight, pos_weight, reduction, out_dtype);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -168,7 +167,7 @@ Tensor bce_with_logits(const Tensor& input, const Tensor& target, const OptTenso
   }
   if (!graph_needed({&input, &target})) {
     at::AutoDispatchBelowADInplaceOrView below;
-    return FUSEDLOSS_OP("bce_with_logits", BceSig).call(input, target, weight, pos_weight, reduction, out_dtype);
+    return FUSEDLOSS_OP("bce_with_logits", sig::Bce).call(input, target, weight, pos_weight, reduction, out_dtype);
   }
   return BceWithLogits::apply(input, target, weight, pos_weight, reduction, out_dtype);
 }
@@ -231,8 +230,6 @@ Tensor mse(const Tensor& input, const Tensor& target, const OptTensor& weight, i
 // ---------------------------------------------------------------------------
 // hinge_embedding_loss: the target only selects terms, so it gets no gradient
 // (as in torch).
-using HingeEmbeddingSig = Tensor(const Tensor&, const Tensor&, double, int64_t, OptDtype);
-
 struct HingeEmbedding : torch::autograd::Function<HingeEmbedding> {
   static Tensor forward(AutogradContext* ctx, const Tensor& input, const Tensor& target, double margin,
                         int64_t reduction, OptDtype out_dtype) {
@@ -241,7 +238,7 @@ struct HingeEmbedding : torch::autograd::Function<HingeEmbedding> {
     ctx->saved_data["margin"] = margin;
     ctx->saved_data["reduction"] = reduction;
     ctx->saved_data["out_dtype"] = out_dtype;
-    return FUSEDLOSS_OP("hinge_embedding", HingeEmbeddingSig).call(input, target, margin, reduction, out_dtype);
+    return FUSEDLOSS_OP("hinge_embedding", sig::HingeEmbedding).call(input, target, margin, reduction, out_dtype);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -268,15 +265,13 @@ Tensor hinge_embedding(const Tensor& input, const Tensor& target, double margin,
   // The target is not differentiated: keep it out of the graph.
   if (!graph_needed({&input})) {
     at::AutoDispatchBelowADInplaceOrView below;
-    return FUSEDLOSS_OP("hinge_embedding", HingeEmbeddingSig).call(input, target, margin, reduction, out_dtype);
+    return FUSEDLOSS_OP("hinge_embedding", sig::HingeEmbedding).call(input, target, margin, reduction, out_dtype);
   }
   return HingeEmbedding::apply(input, target.detach(), margin, reduction, out_dtype);
 }
 
 // ---------------------------------------------------------------------------
 // soft_margin_loss: torch has no derivative for the target.
-using SoftMarginSig = Tensor(const Tensor&, const Tensor&, int64_t, OptDtype);
-
 struct SoftMargin : torch::autograd::Function<SoftMargin> {
   static Tensor forward(AutogradContext* ctx, const Tensor& input, const Tensor& target, int64_t reduction,
                         OptDtype out_dtype) {
@@ -284,7 +279,7 @@ struct SoftMargin : torch::autograd::Function<SoftMargin> {
     ctx->save_for_backward({input, target});
     ctx->saved_data["reduction"] = reduction;
     ctx->saved_data["out_dtype"] = out_dtype;
-    return FUSEDLOSS_OP("soft_margin", SoftMarginSig).call(input, target, reduction, out_dtype);
+    return FUSEDLOSS_OP("soft_margin", sig::SoftMargin).call(input, target, reduction, out_dtype);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -307,15 +302,13 @@ Tensor soft_margin(const Tensor& input, const Tensor& target, int64_t reduction,
   if (has_fw_grad(input)) return composite::soft_margin(input, target, reduction, out_dtype);
   if (!graph_needed({&input})) {
     at::AutoDispatchBelowADInplaceOrView below;
-    return FUSEDLOSS_OP("soft_margin", SoftMarginSig).call(input, target, reduction, out_dtype);
+    return FUSEDLOSS_OP("soft_margin", sig::SoftMargin).call(input, target, reduction, out_dtype);
   }
   return SoftMargin::apply(input, target, reduction, out_dtype);
 }
 
 // ---------------------------------------------------------------------------
 // The binary (SVM) hinge: gradients for input and target.
-using HingeSig = Tensor(const Tensor&, const Tensor&, double, bool, int64_t, OptDtype);
-
 struct Hinge : torch::autograd::Function<Hinge> {
   static Tensor forward(AutogradContext* ctx, const Tensor& input, const Tensor& target, double margin, bool squared,
                         int64_t reduction, OptDtype out_dtype) {
@@ -325,7 +318,7 @@ struct Hinge : torch::autograd::Function<Hinge> {
     ctx->saved_data["squared"] = squared;
     ctx->saved_data["reduction"] = reduction;
     ctx->saved_data["out_dtype"] = out_dtype;
-    return FUSEDLOSS_OP("hinge", HingeSig).call(input, target, margin, squared, reduction, out_dtype);
+    return FUSEDLOSS_OP("hinge", sig::Hinge).call(input, target, margin, squared, reduction, out_dtype);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -357,7 +350,7 @@ Tensor hinge(const Tensor& input, const Tensor& target, double margin, bool squa
   }
   if (!graph_needed({&input, &target})) {
     at::AutoDispatchBelowADInplaceOrView below;
-    return FUSEDLOSS_OP("hinge", HingeSig).call(input, target, margin, squared, reduction, out_dtype);
+    return FUSEDLOSS_OP("hinge", sig::Hinge).call(input, target, margin, squared, reduction, out_dtype);
   }
   return Hinge::apply(input, target, margin, squared, reduction, out_dtype);
 }
@@ -365,8 +358,6 @@ Tensor hinge(const Tensor& input, const Tensor& target, double margin, bool squa
 // ---------------------------------------------------------------------------
 // multi_margin_loss: a gradient for the input only; second derivatives (which
 // torch lacks) come from the composite.
-using MultiMarginSig = Tensor(const Tensor&, const Tensor&, int64_t, double, const OptTensor&, int64_t, OptDtype);
-
 struct MultiMargin : torch::autograd::Function<MultiMargin> {
   static Tensor forward(AutogradContext* ctx, const Tensor& input, const Tensor& target, int64_t p, double margin,
                         const OptTensor& weight, int64_t reduction, OptDtype out_dtype) {
@@ -376,7 +367,7 @@ struct MultiMargin : torch::autograd::Function<MultiMargin> {
     ctx->saved_data["margin"] = margin;
     ctx->saved_data["reduction"] = reduction;
     ctx->saved_data["out_dtype"] = out_dtype;
-    return FUSEDLOSS_OP("multi_margin", MultiMarginSig).call(input, target, p, margin, weight, reduction, out_dtype);
+    return FUSEDLOSS_OP("multi_margin", sig::MultiMargin).call(input, target, p, margin, weight, reduction, out_dtype);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -403,7 +394,7 @@ Tensor multi_margin(const Tensor& input, const Tensor& target, int64_t p, double
   if (has_fw_grad(input)) return composite::multi_margin(input, target, p, margin, weight, reduction, out_dtype);
   if (!graph_needed({&input})) {
     at::AutoDispatchBelowADInplaceOrView below;
-    return FUSEDLOSS_OP("multi_margin", MultiMarginSig).call(input, target, p, margin, weight, reduction, out_dtype);
+    return FUSEDLOSS_OP("multi_margin", sig::MultiMargin).call(input, target, p, margin, weight, reduction, out_dtype);
   }
   return MultiMargin::apply(input, target, p, margin, weight, reduction, out_dtype);
 }
@@ -557,7 +548,7 @@ struct AutocastKernels {
   static Tensor bce_with_logits(const Tensor& input, const Tensor& target, const OptTensor& weight,
                                 const OptTensor& pos_weight, int64_t reduction, OptDtype out_dtype) {
     Guard no_autocast(kAutocast);
-    return FUSEDLOSS_OP("bce_with_logits", BceSig)
+    return FUSEDLOSS_OP("bce_with_logits", sig::Bce)
         .call(input, target, weight, pos_weight, reduction, autocast_dtype(out_dtype, target.scalar_type()));
   }
   static Tensor mse(const Tensor& input, const Tensor& target, const OptTensor& weight, int64_t reduction,
@@ -571,18 +562,18 @@ struct AutocastKernels {
   static Tensor hinge_embedding(const Tensor& input, const Tensor& target, double margin, int64_t reduction,
                                 OptDtype out_dtype) {
     Guard no_autocast(kAutocast);
-    return FUSEDLOSS_OP("hinge_embedding", HingeEmbeddingSig)
+    return FUSEDLOSS_OP("hinge_embedding", sig::HingeEmbedding)
         .call(input, target, margin, reduction, autocast_dtype(out_dtype, input.scalar_type()));
   }
   static Tensor soft_margin(const Tensor& input, const Tensor& target, int64_t reduction, OptDtype out_dtype) {
     Guard no_autocast(kAutocast);
-    return FUSEDLOSS_OP("soft_margin", SoftMarginSig)
+    return FUSEDLOSS_OP("soft_margin", sig::SoftMargin)
         .call(input, target, reduction, autocast_dtype(out_dtype, input.scalar_type()));
   }
   static Tensor multi_margin(const Tensor& input, const Tensor& target, int64_t p, double margin,
                              const OptTensor& weight, int64_t reduction, OptDtype out_dtype) {
     Guard no_autocast(kAutocast);
-    return FUSEDLOSS_OP("multi_margin", MultiMarginSig)
+    return FUSEDLOSS_OP("multi_margin", sig::MultiMargin)
         .call(input, target, p, margin, weight, reduction, autocast_dtype(out_dtype, input.scalar_type()));
   }
   static Tensor cross_entropy(const Tensor& input, const Tensor& target, const OptTensor& weight,
@@ -649,8 +640,6 @@ namespace fusedloss {
 namespace {
 
 // sigmoid_focal_loss: gradients for input and (soft) target.
-using SigmoidFocalSig = Tensor(const Tensor&, const Tensor&, double, double, int64_t, OptDtype);
-
 struct SigmoidFocal : torch::autograd::Function<SigmoidFocal> {
   static Tensor forward(AutogradContext* ctx, const Tensor& input, const Tensor& target, double alpha, double gamma,
                         int64_t reduction, OptDtype out_dtype) {
@@ -660,7 +649,7 @@ struct SigmoidFocal : torch::autograd::Function<SigmoidFocal> {
     ctx->saved_data["gamma"] = gamma;
     ctx->saved_data["reduction"] = reduction;
     ctx->saved_data["out_dtype"] = out_dtype;
-    return FUSEDLOSS_OP("sigmoid_focal", SigmoidFocalSig).call(input, target, alpha, gamma, reduction, out_dtype);
+    return FUSEDLOSS_OP("sigmoid_focal", sig::SigmoidFocal).call(input, target, alpha, gamma, reduction, out_dtype);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -691,7 +680,7 @@ Tensor sigmoid_focal(const Tensor& input, const Tensor& target, double alpha, do
   }
   if (!graph_needed({&input, &target})) {
     at::AutoDispatchBelowADInplaceOrView below;
-    return FUSEDLOSS_OP("sigmoid_focal", SigmoidFocalSig).call(input, target, alpha, gamma, reduction, out_dtype);
+    return FUSEDLOSS_OP("sigmoid_focal", sig::SigmoidFocal).call(input, target, alpha, gamma, reduction, out_dtype);
   }
   return SigmoidFocal::apply(input, target, alpha, gamma, reduction, out_dtype);
 }
@@ -699,8 +688,6 @@ Tensor sigmoid_focal(const Tensor& input, const Tensor& target, double alpha, do
 // multilabel_soft_margin_loss: gradients for input and a floating target; a
 // weight that requires grad goes to the composite (torch's loss is a
 // composite, so torch differentiates the weight; the kernels do not).
-using MultilabelSoftMarginSig = Tensor(const Tensor&, const Tensor&, const OptTensor&, int64_t, OptDtype);
-
 struct MultilabelSoftMargin : torch::autograd::Function<MultilabelSoftMargin> {
   static Tensor forward(AutogradContext* ctx, const Tensor& input, const Tensor& target, const OptTensor& weight,
                         int64_t reduction, OptDtype out_dtype) {
@@ -708,7 +695,7 @@ struct MultilabelSoftMargin : torch::autograd::Function<MultilabelSoftMargin> {
     ctx->save_for_backward({input, target, value_or_undefined(weight)});
     ctx->saved_data["reduction"] = reduction;
     ctx->saved_data["out_dtype"] = out_dtype;
-    return FUSEDLOSS_OP("multilabel_soft_margin", MultilabelSoftMarginSig)
+    return FUSEDLOSS_OP("multilabel_soft_margin", sig::MultilabelSoftMargin)
         .call(input, target, weight, reduction, out_dtype);
   }
 
@@ -739,7 +726,7 @@ Tensor multilabel_soft_margin(const Tensor& input, const Tensor& target, const O
   }
   if (!graph_needed({&input, &target})) {
     at::AutoDispatchBelowADInplaceOrView below;
-    return FUSEDLOSS_OP("multilabel_soft_margin", MultilabelSoftMarginSig)
+    return FUSEDLOSS_OP("multilabel_soft_margin", sig::MultilabelSoftMargin)
         .call(input, target, weight, reduction, out_dtype);
   }
   return MultilabelSoftMargin::apply(input, target, weight, reduction, out_dtype);
@@ -826,13 +813,13 @@ struct SigmoidAndDistillAutocast {
                               OptDtype out_dtype) {
     Guard no_autocast(kAutocast);
     const auto t = c10::promoteTypes(input.scalar_type(), target.scalar_type());
-    return FUSEDLOSS_OP("sigmoid_focal", SigmoidFocalSig)
+    return FUSEDLOSS_OP("sigmoid_focal", sig::SigmoidFocal)
         .call(input, target, alpha, gamma, reduction, autocast_dtype(out_dtype, t));
   }
   static Tensor multilabel_soft_margin(const Tensor& input, const Tensor& target, const OptTensor& weight,
                                        int64_t reduction, OptDtype out_dtype) {
     Guard no_autocast(kAutocast);
-    return FUSEDLOSS_OP("multilabel_soft_margin", MultilabelSoftMarginSig)
+    return FUSEDLOSS_OP("multilabel_soft_margin", sig::MultilabelSoftMargin)
         .call(input, target, weight, reduction, autocast_dtype(out_dtype, input.scalar_type()));
   }
   static Tensor distill(const Tensor& student, const Tensor& teacher, const OptTensor& target, double beta,
@@ -887,9 +874,6 @@ namespace {
 using LceForwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, int64_t, int64_t, double, double,
     std::optional<double>, int64_t, OptDtype, std::array<bool, 3>);
-using LceSig = Tensor(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, int64_t,
-                      int64_t, double, double, std::optional<double>, int64_t, OptDtype);
-
 // A real tensor, not one being traced (torch.compile, make_fx) or wrapped,
 // whose saved buffers may be scaled in place.
 bool plain_tensor(const Tensor& t) {
@@ -1036,7 +1020,7 @@ Tensor linear_cross_entropy_autocast(const Tensor& input, const Tensor& linear_w
   };
   const OptTensor bias =
       linear_bias.has_value() && linear_bias->defined() ? OptTensor(cast(*linear_bias)) : linear_bias;
-  return FUSEDLOSS_OP("linear_cross_entropy", LceSig)
+  return FUSEDLOSS_OP("linear_cross_entropy", sig::LinearCrossEntropy)
       .call(cast(input), cast(linear_weight), target, bias, weight, ignore_index, reduction, label_smoothing,
             lse_square_scale, softcap, chunk_size, autocast_dtype(out_dtype, low));
 }

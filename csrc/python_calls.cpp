@@ -24,6 +24,8 @@
 
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <fusedloss/op_signatures.h>
+
 #include <optional>
 #include <tuple>
 #include <utility>
@@ -145,48 +147,34 @@ struct Call<Name, Tensor(Args...)> {
   }
 };
 
-// The schemas of csrc/ops.cpp, as C++ signatures (a mismatch raises on the
-// first call: tests/test_small_calls.py calls each).
+// The ops by qualified name; their C++ signatures: fusedloss/op_signatures.h.
 constexpr char kBce[] = "fusedloss::bce_with_logits";
-using BceSig = Tensor(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, int64_t, OptDtype);
 constexpr char kMse[] = "fusedloss::mse";
-using MseSig = Tensor(const Tensor&, const Tensor&, const OptTensor&, int64_t, OptDtype);
 constexpr char kCe[] = "fusedloss::cross_entropy";
-using CeSig = Tensor(const Tensor&, const Tensor&, const OptTensor&, int64_t, int64_t, double, double,
-                     std::optional<double>, bool, OptDtype);
 constexpr char kHingeEmbedding[] = "fusedloss::hinge_embedding";
-using HingeEmbeddingSig = Tensor(const Tensor&, const Tensor&, double, int64_t, OptDtype);
 constexpr char kSoftMargin[] = "fusedloss::soft_margin";
-using SoftMarginSig = Tensor(const Tensor&, const Tensor&, int64_t, OptDtype);
 constexpr char kHinge[] = "fusedloss::hinge";
-using HingeSig = Tensor(const Tensor&, const Tensor&, double, bool, int64_t, OptDtype);
 constexpr char kMultiMargin[] = "fusedloss::multi_margin";
-using MultiMarginSig = Tensor(const Tensor&, const Tensor&, int64_t, double, const OptTensor&, int64_t, OptDtype);
 constexpr char kSigmoidFocal[] = "fusedloss::sigmoid_focal";
-using SigmoidFocalSig = Tensor(const Tensor&, const Tensor&, double, double, int64_t, OptDtype);
 constexpr char kMultilabelSoftMargin[] = "fusedloss::multilabel_soft_margin";
-using MultilabelSoftMarginSig = Tensor(const Tensor&, const Tensor&, const OptTensor&, int64_t, OptDtype);
 constexpr char kDistill[] = "fusedloss::distill";
-using DistillSig = Tensor(const Tensor&, const Tensor&, const OptTensor&, double, double, int64_t, int64_t, OptDtype);
 constexpr char kLce[] = "fusedloss::linear_cross_entropy";
-using LceSig = Tensor(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, int64_t,
-                      int64_t, double, double, std::optional<double>, int64_t, OptDtype);
 
 #define FUSEDLOSS_CALL(py_name, Name, Sig) \
   {py_name, reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&Call<Name, Sig>::fn)), METH_FASTCALL, nullptr}
 
 PyMethodDef calls[] = {
-    FUSEDLOSS_CALL("bce_with_logits", kBce, BceSig),
-    FUSEDLOSS_CALL("mse", kMse, MseSig),
-    FUSEDLOSS_CALL("cross_entropy", kCe, CeSig),
-    FUSEDLOSS_CALL("hinge_embedding", kHingeEmbedding, HingeEmbeddingSig),
-    FUSEDLOSS_CALL("soft_margin", kSoftMargin, SoftMarginSig),
-    FUSEDLOSS_CALL("hinge", kHinge, HingeSig),
-    FUSEDLOSS_CALL("multi_margin", kMultiMargin, MultiMarginSig),
-    FUSEDLOSS_CALL("sigmoid_focal", kSigmoidFocal, SigmoidFocalSig),
-    FUSEDLOSS_CALL("multilabel_soft_margin", kMultilabelSoftMargin, MultilabelSoftMarginSig),
-    FUSEDLOSS_CALL("distill", kDistill, DistillSig),
-    FUSEDLOSS_CALL("linear_cross_entropy", kLce, LceSig),
+    FUSEDLOSS_CALL("bce_with_logits", kBce, sig::Bce),
+    FUSEDLOSS_CALL("mse", kMse, sig::Mse),
+    FUSEDLOSS_CALL("cross_entropy", kCe, sig::CrossEntropy),
+    FUSEDLOSS_CALL("hinge_embedding", kHingeEmbedding, sig::HingeEmbedding),
+    FUSEDLOSS_CALL("soft_margin", kSoftMargin, sig::SoftMargin),
+    FUSEDLOSS_CALL("hinge", kHinge, sig::Hinge),
+    FUSEDLOSS_CALL("multi_margin", kMultiMargin, sig::MultiMargin),
+    FUSEDLOSS_CALL("sigmoid_focal", kSigmoidFocal, sig::SigmoidFocal),
+    FUSEDLOSS_CALL("multilabel_soft_margin", kMultilabelSoftMargin, sig::MultilabelSoftMargin),
+    FUSEDLOSS_CALL("distill", kDistill, sig::Distill),
+    FUSEDLOSS_CALL("linear_cross_entropy", kLce, sig::LinearCrossEntropy),
     {nullptr, nullptr, 0, nullptr}};
 
 #undef FUSEDLOSS_CALL

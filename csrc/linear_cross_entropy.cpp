@@ -100,7 +100,7 @@ LceInputs prepare(const at::Tensor& input, const at::Tensor& w, const at::Tensor
   if (in.prob) {
     in.target = input.dim() == 1 ? target.unsqueeze(0) : target;  // read with its own strides and dtype
   } else {
-    in.target = target.reshape({in.N}).to(at::kLong).contiguous();
+    in.target = finish(target.reshape({in.N}), at::kLong).contiguous();
   }
   const auto acc = opmath_type(input.scalar_type());
   if (weight.has_value() && weight->defined()) in.weight = weight->to(acc).contiguous();
@@ -154,7 +154,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_finish_grads(LceGrads& g, con
   const auto opts = input.options();
   auto done = [&](at::Tensor& t, at::ScalarType dtype) {
     if (!t.defined()) return at::empty({0}, opts);
-    at::Tensor r = t.scalar_type() == dtype ? t : t.to(dtype);
+    at::Tensor r = finish(t, dtype);
     t = at::Tensor();  // an fp32 accumulator is freed before the next is rounded
     return r;
   };
@@ -318,7 +318,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
   at::Tensor loss;
   if (reduction == kReductionNone) {
-    loss = st.rows.select(0, 0).view(batch).to(loss_type);
+    loss = finish(st.rows.select(0, 0).view(batch), loss_type);
     st.stats.select(0, 0).fill_(1);
   } else {
     loss = at::empty({}, input.options().dtype(loadable(loss_type, acc_type) ? loss_type : acc_type));
@@ -366,7 +366,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_backward(
   st.lse = lse;
   st.target_mass = target_mass;
   st.stats = stats;
-  st.grad = grad.to(acc_type).contiguous().view({-1});
+  st.grad = finish(grad, acc_type).contiguous().view({-1});
   st.grad_per_row = reduction == kReductionNone;
   st.divide = reduction == kReductionMean;
   const int64_t chunk_rows = lce_chunk_rows(dev, in.N, in.V, input.scalar_type(), chunk_size);

@@ -37,68 +37,90 @@ using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 using OptDtype = std::optional<at::ScalarType>;
 
-// One argument's conversion: ok() says whether `o` is of a type this rule
-// converts exactly as the schema would; get() converts it.
+// One argument's conversion: get() converts `o` into `out` and returns true
+// when `o` is of a type this rule converts exactly as the schema would, and
+// returns false (leaving no Python error set) otherwise.
 template <typename T>
 struct From;
 
 template <>
 struct From<const Tensor&> {
   using type = Tensor;
-  static bool ok(PyObject* o) { return THPVariable_Check(o); }
-  static Tensor get(PyObject* o) { return THPVariable_Unpack(o); }
+  static bool get(PyObject* o, type& out) {
+    if (!THPVariable_Check(o)) return false;
+    out = THPVariable_Unpack(o);
+    return true;
+  }
 };
 
 template <>
 struct From<const OptTensor&> {
   using type = OptTensor;
-  static bool ok(PyObject* o) { return o == Py_None || THPVariable_Check(o); }
-  static OptTensor get(PyObject* o) { return o == Py_None ? OptTensor() : OptTensor(THPVariable_Unpack(o)); }
+  static bool get(PyObject* o, type& out) {
+    if (o == Py_None) return true;  // out stays empty
+    if (!THPVariable_Check(o)) return false;
+    out = THPVariable_Unpack(o);
+    return true;
+  }
 };
 
 // A Python int within int64 (bool is an int subclass the schema refuses).
 template <>
 struct From<int64_t> {
   using type = int64_t;
-  static bool ok(PyObject* o) {
+  static bool get(PyObject* o, type& out) {
     if (!PyLong_CheckExact(o)) return false;
     int overflow = 0;
-    PyLong_AsLongLongAndOverflow(o, &overflow);
+    out = PyLong_AsLongLongAndOverflow(o, &overflow);
     return overflow == 0;
   }
-  static int64_t get(PyObject* o) { return PyLong_AsLongLong(o); }
 };
 
 // A Python float, or an int within int64 (the schema takes both).
 template <>
 struct From<double> {
   using type = double;
-  static bool ok(PyObject* o) { return PyFloat_CheckExact(o) || From<int64_t>::ok(o); }
-  static double get(PyObject* o) {
-    return PyFloat_CheckExact(o) ? PyFloat_AS_DOUBLE(o) : static_cast<double>(PyLong_AsLongLong(o));
+  static bool get(PyObject* o, type& out) {
+    if (PyFloat_CheckExact(o)) {
+      out = PyFloat_AS_DOUBLE(o);
+      return true;
+    }
+    int64_t i = 0;
+    if (!From<int64_t>::get(o, i)) return false;
+    out = static_cast<double>(i);
+    return true;
   }
 };
 
 template <>
 struct From<bool> {
   using type = bool;
-  static bool ok(PyObject* o) { return PyBool_Check(o); }
-  static bool get(PyObject* o) { return o == Py_True; }
+  static bool get(PyObject* o, type& out) {
+    out = o == Py_True;
+    return PyBool_Check(o);
+  }
 };
 
 template <>
 struct From<std::optional<double>> {
   using type = std::optional<double>;
-  static bool ok(PyObject* o) { return o == Py_None || From<double>::ok(o); }
-  static type get(PyObject* o) { return o == Py_None ? type() : type(From<double>::get(o)); }
+  static bool get(PyObject* o, type& out) {
+    if (o == Py_None) return true;
+    double v = 0;
+    if (!From<double>::get(o, v)) return false;
+    out = v;
+    return true;
+  }
 };
 
 template <>
 struct From<OptDtype> {
   using type = OptDtype;
-  static bool ok(PyObject* o) { return o == Py_None || THPDtype_Check(o); }
-  static type get(PyObject* o) {
-    return o == Py_None ? type() : type(reinterpret_cast<THPDtype*>(o)->scalar_type);
+  static bool get(PyObject* o, type& out) {
+    if (o == Py_None) return true;
+    if (!THPDtype_Check(o)) return false;
+    out = reinterpret_cast<THPDtype*>(o)->scalar_type;
+    return true;
   }
 };
 
@@ -123,10 +145,10 @@ struct Call<Name, Tensor(Args...)> {
       PyErr_Format(PyExc_TypeError, "%s: expected the op's overload first", Name);
       return nullptr;
     }
-    if (nargs != kArgs + 1 || !convertible(args + 1, std::index_sequence_for<Args...>{})) {
+    std::tuple<typename From<Args>::type...> values;
+    if (nargs != kArgs + 1 || !convert(args + 1, values, std::index_sequence_for<Args...>{})) {
       return PyObject_Vectorcall(args[0], args + 1, nargs - 1, nullptr);
     }
-    auto values = convert(args + 1, std::index_sequence_for<Args...>{});
     static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(Name, "").typed<Tensor(Args...)>();
     Tensor out;
     {
@@ -138,12 +160,9 @@ struct Call<Name, Tensor(Args...)> {
   }
 
   template <size_t... I>
-  static bool convertible(PyObject* const* a, std::index_sequence<I...>) {
-    return (From<Args>::ok(a[I]) && ...);
-  }
-  template <size_t... I>
-  static std::tuple<typename From<Args>::type...> convert(PyObject* const* a, std::index_sequence<I...>) {
-    return {From<Args>::get(a[I])...};
+  static bool convert(PyObject* const* a, std::tuple<typename From<Args>::type...>& values,
+                      std::index_sequence<I...>) {
+    return (From<Args>::get(a[I], std::get<I>(values)) && ...);
   }
 };
 

@@ -95,23 +95,13 @@ def load() -> tuple[object, dict]:
 _C, BUILD_INFO = load()
 ops = torch.ops.fusedloss
 
-# The loss ops' eager entry points (csrc/python_calls.cpp): the dispatcher call
-# of ops.<name>.default with a cheaper conversion of the Python arguments (a
-# small call's largest cost after the math). torch.compile must see the op
-# itself, so callers take ops.<name>.default while compiling.
-_EAGER_CALLS = (
-    "bce_with_logits",
-    "mse",
-    "cross_entropy",
-    "hinge_embedding",
-    "soft_margin",
-    "hinge",
-    "multi_margin",
-    "sigmoid_focal",
-    "multilabel_soft_margin",
-    "distill",
-    "linear_cross_entropy",
-)
+# The loss ops' eager entry points (csrc/python_calls.cpp, which names them):
+# the dispatcher call of ops.<name>.default with a cheaper conversion of the
+# Python arguments (a small call's largest cost after the math), each with its
+# torch.ops overload bound first, where it sends arguments it does not convert.
+# torch.compile must see the op itself, so callers take ops.<name>.default
+# while compiling.
+_EAGER_CALLS = tuple(name for name in dir(_C.calls) if not name.startswith("_"))
 eager = types.SimpleNamespace(
     **{name: functools.partial(getattr(_C.calls, name), getattr(ops, name).default) for name in _EAGER_CALLS}
 )

@@ -60,7 +60,18 @@ def _run(call, args):
 
 
 def test_every_loss_op_has_an_eager_call():
-    assert set(_ops._EAGER_CALLS) == {n for n in dir(_ops._C.calls) if not n.startswith("_")}
+    """The C++ table names exactly the ops the Python layer calls eagerly, each
+    bound to its own torch.ops overload."""
+    import inspect
+    import re
+
+    import fusedloss.functional
+    import fusedloss.linear_cross_entropy
+
+    used = set()
+    for module in (fusedloss.functional, fusedloss.linear_cross_entropy):
+        used |= set(re.findall(r"\beager\.(\w+)", inspect.getsource(module)))
+    assert used == set(_ops._EAGER_CALLS) and len(used) == 11
     for name in _ops._EAGER_CALLS:
         assert getattr(eager, name).args == (getattr(ops, name).default,)
 
@@ -123,6 +134,16 @@ def test_arguments_not_converted_behave_as_torch_ops(args):
         torch.testing.assert_close(fast[1], plain[1], rtol=0, atol=0)
     else:
         assert fast == plain
+
+
+def test_ints_for_float_parameters_convert_as_torch_ops():
+    x = make((5, 4), torch.float32, "cpu", requires_grad=True)
+    t = torch.randint(0, 4, (5,))
+    fast = eager.multi_margin(x, t, 2, 3, None, 0, None)  # margin 3 (an int)
+    torch.testing.assert_close(fast, ops.multi_margin.default(x, t, 2, 3.0, None, 0, None), rtol=0, atol=0)
+    assert not torch.equal(fast, ops.multi_margin.default(x, t, 2, 1.0, None, 0, None))
+    fast = eager.cross_entropy(x, t, None, -100, 0, 0.0, 2, None, False, None)  # z-loss scale 2 (an int)
+    torch.testing.assert_close(fast, ops.cross_entropy.default(x, t, None, -100, 0, 0.0, 2.0, None, False, None))
 
 
 def test_wrong_arity_is_torch_ops_error():

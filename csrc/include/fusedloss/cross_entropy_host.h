@@ -457,7 +457,7 @@ struct CrossEntropyOps {
   template <typename scalar_t>
   static void set_target(CeParams<scalar_t>& p, at::Tensor& target, bool prob, at::ScalarType acc_type) {
     if (prob) {
-      if (!loadable(target.scalar_type(), acc_type)) target = finish(target, acc_type);
+      if (!loadable(target.scalar_type(), acc_type)) target = target.to(acc_type);
       CeGeometry tg = ce_geometry(target);
       p.target_prob = target.const_data_ptr();
       p.target_dtype = dtype_code(target.scalar_type());

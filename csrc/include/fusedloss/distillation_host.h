@@ -319,8 +319,8 @@ struct DistillOps {
   static Keep prepare(const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& target,
                       at::ScalarType dtype, double beta) {
     Keep k;
-    at::Tensor s = student.scalar_type() == dtype ? student : student.to(dtype);
-    at::Tensor t = teacher.scalar_type() == dtype ? teacher : teacher.to(dtype);
+    at::Tensor s = finish(student, dtype);
+    at::Tensor t = finish(teacher, dtype);
     int64_t sN, sS, tN, tS;
     if (!distill_strides(s, &sN, &sS)) {
       s = s.contiguous();

@@ -20,6 +20,7 @@
 #include <ATen/ops/zeros_like.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/graph_task.h>
 #include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
@@ -127,9 +128,60 @@ variable_list grads_then_none(variable_list grads, size_t n_args) {
   return grads;
 }
 
+// The node of a loss's backward: torch's CppNode (so compiled autograd,
+// hooks, anomaly mode and saved-tensor checks treat it as any C++ Function's
+// node) with a fixed name. Node::name() demangles the node's C++ type on every
+// call, and CppNode asks for it on every backward.
+template <class F>
+struct LossNode final : torch::autograd::CppNode<F> {
+  std::string name() const override { return F::kNodeName; }
+};
+
+// torch::autograd::Function<F>::apply for a loss: it builds the same node
+// state (inputs' edges and metadata, saved variables, the output's metadata,
+// creation hooks) but wraps the one output directly. Function::apply's
+// general wrapping (sets of dirty and non-differentiable tensors, outputs that
+// are inputs or views, forward-mode AD, which the entry points send to the
+// composite) costs about as much as a small loss's math. A loss's forward
+// returns one fresh differentiable tensor; the check below keeps it so.
+template <class F, class... Args>
+Tensor apply_loss(Args&&... args) {
+  if (const auto& functorch_tls = at::functorch::functorchTLSAccessor()) {
+    functorch_tls->checkSupportsCppAutogradFunction();
+  }
+  auto node = c10::make_intrusive<LossNode<F>>();
+  variable_list input_vars;
+  input_vars.reserve(sizeof...(Args));
+  node->is_variable_input_.reserve(sizeof...(Args));
+  torch::autograd::extract_vars(node->is_variable_input_, input_vars, args...);
+  const bool executable = at::GradMode::is_enabled() && torch::autograd::any_variable_requires_grad(input_vars);
+  node->set_ctx_grad_fn(node);
+  node->set_next_edges(executable ? torch::autograd::collect_next_edges(input_vars) : torch::autograd::edge_list());
+  node->clear_input_metadata();
+  node->input_info_.reserve(input_vars.size());
+  for (const auto& v : input_vars) node->input_info_.emplace_back(v);
+  Tensor out;
+  {
+    at::AutoGradMode no_grad(false);
+    out = F::forward(&node->ctx_, std::forward<Args>(args)...);
+  }
+  if (!executable) return out;
+  for (const auto& v : input_vars) {
+    TORCH_INTERNAL_ASSERT(!v.defined() || !v.is_same(out), F::kNodeName, ": a loss's output must not be an input");
+  }
+  TORCH_INTERNAL_ASSERT(!out.is_view(), F::kNodeName, ": a loss's output must not be a view");
+  torch::autograd::set_history(out, node);
+  node->output_info_.emplace_back(out);
+  node->save_variables_to_ctx();
+  torch::autograd::fire_node_creation_hooks(node);
+  return out;
+}
+
 // ---------------------------------------------------------------------------
 // binary_cross_entropy_with_logits: gradients for input and target.
 struct BceWithLogits : torch::autograd::Function<BceWithLogits> {
+  static constexpr const char* kNodeName = "fusedloss::BinaryCrossEntropyWithLogitsBackward";
+
   static Tensor forward(AutogradContext* ctx, const Tensor& input, const Tensor& target, const OptTensor& weight,
                         const OptTensor& pos_weight, int64_t reduction, OptDtype out_dtype) {
     at::AutoDispatchBelowADInplaceOrView below;
@@ -169,7 +221,7 @@ Tensor bce_with_logits(const Tensor& input, const Tensor& target, const OptTenso
     at::AutoDispatchBelowADInplaceOrView below;
     return FUSEDLOSS_OP("bce_with_logits", sig::Bce).call(input, target, weight, pos_weight, reduction, out_dtype);
   }
-  return BceWithLogits::apply(input, target, weight, pos_weight, reduction, out_dtype);
+  return apply_loss<BceWithLogits>(input, target, weight, pos_weight, reduction, out_dtype);
 }
 
 // ---------------------------------------------------------------------------
@@ -177,6 +229,8 @@ Tensor bce_with_logits(const Tensor& input, const Tensor& target, const OptTenso
 using MseForwardSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&, int64_t, OptDtype);
 
 struct Mse : torch::autograd::Function<Mse> {
+  static constexpr const char* kNodeName = "fusedloss::MseLossBackward";
+
   static Tensor forward(AutogradContext* ctx, const Tensor& input, const Tensor& target, const OptTensor& weight,
                         int64_t reduction, OptDtype out_dtype) {
     at::AutoDispatchBelowADInplaceOrView below;
@@ -224,13 +278,15 @@ Tensor mse(const Tensor& input, const Tensor& target, const OptTensor& weight, i
     return composite::mse(input, target, weight, reduction, out_dtype);
   }
   if (!graph_needed({&input, &target, ptr(weight)})) return mse_no_grad(input, target, weight, reduction, out_dtype);
-  return Mse::apply(input, target, weight, reduction, out_dtype);
+  return apply_loss<Mse>(input, target, weight, reduction, out_dtype);
 }
 
 // ---------------------------------------------------------------------------
 // hinge_embedding_loss: the target only selects terms, so it gets no gradient
 // (as in torch).
 struct HingeEmbedding : torch::autograd::Function<HingeEmbedding> {
+  static constexpr const char* kNodeName = "fusedloss::HingeEmbeddingLossBackward";
+
   static Tensor forward(AutogradContext* ctx, const Tensor& input, const Tensor& target, double margin,
                         int64_t reduction, OptDtype out_dtype) {
     at::AutoDispatchBelowADInplaceOrView below;
@@ -267,12 +323,14 @@ Tensor hinge_embedding(const Tensor& input, const Tensor& target, double margin,
     at::AutoDispatchBelowADInplaceOrView below;
     return FUSEDLOSS_OP("hinge_embedding", sig::HingeEmbedding).call(input, target, margin, reduction, out_dtype);
   }
-  return HingeEmbedding::apply(input, target.detach(), margin, reduction, out_dtype);
+  return apply_loss<HingeEmbedding>(input, target.detach(), margin, reduction, out_dtype);
 }
 
 // ---------------------------------------------------------------------------
 // soft_margin_loss: torch has no derivative for the target.
 struct SoftMargin : torch::autograd::Function<SoftMargin> {
+  static constexpr const char* kNodeName = "fusedloss::SoftMarginLossBackward";
+
   static Tensor forward(AutogradContext* ctx, const Tensor& input, const Tensor& target, int64_t reduction,
                         OptDtype out_dtype) {
     at::AutoDispatchBelowADInplaceOrView below;
@@ -304,12 +362,14 @@ Tensor soft_margin(const Tensor& input, const Tensor& target, int64_t reduction,
     at::AutoDispatchBelowADInplaceOrView below;
     return FUSEDLOSS_OP("soft_margin", sig::SoftMargin).call(input, target, reduction, out_dtype);
   }
-  return SoftMargin::apply(input, target, reduction, out_dtype);
+  return apply_loss<SoftMargin>(input, target, reduction, out_dtype);
 }
 
 // ---------------------------------------------------------------------------
 // The binary (SVM) hinge: gradients for input and target.
 struct Hinge : torch::autograd::Function<Hinge> {
+  static constexpr const char* kNodeName = "fusedloss::HingeLossBackward";
+
   static Tensor forward(AutogradContext* ctx, const Tensor& input, const Tensor& target, double margin, bool squared,
                         int64_t reduction, OptDtype out_dtype) {
     at::AutoDispatchBelowADInplaceOrView below;
@@ -352,13 +412,15 @@ Tensor hinge(const Tensor& input, const Tensor& target, double margin, bool squa
     at::AutoDispatchBelowADInplaceOrView below;
     return FUSEDLOSS_OP("hinge", sig::Hinge).call(input, target, margin, squared, reduction, out_dtype);
   }
-  return Hinge::apply(input, target, margin, squared, reduction, out_dtype);
+  return apply_loss<Hinge>(input, target, margin, squared, reduction, out_dtype);
 }
 
 // ---------------------------------------------------------------------------
 // multi_margin_loss: a gradient for the input only; second derivatives (which
 // torch lacks) come from the composite.
 struct MultiMargin : torch::autograd::Function<MultiMargin> {
+  static constexpr const char* kNodeName = "fusedloss::MultiMarginLossBackward";
+
   static Tensor forward(AutogradContext* ctx, const Tensor& input, const Tensor& target, int64_t p, double margin,
                         const OptTensor& weight, int64_t reduction, OptDtype out_dtype) {
     at::AutoDispatchBelowADInplaceOrView below;
@@ -396,7 +458,7 @@ Tensor multi_margin(const Tensor& input, const Tensor& target, int64_t p, double
     at::AutoDispatchBelowADInplaceOrView below;
     return FUSEDLOSS_OP("multi_margin", sig::MultiMargin).call(input, target, p, margin, weight, reduction, out_dtype);
   }
-  return MultiMargin::apply(input, target, p, margin, weight, reduction, out_dtype);
+  return apply_loss<MultiMargin>(input, target, p, margin, weight, reduction, out_dtype);
 }
 
 // ---------------------------------------------------------------------------
@@ -410,6 +472,8 @@ using CeForwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, c
                                                                 OptDtype);
 
 struct CrossEntropy : torch::autograd::Function<CrossEntropy> {
+  static constexpr const char* kNodeName = "fusedloss::CrossEntropyLossBackward";
+
   static Tensor forward(AutogradContext* ctx, const Tensor& input, const Tensor& target, const OptTensor& weight,
                         int64_t ignore_index, int64_t reduction, double label_smoothing, double lse_square_scale,
                         std::optional<double> softcap, bool inplace_backward, OptDtype out_dtype) {
@@ -508,7 +572,7 @@ Tensor cross_entropy(const Tensor& input, const Tensor& target, const OptTensor&
                                  softcap, inplace_backward, out_dtype);
   }
   if (inplace_backward && input.requires_grad() && at::GradMode::is_enabled()) check_inplace_backward(input);
-  return CrossEntropy::apply(input, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale,
+  return apply_loss<CrossEntropy>(input, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale,
                              softcap, inplace_backward, out_dtype);
 }
 
@@ -641,6 +705,8 @@ namespace {
 
 // sigmoid_focal_loss: gradients for input and (soft) target.
 struct SigmoidFocal : torch::autograd::Function<SigmoidFocal> {
+  static constexpr const char* kNodeName = "fusedloss::SigmoidFocalLossBackward";
+
   static Tensor forward(AutogradContext* ctx, const Tensor& input, const Tensor& target, double alpha, double gamma,
                         int64_t reduction, OptDtype out_dtype) {
     at::AutoDispatchBelowADInplaceOrView below;
@@ -682,13 +748,15 @@ Tensor sigmoid_focal(const Tensor& input, const Tensor& target, double alpha, do
     at::AutoDispatchBelowADInplaceOrView below;
     return FUSEDLOSS_OP("sigmoid_focal", sig::SigmoidFocal).call(input, target, alpha, gamma, reduction, out_dtype);
   }
-  return SigmoidFocal::apply(input, target, alpha, gamma, reduction, out_dtype);
+  return apply_loss<SigmoidFocal>(input, target, alpha, gamma, reduction, out_dtype);
 }
 
 // multilabel_soft_margin_loss: gradients for input and a floating target; a
 // weight that requires grad goes to the composite (torch's loss is a
 // composite, so torch differentiates the weight; the kernels do not).
 struct MultilabelSoftMargin : torch::autograd::Function<MultilabelSoftMargin> {
+  static constexpr const char* kNodeName = "fusedloss::MultilabelSoftMarginLossBackward";
+
   static Tensor forward(AutogradContext* ctx, const Tensor& input, const Tensor& target, const OptTensor& weight,
                         int64_t reduction, OptDtype out_dtype) {
     at::AutoDispatchBelowADInplaceOrView below;
@@ -729,7 +797,7 @@ Tensor multilabel_soft_margin(const Tensor& input, const Tensor& target, const O
     return FUSEDLOSS_OP("multilabel_soft_margin", sig::MultilabelSoftMargin)
         .call(input, target, weight, reduction, out_dtype);
   }
-  return MultilabelSoftMargin::apply(input, target, weight, reduction, out_dtype);
+  return apply_loss<MultilabelSoftMargin>(input, target, weight, reduction, out_dtype);
 }
 
 // Distillation: gradients for the student and the teacher (each only when it
@@ -739,6 +807,8 @@ using DistillForwardSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, cons
                                                              double, int64_t, int64_t, OptDtype);
 
 struct Distill : torch::autograd::Function<Distill> {
+  static constexpr const char* kNodeName = "fusedloss::DistillationLossBackward";
+
   static Tensor forward(AutogradContext* ctx, const Tensor& student, const Tensor& teacher, const OptTensor& target,
                         double beta, double temperature, int64_t ignore_index, int64_t reduction, OptDtype out_dtype) {
     at::AutoDispatchBelowADInplaceOrView below;
@@ -791,7 +861,7 @@ Tensor distill(const Tensor& student, const Tensor& teacher, const OptTensor& ta
   if (!graph_needed({&student, &teacher})) {
     return distill_no_grad(student, teacher, target, beta, temperature, ignore_index, reduction, out_dtype);
   }
-  return Distill::apply(student, teacher, target, beta, temperature, ignore_index, reduction, out_dtype);
+  return apply_loss<Distill>(student, teacher, target, beta, temperature, ignore_index, reduction, out_dtype);
 }
 
 Tensor distill_no_grad(const Tensor& student, const Tensor& teacher, const OptTensor& target, double beta,
@@ -882,6 +952,8 @@ bool plain_tensor(const Tensor& t) {
 }
 
 struct LinearCrossEntropy : torch::autograd::Function<LinearCrossEntropy> {
+  static constexpr const char* kNodeName = "fusedloss::LinearCrossEntropyBackward";
+
   static Tensor forward(AutogradContext* ctx, const Tensor& input, const Tensor& linear_weight, const Tensor& target,
                         const OptTensor& linear_bias, const OptTensor& weight, int64_t ignore_index, int64_t reduction,
                         double label_smoothing, double lse_square_scale, std::optional<double> softcap,
@@ -988,7 +1060,7 @@ Tensor linear_cross_entropy(const Tensor& input, const Tensor& linear_weight, co
                                         label_smoothing, lse_square_scale, softcap, chunk_size, out_dtype);
   }
   const bool precompute = reduction != kReductionNone && input.scalar_type() != at::kHalf;
-  return LinearCrossEntropy::apply(input, linear_weight, target, linear_bias, weight, ignore_index, reduction,
+  return apply_loss<LinearCrossEntropy>(input, linear_weight, target, linear_bias, weight, ignore_index, reduction,
                                    label_smoothing, lse_square_scale, softcap, chunk_size, out_dtype, precompute);
 }
 

@@ -126,7 +126,7 @@ def _fused(*args, **kwargs):
     target = args[2]
     composite = target.is_floating_point() and target.requires_grad or not torch.is_grad_enabled()
     if loss.requires_grad and not composite:
-        assert loss.grad_fn.name().endswith("LinearCrossEntropy>"), loss.grad_fn.name()
+        assert loss.grad_fn.name() == "fusedloss::LinearCrossEntropyBackward", loss.grad_fn.name()
     return loss
 
 

@@ -140,10 +140,13 @@ struct LossNode final : torch::autograd::CppNode<F> {
 // torch::autograd::Function<F>::apply for a loss: it builds the same node
 // state (inputs' edges and metadata, saved variables, the output's metadata,
 // creation hooks) but wraps the one output directly. Function::apply's
-// general wrapping (sets of dirty and non-differentiable tensors, outputs that
-// are inputs or views, forward-mode AD, which the entry points send to the
-// composite) costs about as much as a small loss's math. A loss's forward
-// returns one fresh differentiable tensor; the check below keeps it so.
+// general wrapping (outputs that are inputs or views, dirty and
+// non-differentiable outputs, forward-mode AD) costs about as much as a small
+// loss's math, and none of it applies: a loss's forward marks nothing and
+// returns one new floating tensor (set_history refuses any other dtype), and
+// each entry point sends tangents on differentiable arguments to the
+// composite; a tangent on any other argument has no effect here, as in torch
+// (or the entry point raises torch's error first).
 template <class F, class... Args>
 Tensor apply_loss(Args&&... args) {
   if (const auto& functorch_tls = at::functorch::functorchTLSAccessor()) {
@@ -167,9 +170,11 @@ Tensor apply_loss(Args&&... args) {
   }
   if (!executable) return out;
   for (const auto& v : input_vars) {
-    TORCH_INTERNAL_ASSERT(!v.defined() || !v.is_same(out), F::kNodeName, ": a loss's output must not be an input");
+    TORCH_CHECK(!v.defined() || !v.is_same(out), "fusedloss internal error: ", F::kNodeName,
+                "'s forward returned one of its inputs");
   }
-  TORCH_INTERNAL_ASSERT(!out.is_view(), F::kNodeName, ": a loss's output must not be a view");
+  TORCH_CHECK(node->ctx_.get_non_differentiable().empty() && node->ctx_.get_and_bump_dirty().empty(),
+              "fusedloss internal error: ", F::kNodeName, "'s forward marked a tensor, which apply_loss does not handle");
   torch::autograd::set_history(out, node);
   node->output_info_.emplace_back(out);
   node->save_variables_to_ctx();
@@ -453,6 +458,14 @@ Tensor multi_margin(const Tensor& input, const Tensor& target, int64_t p, double
                     int64_t reduction, OptDtype out_dtype) {
   check_same_device(input, {&target, ptr(weight)});
   check_no_requires_grad(weight, "weight", "multi_margin_loss");
+  // torch has no forward AD for this loss; fusedloss has it for the input
+  // (through the composite), and refuses a weight's tangent as torch does.
+  TORCH_CHECK_NOT_IMPLEMENTED(!has_fw_grad(weight),
+                              "Trying to use forward AD with multi_margin_loss that does not support it because it has "
+                              "not been implemented yet.\nPlease file an issue to PyTorch at "
+                              "https://github.com/pytorch/pytorch/issues/new?template=feature-request.yml so that we can "
+                              "prioritize its implementation or submit a PR adding the implementation to "
+                              "derivatives.yaml");
   if (has_fw_grad(input)) return composite::multi_margin(input, target, p, margin, weight, reduction, out_dtype);
   if (!graph_needed({&input})) {
     at::AutoDispatchBelowADInplaceOrView below;

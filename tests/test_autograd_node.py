@@ -6,6 +6,7 @@ node, node creation hooks, retain_graph, and compiled autograd."""
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 from test_eager_calls import _args
 from torch._dynamo import compiled_autograd
 
@@ -61,17 +62,26 @@ def test_node_name_and_edges(name):
 
 @pytest.mark.parametrize("name", LOSSES)
 def test_node_creation_hook_fires_once_on_a_complete_node(name):
+    """The hook sees the node with its output's metadata bound and after every
+    tensor it saves was packed."""
     args = _args(name, "cpu")
-    seen = []
+    events = []
+
+    def pack(t):
+        events.append("pack")
+        return t
 
     def hook(node):
-        seen.append((node.name(), sum(fn is not None for fn, _ in node.next_functions)))
+        if node.name().startswith("fusedloss::"):
+            edges = sum(fn is not None for fn, _ in node.next_functions)
+            events.append((node.name(), edges, len(node._input_metadata)))
 
-    with torch.autograd.graph.node_creation_hook(hook):
-        loss = getattr(eager, name)(*args)
-    ours = [s for s in seen if s[0].startswith("fusedloss::")]
-    assert ours == [("fusedloss::" + NODE_NAMES[name], len(_leaves(args)))]
-    assert loss.grad_fn.name() == ours[0][0]
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autograd.graph.node_creation_hook(hook):
+            loss = getattr(eager, name)(*args)
+    assert events[-1] == ("fusedloss::" + NODE_NAMES[name], len(_leaves(args)), 1)
+    assert events[:-1] and set(events[:-1]) == {"pack"}
+    assert loss.grad_fn.name() == events[-1][0]
 
 
 @pytest.mark.parametrize("name", LOSSES)
@@ -106,10 +116,77 @@ def test_a_saved_input_changed_in_place_is_refused(name):
         loss.backward()
 
 
+class _DropGrad(torch.autograd.Function):
+    """Identity whose backward sends no gradient (None) to its input."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return None
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_an_undefined_incoming_gradient_gives_zeros(name):
+    """The node materialises an undefined gradient as zeros of the output's
+    recorded shape and dtype (its output metadata), as torch's nodes do."""
+    args = _args(name, "cpu", reduction=0)
+    loss = getattr(eager, name)(*args)
+    other = args[0].sum()
+    grads = torch.autograd.grad(_DropGrad.apply(loss).sum() + other, _leaves(args), allow_unused=True)
+    for leaf, g in zip(_leaves(args), grads, strict=True):
+        assert g is not None  # the node ran, on zeros
+        expected = torch.ones_like(leaf) if leaf is args[0] else torch.zeros_like(leaf)
+        torch.testing.assert_close(g, expected, rtol=0, atol=0)
+
+
+def test_tangents_on_non_differentiable_arguments_as_torch():
+    """A forward-mode tangent on an argument torch does not differentiate is
+    ignored where torch ignores it and refused where torch refuses it."""
+    import torch.nn.functional as F
+
+    import fusedloss.functional as FF
+
+    x = torch.randn(4, 3, requires_grad=True)
+    t = torch.randint(0, 3, (4,))
+    y = torch.rand(4, 3)
+    s = torch.sign(torch.randn(4, 3))
+    cases = [
+        lambda M, d: M.binary_cross_entropy_with_logits(x, y, weight=d(torch.rand(3))),
+        lambda M, d: M.binary_cross_entropy_with_logits(x, y, pos_weight=d(torch.rand(3))),
+        lambda M, d: M.soft_margin_loss(x, d(s)),
+        lambda M, d: M.hinge_embedding_loss(x, d(s)),
+        lambda M, d: M.cross_entropy(x, t, weight=d(torch.rand(3))),
+        lambda M, d: M.multi_margin_loss(x, t, weight=d(torch.rand(3))),
+        lambda M, d: M.multi_margin_loss(x.detach(), t, weight=d(torch.rand(3))),
+    ]
+    for case in cases:
+        outcome = []
+        for M in (F, FF):
+            torch.manual_seed(0)
+            with fwAD.dual_level():
+                try:
+                    loss = case(M, lambda v: fwAD.make_dual(v, torch.ones_like(v)))
+                    outcome.append(("ok", fwAD.unpack_dual(loss).tangent, loss.detach()))
+                except NotImplementedError as e:
+                    outcome.append(("NotImplementedError", str(e)))
+        assert outcome[0][0] == outcome[1][0], outcome
+        if outcome[0][0] == "ok":
+            assert outcome[0][1] is None and outcome[1][1] is None
+            torch.testing.assert_close(outcome[1][2], outcome[0][2])
+        else:
+            assert outcome[0][1] == outcome[1][1]
+
+
 @pytest.mark.parametrize("name", LOSSES)
 def test_compiled_autograd_runs_the_node(name):
-    """A backward under compiled autograd gives eager's gradients, and a second
-    call with other scalar arguments is not served a graph made for the first."""
+    """A backward under compiled autograd gives eager's gradients, also for a
+    second call with other scalar arguments (the node's saved data), which
+    compiled autograd passes to its graph at run time."""
+    from torch._dynamo.utils import counters
+
     call = getattr(eager, name)
     args = _args(name, "cpu", reduction=1)
     # the second call changes the reduction and a float argument (if the loss
@@ -118,6 +195,7 @@ def test_compiled_autograd_runs_the_node(name):
     floats = [i for i, a in enumerate(args) if isinstance(a, float)]
     if floats:
         changed[floats[0]] = args[floats[0]] * 1.5 + 0.25
+    counters.clear()
     for case in (args, tuple(changed)):
         eager_args, compiled_args = _fresh(case), _fresh(case)
         call(*eager_args).backward()
@@ -127,3 +205,4 @@ def test_compiled_autograd_runs_the_node(name):
         for e, c in zip(_leaves(eager_args), _leaves(compiled_args), strict=True):
             assert c.grad is not None
             torch.testing.assert_close(c.grad, e.grad, rtol=0, atol=0)
+    assert counters["compiled_autograd"]["captures"] >= 1

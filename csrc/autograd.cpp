@@ -174,7 +174,8 @@ Tensor apply_loss(Args&&... args) {
                 "'s forward returned one of its inputs");
   }
   TORCH_CHECK(node->ctx_.get_non_differentiable().empty() && node->ctx_.get_and_bump_dirty().empty(),
-              "fusedloss internal error: ", F::kNodeName, "'s forward marked a tensor, which apply_loss does not handle");
+              "fusedloss internal error: ", F::kNodeName,
+              "'s forward marked a tensor, which apply_loss does not handle");
   torch::autograd::set_history(out, node);
   node->output_info_.emplace_back(out);
   node->save_variables_to_ctx();
@@ -585,8 +586,8 @@ Tensor cross_entropy(const Tensor& input, const Tensor& target, const OptTensor&
                                  softcap, inplace_backward, out_dtype);
   }
   if (inplace_backward && input.requires_grad() && at::GradMode::is_enabled()) check_inplace_backward(input);
-  return apply_loss<CrossEntropy>(input, target, weight, ignore_index, reduction, label_smoothing, lse_square_scale,
-                             softcap, inplace_backward, out_dtype);
+  return apply_loss<CrossEntropy>(input, target, weight, ignore_index, reduction, label_smoothing,
+                                  lse_square_scale, softcap, inplace_backward, out_dtype);
 }
 
 // Below autograd (inference mode, fake tensors), the losses whose forward op
@@ -1073,8 +1074,9 @@ Tensor linear_cross_entropy(const Tensor& input, const Tensor& linear_weight, co
                                         label_smoothing, lse_square_scale, softcap, chunk_size, out_dtype);
   }
   const bool precompute = reduction != kReductionNone && input.scalar_type() != at::kHalf;
-  return apply_loss<LinearCrossEntropy>(input, linear_weight, target, linear_bias, weight, ignore_index, reduction,
-                                   label_smoothing, lse_square_scale, softcap, chunk_size, out_dtype, precompute);
+  return apply_loss<LinearCrossEntropy>(input, linear_weight, target, linear_bias, weight, ignore_index,
+                                        reduction, label_smoothing, lse_square_scale, softcap, chunk_size, out_dtype,
+                                        precompute);
 }
 
 // Below autograd (inference mode, fake tensors): the forward op's loss.

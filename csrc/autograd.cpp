@@ -3,12 +3,15 @@
 // Python is one op call (no autograd.Function in Python, no Python in the
 // backward), which is what keeps small losses as cheap as torch's.
 //
-// Each loss is one block: a torch::autograd::Function whose forward runs the
-// fused forward op and saves its inputs (and O(N) state), and whose backward
-// runs the fused backward op, or, under create_graph=True, differentiates the
-// composite (fusedloss/composite.h) so that higher derivatives are exact; and
-// an entry point that sends forward-mode AD (which custom C++ Functions lack)
-// and torch's not-differentiable arguments the way torch does.
+// Each loss is one block: a struct written as a torch C++ Function (forward
+// and backward on a context) whose forward runs the fused forward op and saves
+// its inputs (and O(N) state), and whose backward runs the fused backward op,
+// or, under create_graph=True, differentiates the composite
+// (fusedloss/composite.h) so that higher derivatives are exact; and an entry
+// point that sends forward-mode AD (which the node does not carry) and
+// torch's not-differentiable arguments the way torch does. apply_loss builds
+// the node (LossNode, on a LossCtx): a plain autograd Node like torch's own
+// losses', with compiled-autograd support.
 //
 // Also here: the CompositeExplicitAutograd kernels of the losses whose forward
 // op returns saved state (mse, cross_entropy), and the Autocast kernels of the
@@ -22,13 +25,18 @@
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/graph_task.h>
+#include <torch/csrc/autograd/saved_variable.h>
 #include <torch/csrc/autograd/variable.h>
+#include <torch/csrc/autograd/variable_info.h>
+#include <torch/csrc/dynamo/compiled_autograd.h>
 #include <torch/library.h>
 
 #include <fusedloss/composite.h>
 #include <fusedloss/numerics.h>
 #include <fusedloss/op_signatures.h>
 
+#include <array>
+#include <cstring>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -37,7 +45,6 @@ namespace fusedloss {
 namespace {
 
 using at::Tensor;
-using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using OptTensor = std::optional<Tensor>;
 using OptDtype = std::optional<at::ScalarType>;
@@ -128,41 +135,248 @@ variable_list grads_then_none(variable_list grads, size_t n_args) {
   return grads;
 }
 
-// The node of a loss's backward: torch's CppNode (so compiled autograd,
-// hooks, anomaly mode and saved-tensor checks treat it as any C++ Function's
-// node) with a fixed name. Node::name() demangles the node's C++ type on every
-// call, and CppNode asks for it on every backward.
-template <class F>
-struct LossNode final : torch::autograd::CppNode<F> {
-  std::string name() const override { return F::kNodeName; }
+// What a loss's forward keeps for its backward. It offers the part of
+// torch::autograd::AutogradContext the losses use, under the same names
+// (save_for_backward, saved_data, get_saved_variables, needs_input_grad), so
+// that each loss reads as a torch C++ Function; it costs less to fill and to
+// free: a loss's few scalars sit in a fixed array searched by name, where an
+// AutogradContext keeps a hash map and two hash sets, and the node below has
+// none of CppNode's per-call vectors. At (64, 10) that bookkeeping cost more
+// than the loss's math.
+class LossCtx {
+ public:
+  // Scalar arguments by name (string literals, at most kMax per loss).
+  class Scalars {
+   public:
+    c10::IValue& operator[](const char* key) {
+      for (size_t i = 0; i < size_; ++i) {
+        if (std::strcmp(keys_[i], key) == 0) return values_[i];
+      }
+      TORCH_CHECK(size_ < kMax, "fusedloss internal error: a loss saved more than ", kMax, " scalars");
+      keys_[size_] = key;
+      return values_[size_++];
+    }
+    size_t size() const { return size_; }
+    const char* key(size_t i) const { return keys_[i]; }
+    c10::IValue& value(size_t i) { return values_[i]; }
+    const c10::IValue& value(size_t i) const { return values_[i]; }
+
+   private:
+    static constexpr size_t kMax = 8;
+    std::array<const char*, kMax> keys_{};
+    std::array<c10::IValue, kMax> values_{};
+    size_t size_ = 0;
+  };
+
+  void save_for_backward(variable_list vars) { to_save_ = std::move(vars); }
+
+  // The saved tensors. A node's saved variables, unpacked (raising torch's
+  // error once a backward has freed them), or the tensors compiled autograd
+  // passed to the node's functional form.
+  variable_list get_saved_variables() const {
+    if (node_ == nullptr) return to_save_;
+    variable_list out;
+    out.reserve(saved_.size());
+    const auto self = c10::intrusive_ptr<torch::autograd::Node>::unsafe_reclaim_from_nonowning(node_);
+    for (const auto& v : saved_) out.push_back(v.unpack(self));
+    return out;
+  }
+
+  // Whether the gradient of the i-th tensor argument (counting defined
+  // tensors only, as AutogradContext does) is wanted.
+  bool needs_input_grad(size_t i) const {
+    if (node_ != nullptr) return node_->task_should_compute_output(i);
+    return i < needs_.size() && needs_[i];
+  }
+
+  Scalars saved_data;
+
+  // Binds the context to its node once the forward ran: the tensors it
+  // listed become saved variables. A saved output (mse keeps its loss) holds
+  // its node weakly, as in torch.
+  void attach(torch::autograd::Node* node, const Tensor& out) {
+    node_ = node;
+    saved_.reserve(to_save_.size());
+    for (const auto& v : to_save_) {
+      if (v.defined()) {
+        saved_.emplace_back(v, /*is_output=*/v.is_same(out));
+      } else {
+        saved_.emplace_back();
+      }
+    }
+    to_save_.clear();
+  }
+
+ private:
+  template <class F>
+  friend struct LossNode;
+
+  variable_list to_save_;                                // the forward's list; the functional's tensors
+  std::vector<torch::autograd::SavedVariable> saved_;   // a node's
+  torch::autograd::Node* node_ = nullptr;               // the node, when there is one
+  std::vector<bool> needs_;                             // the functional's needs_input_grad
 };
 
-// torch::autograd::Function<F>::apply for a loss: it builds the same node
-// state (inputs' edges and metadata, saved variables, the output's metadata,
-// creation hooks) but wraps the one output directly. Function::apply's
-// general wrapping (outputs that are inputs or views, dirty and
-// non-differentiable outputs, forward-mode AD) costs about as much as a small
-// loss's math, and none of it applies: a loss's forward marks nothing and
-// returns one new floating tensor (set_history refuses any other dtype), and
-// each entry point sends tangents on differentiable arguments to the
-// composite; a tangent on any other argument has no effect here, as in torch
-// (or the entry point raises torch's error first).
+// Which of a forward's arguments are tensors with an edge: a Tensor, or an
+// optional one holding a defined tensor (AutogradContext's count).
+inline void note_var(uint32_t& mask, size_t& i, variable_list& vars, const Tensor& t) {
+  mask |= 1u << i++;
+  vars.push_back(t);
+}
+inline void note_var(uint32_t& mask, size_t& i, variable_list& vars, const OptTensor& t) {
+  if (t.has_value() && t->defined()) {
+    mask |= 1u << i;
+    vars.push_back(*t);
+  }
+  ++i;
+}
+template <class T>
+void note_var(uint32_t& /*mask*/, size_t& i, variable_list& /*vars*/, const T& /*not a tensor*/) {
+  ++i;
+}
+
+// The node of a loss's backward. Everything the engine, hooks, anomaly mode
+// and saved-tensor hooks see is a torch::autograd::Node's; for compiled
+// autograd it declares its saved state (compiled_args) and runs its backward
+// as a functional through the compiler's interface (apply_with_saved), as a
+// CppNode does.
+template <class F>
+struct LossNode final : torch::autograd::Node {
+  LossCtx ctx_;
+  torch::autograd::VariableInfo output_info_;
+  uint32_t var_mask_ = 0;  // bit i: forward argument i has an edge
+  size_t n_args_ = 0;
+
+  std::string name() const override { return F::kNodeName; }
+
+  variable_list apply(variable_list&& grads) override {
+    // One backward at a time (the engine may run a graph from several
+    // threads); a loss's backward may scale saved buffers in place.
+    std::lock_guard<std::mutex> lock(mutex_);
+    return run(ctx_, std::move(grads), output_info_, var_mask_, n_args_);
+  }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto& v : ctx_.saved_) v.reset_data();
+  }
+
+  void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& args) const override {
+    args.collect(std::string(F::kNodeName));
+    args.collect_size(ctx_.saved_data.size());
+    for (size_t i = 0; i < ctx_.saved_data.size(); ++i) {
+      args.collect(std::string(ctx_.saved_data.key(i)));
+      args.collect(ctx_.saved_data.value(i));
+    }
+    args.collect(ctx_.saved_, /*is_output=*/true);
+    args.collect(output_info_);
+    args.collect(var_mask_);
+    args.collect(static_cast<uint64_t>(n_args_));
+  }
+
+  variable_list apply_with_saved(const variable_list& inputs,
+                                 torch::dynamo::autograd::SwapSavedVariables& saved) override {
+    for (size_t i = 0; i < ctx_.saved_data.size(); ++i) saved.before(ctx_.saved_data.value(i));
+    saved.before(ctx_.saved_);
+    saved.before(output_info_);
+
+    torch::dynamo::autograd::PackedArgs packed;
+    std::vector<std::string> keys;
+    for (size_t i = 0; i < ctx_.saved_data.size(); ++i) keys.emplace_back(ctx_.saved_data.key(i));
+    packed.pack(keys);
+    for (size_t i = 0; i < ctx_.saved_data.size(); ++i) packed.pack(ctx_.saved_data.value(i));
+    packed.pack(ctx_.get_saved_variables());
+    std::vector<bool> needs;
+    for (size_t i = 0; i < next_edges().size(); ++i) needs.push_back(task_should_compute_output(i));
+    packed.pack(needs);
+    packed.pack(std::vector<torch::autograd::VariableInfo>{output_info_});
+    packed.pack(static_cast<int64_t>(var_mask_));
+    packed.pack(static_cast<int64_t>(n_args_));
+    const auto args = std::move(packed).vec();
+
+    std::vector<at::TypePtr> schema;
+    schema.reserve(args.size());
+    for (const auto& a : args) schema.emplace_back(a.isTensor() ? at::TensorType::get() : a.type());
+    const auto& py = torch::dynamo::autograd::getPyCompilerInterface();
+    std::string fn_name = F::kNodeName;
+    fn_name.replace(fn_name.find("::"), 2, "_");  // a Python identifier
+    const auto bound = py->bind_function(saved.get_py_compiler(), fn_name, functional, schema,
+                                         /*is_custom_function=*/true, /*is_traceable=*/false);
+    const auto output_metadata =
+        torch::dynamo::autograd::IValuePacker<std::vector<std::optional<torch::autograd::InputMetadata>>>::pack(
+            torch::dynamo::autograd::get_input_metadata(next_edges()));
+    auto results = py->call_function(saved.get_py_compiler(), "apply_functional", bound, inputs, args,
+                                     output_metadata);
+
+    for (size_t i = 0; i < ctx_.saved_data.size(); ++i) saved.after(ctx_.saved_data.value(i));
+    saved.after(ctx_.saved_);
+    saved.after(output_info_);
+    return results;
+  }
+
+ private:
+  // The backward on a context: an undefined incoming gradient becomes zeros
+  // of the loss's shape (a Function's default), and the result keeps the
+  // gradients of arguments with an edge.
+  static variable_list run(LossCtx& ctx, variable_list&& grads, const torch::autograd::VariableInfo& output_info,
+                           uint32_t var_mask, size_t n_args) {
+    at::OptionalDeviceGuard device_guard;
+    if (!grads[0].defined()) grads[0] = output_info.zeros(device_guard);
+    variable_list all = F::backward(&ctx, std::move(grads));
+    TORCH_CHECK(all.size() == n_args, "fusedloss internal error: ", F::kNodeName, " returned ", all.size(),
+                " gradients for ", n_args, " arguments");
+    variable_list out;
+    out.reserve(n_args);
+    for (size_t i = 0; i < n_args; ++i) {
+      if (var_mask & (1u << i)) {
+        out.push_back(std::move(all[i]));
+      } else {
+        TORCH_CHECK(!all[i].defined(), "fusedloss internal error: ", F::kNodeName,
+                    " returned a gradient for argument ", i, ", which is not a tensor");
+      }
+    }
+    return out;
+  }
+
+  // The backward as compiled autograd calls it: the state apply_with_saved
+  // packed, in its order.
+  static variable_list functional(const variable_list& inputs, const std::vector<c10::IValue>& args) {
+    torch::dynamo::autograd::PackedArgs packed(args);
+    LossCtx ctx;
+    const auto keys = packed.unpack<std::vector<std::string>>();
+    for (const auto& k : keys) ctx.saved_data[k.c_str()] = packed.unpack<c10::IValue>();
+    ctx.to_save_ = packed.unpack<variable_list>();
+    ctx.needs_ = packed.unpack<std::vector<bool>>();
+    const auto output_info = packed.unpack<std::vector<torch::autograd::VariableInfo>>();
+    const auto var_mask = static_cast<uint32_t>(packed.unpack<int64_t>());
+    const auto n_args = static_cast<size_t>(packed.unpack<int64_t>());
+    return run(ctx, variable_list(inputs), output_info.at(0), var_mask, n_args);
+  }
+};
+
+// A loss's graph-building call: the forward below autograd, then one node
+// with an edge to each tensor argument, the forward's saved state, the
+// output's metadata, and node creation hooks fired once it is complete. What
+// torch::autograd::Function::apply does for a function with one new floating
+// output that marks nothing (every loss's forward); its general wrapping of
+// outputs that are inputs or views, dirty or non-differentiable tensors, does
+// not apply, and forward-mode AD goes to the composite in each entry point (a
+// tangent on any other argument has no effect here, as in torch, or the entry
+// point raises torch's error first).
 template <class F, class... Args>
 Tensor apply_loss(Args&&... args) {
   if (const auto& functorch_tls = at::functorch::functorchTLSAccessor()) {
     functorch_tls->checkSupportsCppAutogradFunction();
   }
+  static_assert(sizeof...(Args) <= 32, "var_mask_ has a bit per argument");
   auto node = c10::make_intrusive<LossNode<F>>();
   variable_list input_vars;
   input_vars.reserve(sizeof...(Args));
-  node->is_variable_input_.reserve(sizeof...(Args));
-  torch::autograd::extract_vars(node->is_variable_input_, input_vars, args...);
+  size_t i = 0;
+  (note_var(node->var_mask_, i, input_vars, args), ...);
+  node->n_args_ = sizeof...(Args);
   const bool executable = at::GradMode::is_enabled() && torch::autograd::any_variable_requires_grad(input_vars);
-  node->set_ctx_grad_fn(node);
-  node->set_next_edges(executable ? torch::autograd::collect_next_edges(input_vars) : torch::autograd::edge_list());
-  node->clear_input_metadata();
-  node->input_info_.reserve(input_vars.size());
-  for (const auto& v : input_vars) node->input_info_.emplace_back(v);
+  if (executable) node->set_next_edges(torch::autograd::collect_next_edges(input_vars));
   Tensor out;
   {
     at::AutoGradMode no_grad(false);
@@ -170,25 +384,21 @@ Tensor apply_loss(Args&&... args) {
   }
   if (!executable) return out;
   for (const auto& v : input_vars) {
-    TORCH_CHECK(!v.defined() || !v.is_same(out), "fusedloss internal error: ", F::kNodeName,
-                "'s forward returned one of its inputs");
+    TORCH_CHECK(!v.is_same(out), "fusedloss internal error: ", F::kNodeName, "'s forward returned one of its inputs");
   }
-  TORCH_CHECK(node->ctx_.get_non_differentiable().empty() && node->ctx_.get_and_bump_dirty().empty(),
-              "fusedloss internal error: ", F::kNodeName,
-              "'s forward marked a tensor, which apply_loss does not handle");
   torch::autograd::set_history(out, node);
-  node->output_info_.emplace_back(out);
-  node->save_variables_to_ctx();
+  node->output_info_ = torch::autograd::VariableInfo(out);
+  node->ctx_.attach(node.get(), out);
   torch::autograd::fire_node_creation_hooks(node);
   return out;
 }
 
 // ---------------------------------------------------------------------------
 // binary_cross_entropy_with_logits: gradients for input and target.
-struct BceWithLogits : torch::autograd::Function<BceWithLogits> {
+struct BceWithLogits {
   static constexpr const char* kNodeName = "fusedloss::BinaryCrossEntropyWithLogitsBackward";
 
-  static Tensor forward(AutogradContext* ctx, const Tensor& input, const Tensor& target, const OptTensor& weight,
+  static Tensor forward(LossCtx* ctx, const Tensor& input, const Tensor& target, const OptTensor& weight,
                         const OptTensor& pos_weight, int64_t reduction, OptDtype out_dtype) {
     at::AutoDispatchBelowADInplaceOrView below;
     ctx->save_for_backward({input, target, value_or_undefined(weight), value_or_undefined(pos_weight)});
@@ -197,7 +407,7 @@ struct BceWithLogits : torch::autograd::Function<BceWithLogits> {
     return FUSEDLOSS_OP("bce_with_logits", sig::Bce).call(input, target, weight, pos_weight, reduction, out_dtype);
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+  static variable_list backward(LossCtx* ctx, variable_list grads) {
     const auto s = ctx->get_saved_variables();
     const int64_t reduction = ctx->saved_data["reduction"].toInt();
     const std::vector<bool> needs{ctx->needs_input_grad(0), ctx->needs_input_grad(1)};
@@ -234,10 +444,10 @@ Tensor bce_with_logits(const Tensor& input, const Tensor& target, const OptTenso
 // mse_loss: gradients for input, target and weight.
 using MseForwardSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&, int64_t, OptDtype);
 
-struct Mse : torch::autograd::Function<Mse> {
+struct Mse {
   static constexpr const char* kNodeName = "fusedloss::MseLossBackward";
 
-  static Tensor forward(AutogradContext* ctx, const Tensor& input, const Tensor& target, const OptTensor& weight,
+  static Tensor forward(LossCtx* ctx, const Tensor& input, const Tensor& target, const OptTensor& weight,
                         int64_t reduction, OptDtype out_dtype) {
     at::AutoDispatchBelowADInplaceOrView below;
     auto [loss, denominator] = FUSEDLOSS_OP("mse_forward", MseForwardSig).call(input, target, weight, reduction, out_dtype);
@@ -250,7 +460,7 @@ struct Mse : torch::autograd::Function<Mse> {
     return loss;
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+  static variable_list backward(LossCtx* ctx, variable_list grads) {
     const auto s = ctx->get_saved_variables();
     const int64_t reduction = ctx->saved_data["reduction"].toInt();
     // needs_input_grad counts tensor arguments only: the weight's is the third
@@ -290,10 +500,10 @@ Tensor mse(const Tensor& input, const Tensor& target, const OptTensor& weight, i
 // ---------------------------------------------------------------------------
 // hinge_embedding_loss: the target only selects terms, so it gets no gradient
 // (as in torch).
-struct HingeEmbedding : torch::autograd::Function<HingeEmbedding> {
+struct HingeEmbedding {
   static constexpr const char* kNodeName = "fusedloss::HingeEmbeddingLossBackward";
 
-  static Tensor forward(AutogradContext* ctx, const Tensor& input, const Tensor& target, double margin,
+  static Tensor forward(LossCtx* ctx, const Tensor& input, const Tensor& target, double margin,
                         int64_t reduction, OptDtype out_dtype) {
     at::AutoDispatchBelowADInplaceOrView below;
     ctx->save_for_backward({input, target});
@@ -303,7 +513,7 @@ struct HingeEmbedding : torch::autograd::Function<HingeEmbedding> {
     return FUSEDLOSS_OP("hinge_embedding", sig::HingeEmbedding).call(input, target, margin, reduction, out_dtype);
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+  static variable_list backward(LossCtx* ctx, variable_list grads) {
     const auto s = ctx->get_saved_variables();
     const double margin = ctx->saved_data["margin"].toDouble();
     const int64_t reduction = ctx->saved_data["reduction"].toInt();
@@ -334,10 +544,10 @@ Tensor hinge_embedding(const Tensor& input, const Tensor& target, double margin,
 
 // ---------------------------------------------------------------------------
 // soft_margin_loss: torch has no derivative for the target.
-struct SoftMargin : torch::autograd::Function<SoftMargin> {
+struct SoftMargin {
   static constexpr const char* kNodeName = "fusedloss::SoftMarginLossBackward";
 
-  static Tensor forward(AutogradContext* ctx, const Tensor& input, const Tensor& target, int64_t reduction,
+  static Tensor forward(LossCtx* ctx, const Tensor& input, const Tensor& target, int64_t reduction,
                         OptDtype out_dtype) {
     at::AutoDispatchBelowADInplaceOrView below;
     ctx->save_for_backward({input, target});
@@ -346,7 +556,7 @@ struct SoftMargin : torch::autograd::Function<SoftMargin> {
     return FUSEDLOSS_OP("soft_margin", sig::SoftMargin).call(input, target, reduction, out_dtype);
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+  static variable_list backward(LossCtx* ctx, variable_list grads) {
     const auto s = ctx->get_saved_variables();
     const int64_t reduction = ctx->saved_data["reduction"].toInt();
     if (!grads[0].defined() || !ctx->needs_input_grad(0)) return variable_list(4);
@@ -373,10 +583,10 @@ Tensor soft_margin(const Tensor& input, const Tensor& target, int64_t reduction,
 
 // ---------------------------------------------------------------------------
 // The binary (SVM) hinge: gradients for input and target.
-struct Hinge : torch::autograd::Function<Hinge> {
+struct Hinge {
   static constexpr const char* kNodeName = "fusedloss::HingeLossBackward";
 
-  static Tensor forward(AutogradContext* ctx, const Tensor& input, const Tensor& target, double margin, bool squared,
+  static Tensor forward(LossCtx* ctx, const Tensor& input, const Tensor& target, double margin, bool squared,
                         int64_t reduction, OptDtype out_dtype) {
     at::AutoDispatchBelowADInplaceOrView below;
     ctx->save_for_backward({input, target});
@@ -387,7 +597,7 @@ struct Hinge : torch::autograd::Function<Hinge> {
     return FUSEDLOSS_OP("hinge", sig::Hinge).call(input, target, margin, squared, reduction, out_dtype);
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+  static variable_list backward(LossCtx* ctx, variable_list grads) {
     const auto s = ctx->get_saved_variables();
     const double margin = ctx->saved_data["margin"].toDouble();
     const bool squared = ctx->saved_data["squared"].toBool();
@@ -424,10 +634,10 @@ Tensor hinge(const Tensor& input, const Tensor& target, double margin, bool squa
 // ---------------------------------------------------------------------------
 // multi_margin_loss: a gradient for the input only; second derivatives (which
 // torch lacks) come from the composite.
-struct MultiMargin : torch::autograd::Function<MultiMargin> {
+struct MultiMargin {
   static constexpr const char* kNodeName = "fusedloss::MultiMarginLossBackward";
 
-  static Tensor forward(AutogradContext* ctx, const Tensor& input, const Tensor& target, int64_t p, double margin,
+  static Tensor forward(LossCtx* ctx, const Tensor& input, const Tensor& target, int64_t p, double margin,
                         const OptTensor& weight, int64_t reduction, OptDtype out_dtype) {
     at::AutoDispatchBelowADInplaceOrView below;
     ctx->save_for_backward({input, target, value_or_undefined(weight)});
@@ -438,7 +648,7 @@ struct MultiMargin : torch::autograd::Function<MultiMargin> {
     return FUSEDLOSS_OP("multi_margin", sig::MultiMargin).call(input, target, p, margin, weight, reduction, out_dtype);
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+  static variable_list backward(LossCtx* ctx, variable_list grads) {
     const auto s = ctx->get_saved_variables();
     const int64_t p = ctx->saved_data["p"].toInt();
     const double margin = ctx->saved_data["margin"].toDouble();
@@ -485,10 +695,10 @@ using CeForwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, c
                                                                 int64_t, int64_t, double, double, std::optional<double>,
                                                                 OptDtype);
 
-struct CrossEntropy : torch::autograd::Function<CrossEntropy> {
+struct CrossEntropy {
   static constexpr const char* kNodeName = "fusedloss::CrossEntropyLossBackward";
 
-  static Tensor forward(AutogradContext* ctx, const Tensor& input, const Tensor& target, const OptTensor& weight,
+  static Tensor forward(LossCtx* ctx, const Tensor& input, const Tensor& target, const OptTensor& weight,
                         int64_t ignore_index, int64_t reduction, double label_smoothing, double lse_square_scale,
                         std::optional<double> softcap, bool inplace_backward, OptDtype out_dtype) {
     at::AutoDispatchBelowADInplaceOrView below;
@@ -507,7 +717,7 @@ struct CrossEntropy : torch::autograd::Function<CrossEntropy> {
     return loss;
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+  static variable_list backward(LossCtx* ctx, variable_list grads) {
     const auto s = ctx->get_saved_variables();
     const Tensor &input = s[0], &target = s[1];
     const int64_t ignore_index = ctx->saved_data["ignore_index"].toInt();
@@ -718,10 +928,10 @@ namespace fusedloss {
 namespace {
 
 // sigmoid_focal_loss: gradients for input and (soft) target.
-struct SigmoidFocal : torch::autograd::Function<SigmoidFocal> {
+struct SigmoidFocal {
   static constexpr const char* kNodeName = "fusedloss::SigmoidFocalLossBackward";
 
-  static Tensor forward(AutogradContext* ctx, const Tensor& input, const Tensor& target, double alpha, double gamma,
+  static Tensor forward(LossCtx* ctx, const Tensor& input, const Tensor& target, double alpha, double gamma,
                         int64_t reduction, OptDtype out_dtype) {
     at::AutoDispatchBelowADInplaceOrView below;
     ctx->save_for_backward({input, target});
@@ -732,7 +942,7 @@ struct SigmoidFocal : torch::autograd::Function<SigmoidFocal> {
     return FUSEDLOSS_OP("sigmoid_focal", sig::SigmoidFocal).call(input, target, alpha, gamma, reduction, out_dtype);
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+  static variable_list backward(LossCtx* ctx, variable_list grads) {
     const auto s = ctx->get_saved_variables();
     const double alpha = ctx->saved_data["alpha"].toDouble();
     const double gamma = ctx->saved_data["gamma"].toDouble();
@@ -768,10 +978,10 @@ Tensor sigmoid_focal(const Tensor& input, const Tensor& target, double alpha, do
 // multilabel_soft_margin_loss: gradients for input and a floating target; a
 // weight that requires grad goes to the composite (torch's loss is a
 // composite, so torch differentiates the weight; the kernels do not).
-struct MultilabelSoftMargin : torch::autograd::Function<MultilabelSoftMargin> {
+struct MultilabelSoftMargin {
   static constexpr const char* kNodeName = "fusedloss::MultilabelSoftMarginLossBackward";
 
-  static Tensor forward(AutogradContext* ctx, const Tensor& input, const Tensor& target, const OptTensor& weight,
+  static Tensor forward(LossCtx* ctx, const Tensor& input, const Tensor& target, const OptTensor& weight,
                         int64_t reduction, OptDtype out_dtype) {
     at::AutoDispatchBelowADInplaceOrView below;
     ctx->save_for_backward({input, target, value_or_undefined(weight)});
@@ -781,7 +991,7 @@ struct MultilabelSoftMargin : torch::autograd::Function<MultilabelSoftMargin> {
         .call(input, target, weight, reduction, out_dtype);
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+  static variable_list backward(LossCtx* ctx, variable_list grads) {
     const auto s = ctx->get_saved_variables();
     const int64_t reduction = ctx->saved_data["reduction"].toInt();
     const std::vector<bool> needs{ctx->needs_input_grad(0), ctx->needs_input_grad(1) && s[1].is_floating_point()};
@@ -820,10 +1030,10 @@ Tensor multilabel_soft_margin(const Tensor& input, const Tensor& target, const O
 using DistillForwardSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&, double,
                                                              double, int64_t, int64_t, OptDtype);
 
-struct Distill : torch::autograd::Function<Distill> {
+struct Distill {
   static constexpr const char* kNodeName = "fusedloss::DistillationLossBackward";
 
-  static Tensor forward(AutogradContext* ctx, const Tensor& student, const Tensor& teacher, const OptTensor& target,
+  static Tensor forward(LossCtx* ctx, const Tensor& student, const Tensor& teacher, const OptTensor& target,
                         double beta, double temperature, int64_t ignore_index, int64_t reduction, OptDtype out_dtype) {
     at::AutoDispatchBelowADInplaceOrView below;
     auto [loss, stats, denominator] = FUSEDLOSS_OP("distill_forward", DistillForwardSig)
@@ -838,7 +1048,7 @@ struct Distill : torch::autograd::Function<Distill> {
     return loss;
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+  static variable_list backward(LossCtx* ctx, variable_list grads) {
     const auto s = ctx->get_saved_variables();
     const double beta = ctx->saved_data["beta"].toDouble();
     const double temperature = ctx->saved_data["temperature"].toDouble();
@@ -965,10 +1175,10 @@ bool plain_tensor(const Tensor& t) {
                                                    c10::DispatchKey::PythonTLSSnapshot}));
 }
 
-struct LinearCrossEntropy : torch::autograd::Function<LinearCrossEntropy> {
+struct LinearCrossEntropy {
   static constexpr const char* kNodeName = "fusedloss::LinearCrossEntropyBackward";
 
-  static Tensor forward(AutogradContext* ctx, const Tensor& input, const Tensor& linear_weight, const Tensor& target,
+  static Tensor forward(LossCtx* ctx, const Tensor& input, const Tensor& linear_weight, const Tensor& target,
                         const OptTensor& linear_bias, const OptTensor& weight, int64_t ignore_index, int64_t reduction,
                         double label_smoothing, double lse_square_scale, std::optional<double> softcap,
                         int64_t chunk_size, OptDtype out_dtype, bool precompute) {
@@ -993,7 +1203,7 @@ struct LinearCrossEntropy : torch::autograd::Function<LinearCrossEntropy> {
     return loss;
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+  static variable_list backward(LossCtx* ctx, variable_list grads) {
     constexpr size_t kArgs = 13;
     auto s = ctx->get_saved_variables();
     const Tensor &input = s[0], &linear_weight = s[1], &target = s[2];

@@ -1,8 +1,11 @@
-"""The autograd node of every loss op (csrc/autograd.cpp, apply_loss): torch's
-C++ Function node under a fixed name, built without the general output
-wrapping of torch::autograd::Function::apply. What that wrapping gave has to
-hold: the output's edge, the inputs' edges, saved-tensor checks, hooks on the
-node, node creation hooks, retain_graph, and compiled autograd."""
+"""The autograd node of every loss op (csrc/autograd.cpp, apply_loss and
+LossNode): a plain autograd node under a fixed name, in place of the C++
+Function node that torch::autograd::Function::apply builds. What that node
+gave has to hold: the output's edge, the inputs' edges, saved-tensor checks and
+hooks, hooks on the node, node creation hooks, retain_graph, and compiled
+autograd."""
+
+import weakref
 
 import pytest
 import torch
@@ -82,6 +85,43 @@ def test_node_creation_hook_fires_once_on_a_complete_node(name):
     assert events[-1] == ("fusedloss::" + NODE_NAMES[name], len(_leaves(args)), 1)
     assert events[:-1] and set(events[:-1]) == {"pack"}
     assert loss.grad_fn.name() == events[-1][0]
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_saved_tensor_hooks_pack_and_unpack_every_saved_tensor(name):
+    """The backward reads each saved tensor through its unpack hook: the
+    gradients come from what the hook returns."""
+    args = _args(name, "cpu")
+    call = getattr(eager, name)
+    expected = torch.autograd.grad(call(*args), _leaves(args))
+    packed, unpacked = [], []
+
+    def pack(t):
+        packed.append(t)
+        return ("kept", t.detach().clone())
+
+    def unpack(p):
+        unpacked.append(p)
+        return p[1]
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        loss = call(*args)
+    assert packed and not unpacked
+    grads = torch.autograd.grad(loss, _leaves(args))
+    assert len(unpacked) == len(packed)
+    for g, e in zip(grads, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
+def test_a_saved_output_does_not_keep_its_graph_alive():
+    """mse's weighted mean saves its own loss; the node holds that output
+    weakly (as torch's nodes do), so dropping the loss frees both."""
+    x = torch.randn(6, 9, requires_grad=True)
+    y, w = torch.randn(6, 9), torch.rand(6, 9) + 0.5
+    loss = eager.mse(x, y, w, 1, None)
+    ref = weakref.ref(loss)
+    del loss
+    assert ref() is None
 
 
 @pytest.mark.parametrize("name", LOSSES)

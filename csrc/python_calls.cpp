@@ -11,10 +11,11 @@
 // autocast, tracing, Python modes and tensor subclasses) sees exactly the call
 // torch.ops makes; only the conversion differs.
 //
-// Each function's first argument is the op's plain torch.ops overload. An
-// argument of a type converted here by no rule below (a SymInt, a numpy
-// scalar, a wrong type) sends the call there unchanged, so that what it
-// accepts and the errors it raises stay torch.ops's. Under torch.compile the
+// Each function holds the op's plain torch.ops overload, bound once at import
+// (fusedloss/_ops.py calls _bind). An argument of a type converted here by no
+// rule below (a SymInt, a numpy scalar, a wrong type) sends the call there
+// unchanged, so that what it accepts and the errors it raises stay
+// torch.ops's. Under torch.compile the
 // functional layer calls the overload itself (fusedloss/_ops.py registers the
 // substitution for dynamo), so the traced graph holds the op.
 
@@ -26,6 +27,7 @@
 
 #include <fusedloss/op_signatures.h>
 
+#include <cstring>
 #include <optional>
 #include <tuple>
 #include <utility>
@@ -138,16 +140,17 @@ struct Call;
 template <const char* Name, typename... Args>
 struct Call<Name, Tensor(Args...)> {
   static constexpr Py_ssize_t kArgs = sizeof...(Args);
+  static inline PyObject* overload = nullptr;  // a strong reference, kept for the process
 
   static PyObject* fn(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
     HANDLE_TH_ERRORS
-    if (nargs < 1) {
-      PyErr_Format(PyExc_TypeError, "%s: expected the op's overload first", Name);
-      return nullptr;
-    }
     std::tuple<typename From<Args>::type...> values;
-    if (nargs != kArgs + 1 || !convert(args + 1, values, std::index_sequence_for<Args...>{})) {
-      return PyObject_Vectorcall(args[0], args + 1, nargs - 1, nullptr);
+    if (nargs != kArgs || !convert(args, values, std::index_sequence_for<Args...>{})) {
+      if (overload == nullptr) {
+        PyErr_Format(PyExc_RuntimeError, "fusedloss internal error: no overload bound for %s", Name);
+        return nullptr;
+      }
+      return PyObject_Vectorcall(overload, args, nargs, nullptr);
     }
     static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(Name, "").typed<Tensor(Args...)>();
     Tensor out;
@@ -179,22 +182,45 @@ constexpr char kMultilabelSoftMargin[] = "fusedloss::multilabel_soft_margin";
 constexpr char kDistill[] = "fusedloss::distill";
 constexpr char kLce[] = "fusedloss::linear_cross_entropy";
 
-#define FUSEDLOSS_CALL(py_name, Name, Sig) \
-  {py_name, reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&Call<Name, Sig>::fn)), METH_FASTCALL, nullptr}
+// (Python name, op, signature) of every eager call.
+#define FUSEDLOSS_CALLS(X)                                                             \
+  X("bce_with_logits", kBce, sig::Bce)                                                 \
+  X("mse", kMse, sig::Mse)                                                             \
+  X("cross_entropy", kCe, sig::CrossEntropy)                                           \
+  X("hinge_embedding", kHingeEmbedding, sig::HingeEmbedding)                           \
+  X("soft_margin", kSoftMargin, sig::SoftMargin)                                       \
+  X("hinge", kHinge, sig::Hinge)                                                       \
+  X("multi_margin", kMultiMargin, sig::MultiMargin)                                    \
+  X("sigmoid_focal", kSigmoidFocal, sig::SigmoidFocal)                                 \
+  X("multilabel_soft_margin", kMultilabelSoftMargin, sig::MultilabelSoftMargin)        \
+  X("distill", kDistill, sig::Distill)                                                 \
+  X("linear_cross_entropy", kLce, sig::LinearCrossEntropy)
 
-PyMethodDef calls[] = {
-    FUSEDLOSS_CALL("bce_with_logits", kBce, sig::Bce),
-    FUSEDLOSS_CALL("mse", kMse, sig::Mse),
-    FUSEDLOSS_CALL("cross_entropy", kCe, sig::CrossEntropy),
-    FUSEDLOSS_CALL("hinge_embedding", kHingeEmbedding, sig::HingeEmbedding),
-    FUSEDLOSS_CALL("soft_margin", kSoftMargin, sig::SoftMargin),
-    FUSEDLOSS_CALL("hinge", kHinge, sig::Hinge),
-    FUSEDLOSS_CALL("multi_margin", kMultiMargin, sig::MultiMargin),
-    FUSEDLOSS_CALL("sigmoid_focal", kSigmoidFocal, sig::SigmoidFocal),
-    FUSEDLOSS_CALL("multilabel_soft_margin", kMultilabelSoftMargin, sig::MultilabelSoftMargin),
-    FUSEDLOSS_CALL("distill", kDistill, sig::Distill),
-    FUSEDLOSS_CALL("linear_cross_entropy", kLce, sig::LinearCrossEntropy),
-    {nullptr, nullptr, 0, nullptr}};
+void set_overload(PyObject*& slot, PyObject* overload) {
+  Py_INCREF(overload);
+  Py_XSETREF(slot, overload);
+}
+
+// _bind(name, overload): the torch.ops overload call `name` falls back to.
+PyObject* bind(PyObject* /*module*/, PyObject* args) {
+  const char* name = nullptr;
+  PyObject* overload = nullptr;
+  if (!PyArg_ParseTuple(args, "sO", &name, &overload)) return nullptr;
+#define FUSEDLOSS_BIND(py_name, Name, Sig)       \
+  if (std::strcmp(name, py_name) == 0) {         \
+    set_overload(Call<Name, Sig>::overload, overload); \
+    Py_RETURN_NONE;                              \
+  }
+  FUSEDLOSS_CALLS(FUSEDLOSS_BIND)
+#undef FUSEDLOSS_BIND
+  PyErr_Format(PyExc_KeyError, "no eager call named %s", name);
+  return nullptr;
+}
+
+#define FUSEDLOSS_CALL(py_name, Name, Sig) \
+  {py_name, reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&Call<Name, Sig>::fn)), METH_FASTCALL, nullptr},
+
+PyMethodDef calls[] = {FUSEDLOSS_CALLS(FUSEDLOSS_CALL){"_bind", bind, METH_VARARGS, nullptr}, {nullptr, nullptr, 0, nullptr}};
 
 #undef FUSEDLOSS_CALL
 

@@ -5,11 +5,9 @@ torch.compile and torch.library.opcheck reason about every op without running it
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sys
-import types
 
 import torch
 
@@ -97,14 +95,15 @@ ops = torch.ops.fusedloss
 
 # The loss ops' eager entry points (csrc/python_calls.cpp, which names them):
 # the dispatcher call of ops.<name>.default with a cheaper conversion of the
-# Python arguments (a small call's largest cost after the math), each with its
-# torch.ops overload bound first, where it sends arguments it does not convert.
-# torch.compile must see the op itself, so callers take ops.<name>.default
-# while compiling.
+# Python arguments (a small call's largest cost after the math), each bound
+# here to its torch.ops overload, where it sends arguments it does not
+# convert. torch.compile must see the op itself, so callers take
+# ops.<name>.default while compiling.
 _EAGER_CALLS = tuple(name for name in dir(_C.calls) if not name.startswith("_"))
-eager = types.SimpleNamespace(
-    **{name: functools.partial(getattr(_C.calls, name), getattr(ops, name).default) for name in _EAGER_CALLS}
-)
+for _name in _EAGER_CALLS:
+    _C.calls._bind(_name, getattr(ops, _name).default)
+del _name
+eager = _C.calls
 
 
 # Whether the installed torch's clamp passes the gradient where its input

@@ -70,17 +70,21 @@ void gather(const Operand& op, int64_t start, int64_t len, acc_t* dst) {
 }
 
 // The operands of one tile, each either a pointer to len widened values or a
-// broadcast constant. Sized for `cap` elements (kTile, or less for a call
-// smaller than one tile, so that small losses allocate little).
+// broadcast constant. Its buffers, for `cap` elements each (kTile, or less for
+// a call smaller than one tile), are allocated by the first operand that needs
+// a copy: a small loss on contiguous fp32 operands allocates nothing.
 template <typename acc_t, int N>
 struct Tile {
   std::array<const acc_t*, N> ptr;
   std::array<acc_t, N> value;
-  acc_t* buf[N];
-  std::unique_ptr<acc_t[]> storage;
+  int64_t cap;
+  std::unique_ptr<acc_t[]> storage;  // uninitialised: always written before read
 
-  explicit Tile(int64_t cap) : storage(new acc_t[N * cap]) {  // uninitialised: always written before read
-    for (int k = 0; k < N; ++k) buf[k] = storage.get() + k * cap;
+  explicit Tile(int64_t cap) : cap(cap) {}
+
+  acc_t* buf(int k) {
+    if (!storage) storage.reset(new acc_t[N * cap]);
+    return storage.get() + k * cap;
   }
 
   void load(const std::array<Operand, N>& ops, int64_t numel, int64_t start, int64_t len) {
@@ -96,11 +100,13 @@ struct Tile {
       } else if (op.layout.contiguous(numel) && op.dtype == kAcc) {
         ptr[k] = static_cast<const acc_t*>(op.data) + start;
       } else if (op.layout.contiguous(numel)) {
-        load_widen(op.data, op.dtype, start, buf[k], len);
-        ptr[k] = buf[k];
+        acc_t* dst = buf(k);
+        load_widen(op.data, op.dtype, start, dst, len);
+        ptr[k] = dst;
       } else {
-        gather(op, start, len, buf[k]);
-        ptr[k] = buf[k];
+        acc_t* dst = buf(k);
+        gather(op, start, len, dst);
+        ptr[k] = dst;
       }
     }
   }
@@ -148,26 +154,26 @@ std::array<double, F::kOut> reduce(int64_t numel, const std::array<Operand, F::k
   const int64_t nchunks = (numel + kChunk - 1) / kChunk;
   c10::SmallVector<double, 4 * NO> partial(nchunks * NO, 0.0);
   at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
-    auto tile = std::make_unique<Tile<acc_t, F::kIn>>(std::min(kTile, numel));
+    Tile<acc_t, F::kIn> tile(std::min(kTile, numel));
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t end = std::min(numel, (c + 1) * kChunk);
       double chunk_sum[NO] = {};
       for (int64_t start = c * kChunk; start < end; start += kTile) {
         const int64_t len = std::min(kTile, end - start);
-        tile->load(ops, numel, start, len);
+        tile.load(ops, numel, start, len);
         Vec acc[NO];
         for (int k = 0; k < NO; ++k) acc[k] = Vec(acc_t(0));
         Vec in[F::kIn];
         Vec out[NO];
         int64_t i = 0;
         for (; i + Vec::size() <= len; i += Vec::size()) {
-          tile->fetch(i, Vec::size(), in);
+          tile.fetch(i, Vec::size(), in);
           f(in, out);
           for (int k = 0; k < NO; ++k) acc[k] = acc[k] + out[k];
         }
         if (i < len) {
           const int64_t count = len - i;
-          tile->fetch(i, count, in);
+          tile.fetch(i, count, in);
           f(in, out);
           // Lanes past the tail hold f(0, ...), which need not be 0.
           for (int k = 0; k < NO; ++k) acc[k] = acc[k] + Vec::set(Vec(acc_t(0)), out[k], count);
@@ -193,17 +199,20 @@ void map(int64_t numel, const std::array<Operand, F::kIn>& ops, const F& f, cons
   const int64_t ntiles = (numel + kTile - 1) / kTile;
   const int64_t cap = std::min(kTile, numel);
   at::parallel_for(0, ntiles, kChunk / kTile, [&](int64_t t0, int64_t t1) {
-    auto tile = std::make_unique<Tile<acc_t, F::kIn>>(cap);
-    std::unique_ptr<acc_t[]> obuf(new acc_t[NO * cap]);
+    Tile<acc_t, F::kIn> tile(cap);
+    // outputs narrower than acc_t are computed here, then rounded once
+    bool narrow = false;
+    for (int k = 0; k < NO; ++k) narrow |= out[k].data != nullptr && out[k].dtype != kAcc;
+    std::unique_ptr<acc_t[]> obuf(narrow ? new acc_t[NO * cap] : nullptr);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t start = t * kTile;
       const int64_t len = std::min(kTile, numel - start);
-      tile->load(ops, numel, start, len);
+      tile.load(ops, numel, start, len);
       Vec in[F::kIn];
       Vec res[NO];
       for (int64_t i = 0; i < len; i += Vec::size()) {
         const int64_t count = std::min<int64_t>(Vec::size(), len - i);
-        tile->fetch(i, count, in);
+        tile.fetch(i, count, in);
         f(in, res);
         for (int k = 0; k < NO; ++k) {
           if (out[k].data == nullptr) continue;

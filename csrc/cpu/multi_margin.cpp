@@ -28,8 +28,9 @@ struct CpuRowEngine {
   static void forward_rows(const MmParams<scalar_t>& m) {
     using acc_t = at::opmath_type<scalar_t>;
     std::atomic<bool> bad{false};
+    constexpr bool kDirect = std::is_same_v<scalar_t, acc_t>;  // rows read in place: no buffer
     at::parallel_for(0, m.N, row_grain(m.C), [&](int64_t r0, int64_t r1) {
-      std::vector<acc_t> buf(m.C);
+      std::vector<acc_t> buf(kDirect ? 0 : m.C);
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t t = m.target[r];
         if (t < 0 || t >= m.C) {
@@ -65,7 +66,7 @@ struct CpuRowEngine {
     for (int64_t r = 0; r < m.N; ++r) TORCH_CHECK(m.target[r] >= 0 && m.target[r] < m.C, "target out of range");
     constexpr bool kDirect = std::is_same_v<scalar_t, acc_t>;
     at::parallel_for(0, m.N, row_grain(m.C), [&](int64_t r0, int64_t r1) {
-      std::vector<acc_t> buf(m.C), out(kDirect ? 0 : m.C);
+      std::vector<acc_t> buf(kDirect ? 0 : m.C), out(kDirect ? 0 : m.C);
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t t = m.target[r];
         const acc_t* x = row(m, r, buf.data());

@@ -56,23 +56,23 @@ struct CpuRowEngine {
     const int64_t grain = std::max<int64_t>(1, kChunk / (rows_per_tile * C));
     const acc_t classes = static_cast<acc_t>(C);
     at::parallel_for(0, ntiles, grain, [&](int64_t t0, int64_t t1) {
-      auto tile = std::make_unique<Tile<acc_t, F::kIn>>(cap);
+      Tile<acc_t, F::kIn> tile(cap);
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t r0 = t * rows_per_tile;
         const int64_t r1 = std::min(rows, r0 + rows_per_tile);
         if (C <= kTile) {
-          tile->load(ops, c.numel, r0 * C, (r1 - r0) * C);
+          tile.load(ops, c.numel, r0 * C, (r1 - r0) * C);
           for (int64_t r = r0; r < r1; ++r) {
             Vec acc(acc_t(0));
-            add_segment<acc_t>(*tile, f, (r - r0) * C, C, acc);
+            add_segment<acc_t>(tile, f, (r - r0) * C, C, acc);
             out[r] = lane_sum(acc) / classes;
           }
         } else {
           Vec acc(acc_t(0));
           for (int64_t s = 0; s < C; s += kTile) {
             const int64_t len = std::min(kTile, C - s);
-            tile->load(ops, c.numel, r0 * C + s, len);
-            add_segment<acc_t>(*tile, f, 0, len, acc);
+            tile.load(ops, c.numel, r0 * C + s, len);
+            add_segment<acc_t>(tile, f, 0, len, acc);
           }
           out[r0] = lane_sum(acc) / classes;
         }

@@ -325,17 +325,18 @@ struct LossNode final : torch::autograd::Node {
     variable_list all = F::backward(&ctx, std::move(grads));
     TORCH_CHECK(all.size() == n_args, "fusedloss internal error: ", F::kNodeName, " returned ", all.size(),
                 " gradients for ", n_args, " arguments");
-    variable_list out;
-    out.reserve(n_args);
+    size_t edges = 0;  // compacted in place
     for (size_t i = 0; i < n_args; ++i) {
       if (var_mask & (1u << i)) {
-        out.push_back(std::move(all[i]));
+        if (edges != i) all[edges] = std::move(all[i]);
+        ++edges;
       } else {
         TORCH_CHECK(!all[i].defined(), "fusedloss internal error: ", F::kNodeName,
                     " returned a gradient for argument ", i, ", which is not a tensor");
       }
     }
-    return out;
+    all.resize(edges);
+    return all;
   }
 
   // The backward as compiled autograd calls it: the state apply_with_saved

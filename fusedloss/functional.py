@@ -57,12 +57,7 @@ _REDUCTION_NAMES = {0: "none", 1: "mean", 2: "sum"}
 _REFUSALS = (RuntimeError, ValueError, IndexError, TypeError, NotImplementedError)
 
 _functorch_stack = torch._C._functorch.peek_interpreter_stack
-# Whether dynamo is tracing the caller, whose graph must hold the op itself
-# (torch.ops.fusedloss.<loss>.default). Elsewhere, non-strict torch.export
-# included (it traces at the dispatcher), the eager entry point makes the
-# same dispatcher call; this predicate is also a third of the cost of
-# torch.compiler.is_compiling, which a small call pays on every call.
-_compiling = torch.compiler.is_dynamo_compiling
+_compiling = torch.compiler.is_compiling
 
 
 def _reduction_enum(size_average, reduce, reduction) -> int:

@@ -3,6 +3,7 @@ gives eager's values and gradients, with static and dynamic shapes."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import fusedloss
 import fusedloss.functional as FF
@@ -206,3 +207,33 @@ def test_distill_dynamic_shapes_recompile_boundedly():
     for n, c in [(3, 40), (5, 70), (9, 20), (17, 330), (2, 1000)]:
         fn(make((n, c), torch.float32, "cpu", requires_grad=True), make((n, c), torch.float32, "cpu")).backward()
     assert counter.frame_count <= 2
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_export_drops_inplace_backward(strict):
+    """An exported graph never writes gradients over the logits: non-strict
+    export (which runs the functional layer for real, with is_compiling but not
+    dynamo on) ignores inplace_backward as torch.compile does, so that a graph
+    where another op also saved the logits still differentiates correctly."""
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(5, 9)
+
+        def forward(self, x, t):
+            z = self.lin(x)
+            return FF.cross_entropy(z, t, inplace_backward=True) + (z * z).sum() * 0.01
+
+    torch.manual_seed(0)
+    x, t = torch.randn(6, 5), torch.randint(0, 9, (6,))
+    m = M()
+    z = m.lin(x)
+    expected = torch.autograd.grad(F.cross_entropy(z, t) + (z * z).sum() * 0.01, m.lin.weight)[0]
+    ep = torch.export.export(m, (x, t), strict=strict)
+    (node,) = [n for n in ep.graph.nodes if n.op == "call_function" and "fusedloss" in str(n.target)]
+    bound = dict(zip([a.name for a in node.target._schema.arguments], node.args, strict=False)) | node.kwargs
+    assert bound.get("inplace_backward", False) is False
+    mod = ep.module()
+    mod(x, t).backward()
+    torch.testing.assert_close(mod.lin.weight.grad, expected)

@@ -38,6 +38,7 @@
 #include <array>
 #include <cstring>
 #include <optional>
+#include <string_view>
 #include <tuple>
 #include <vector>
 
@@ -152,7 +153,8 @@ class LossCtx {
       for (size_t i = 0; i < size_; ++i) {
         if (std::strcmp(keys_[i], key) == 0) return values_[i];
       }
-      TORCH_CHECK(size_ < kMax, "fusedloss internal error: a loss saved more than ", kMax, " scalars");
+      TORCH_CHECK(size_ < kMax, "fusedloss internal error: a loss saved more than ", kMax,
+                  " scalars, or its backward read one it did not save (", key, ")");
       keys_[size_] = key;
       return values_[size_++];
     }
@@ -298,6 +300,7 @@ struct LossNode final : torch::autograd::Node {
     schema.reserve(args.size());
     for (const auto& a : args) schema.emplace_back(a.isTensor() ? at::TensorType::get() : a.type());
     const auto& py = torch::dynamo::autograd::getPyCompilerInterface();
+    static_assert(std::string_view(F::kNodeName).find("::") != std::string_view::npos);
     std::string fn_name = F::kNodeName;
     fn_name.replace(fn_name.find("::"), 2, "_");  // a Python identifier
     const auto bound = py->bind_function(saved.get_py_compiler(), fn_name, functional, schema,
@@ -343,8 +346,8 @@ struct LossNode final : torch::autograd::Node {
   // packed, in its order.
   static variable_list functional(const variable_list& inputs, const std::vector<c10::IValue>& args) {
     torch::dynamo::autograd::PackedArgs packed(args);
+    const auto keys = packed.unpack<std::vector<std::string>>();  // outlives ctx, which points into it
     LossCtx ctx;
-    const auto keys = packed.unpack<std::vector<std::string>>();
     for (const auto& k : keys) ctx.saved_data[k.c_str()] = packed.unpack<c10::IValue>();
     ctx.to_save_ = packed.unpack<variable_list>();
     ctx.needs_ = packed.unpack<std::vector<bool>>();

@@ -196,9 +196,11 @@ constexpr char kLce[] = "fusedloss::linear_cross_entropy";
   X("distill", kDistill, sig::Distill)                                                 \
   X("linear_cross_entropy", kLce, sig::LinearCrossEntropy)
 
+// A rebinding (a reload of fusedloss._ops) keeps the old overload alive: a
+// call on another thread may be using it.
 void set_overload(PyObject*& slot, PyObject* overload) {
   Py_INCREF(overload);
-  Py_XSETREF(slot, overload);
+  slot = overload;
 }
 
 // _bind(name, overload): the torch.ops overload call `name` falls back to.

@@ -220,7 +220,8 @@ class LossCtx {
 };
 
 // Which of a forward's arguments are tensors with an edge: a Tensor, or an
-// optional one holding a defined tensor (AutogradContext's count).
+// optional one holding a defined tensor (the count of torch's extract_vars,
+// kept here as a bit mask rather than its per-call std::vector<bool>).
 inline void note_var(uint32_t& mask, size_t& i, variable_list& vars, const Tensor& t) {
   mask |= 1u << i++;
   vars.push_back(t);

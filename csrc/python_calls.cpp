@@ -15,9 +15,9 @@
 // (fusedloss/_ops.py calls _bind). An argument of a type converted here by no
 // rule below (a SymInt, a numpy scalar, a wrong type) sends the call there
 // unchanged, so that what it accepts and the errors it raises stay
-// torch.ops's. Under torch.compile the
-// functional layer calls the overload itself (fusedloss/_ops.py registers the
-// substitution for dynamo), so the traced graph holds the op.
+// torch.ops's. Under torch.compile the functional layer calls the overload
+// itself (fusedloss/_ops.py registers the substitution for dynamo), so the
+// traced graph holds the op.
 
 #include <torch/csrc/Dtype.h>
 #include <torch/csrc/Exceptions.h>
@@ -208,10 +208,10 @@ PyObject* bind(PyObject* /*module*/, PyObject* args) {
   const char* name = nullptr;
   PyObject* overload = nullptr;
   if (!PyArg_ParseTuple(args, "sO", &name, &overload)) return nullptr;
-#define FUSEDLOSS_BIND(py_name, Name, Sig)       \
-  if (std::strcmp(name, py_name) == 0) {         \
+#define FUSEDLOSS_BIND(py_name, Name, Sig)             \
+  if (std::strcmp(name, py_name) == 0) {               \
     set_overload(Call<Name, Sig>::overload, overload); \
-    Py_RETURN_NONE;                              \
+    Py_RETURN_NONE;                                    \
   }
   FUSEDLOSS_CALLS(FUSEDLOSS_BIND)
 #undef FUSEDLOSS_BIND

@@ -127,8 +127,6 @@ void load_target_row(const CeParams<scalar_t>& p, int64_t r, const math::CeOptio
   }
 }
 
-int64_t row_grain(int64_t C) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1)); }
-
 [[noreturn]] void out_of_bounds(int64_t target) {
   TORCH_CHECK_INDEX(false, "Target ", target, " is out of bounds.");
 }
@@ -140,7 +138,7 @@ struct CpuRowEngine {
     const auto o = p.options();
     const int64_t R = p.g.rows(), C = p.g.C;
     std::atomic<int64_t> first_bad{R};
-    at::parallel_for(0, R, row_grain(C), [&](int64_t r0, int64_t r1) {
+    at::parallel_for(0, R, softmax_row_grain(C), [&](int64_t r0, int64_t r1) {
       RowBuffers<acc_t> buf;
       buf.x.resize(C);
       const acc_t* w = p.weight;
@@ -187,7 +185,7 @@ struct CpuRowEngine {
       }
     }
     const bool direct_out = p.grad_input != nullptr && p.gC == 1 && std::is_same_v<scalar_t, acc_t>;
-    at::parallel_for(0, R, row_grain(C), [&](int64_t r0, int64_t r1) {
+    at::parallel_for(0, R, softmax_row_grain(C), [&](int64_t r0, int64_t r1) {
       RowBuffers<acc_t> buf;
       buf.x.resize(C);
       buf.out.resize(C);
@@ -279,8 +277,12 @@ struct CpuRowEngine {
         if (t != p.opt.ignore_index && (t < 0 || t >= C)) out_of_bounds(t);
       }
     }
+    // Blocks of rows that stay in L2; fewer rows than that are still split
+    // over the threads, down to a task's grain.
     constexpr int64_t kL2Bytes = 256 * 1024;
-    const int64_t block = std::max<int64_t>(1, kL2Bytes / (C * static_cast<int64_t>(sizeof(at::opmath_type<scalar_t>))));
+    const int64_t l2_rows = std::max<int64_t>(1, kL2Bytes / (C * static_cast<int64_t>(sizeof(at::opmath_type<scalar_t>))));
+    const int64_t threads = at::get_num_threads();
+    const int64_t block = std::min(l2_rows, std::max(softmax_row_grain(C), (R + threads - 1) / threads));
     const int64_t blocks = (R + block - 1) / block;
     // Blocks taken in turn (a shared counter), so that a thread slowed by
     // other work takes fewer; a block's result does not depend on its thread.

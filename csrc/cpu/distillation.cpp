@@ -40,8 +40,6 @@ T lane_max(const Vec<T>& v) {
   return m;
 }
 
-int64_t row_grain(int64_t C) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1)); }
-
 template <typename T>
 Vec<T> load_n(const T* x, int64_t cnt) {
   return cnt == Vec<T>::size() ? Vec<T>::loadu(x) : Vec<T>::loadu(x, cnt);
@@ -91,7 +89,7 @@ struct CpuRowEngine {
   static void forward_rows(const DistillParams<scalar_t>& p) {
     using acc_t = opmath_t<scalar_t>;
     const int64_t R = p.g.rows(), C = p.g.C;
-    at::parallel_for(0, R, row_grain(C), [&](int64_t r0, int64_t r1) {
+    at::parallel_for(0, R, softmax_row_grain(C), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         if (p.ignored(r)) {
           p.store_ignored_row(r);
@@ -118,7 +116,7 @@ struct CpuRowEngine {
   static void backward_rows(const DistillParams<scalar_t>& p) {
     using acc_t = opmath_t<scalar_t>;
     const int64_t R = p.g.rows(), C = p.g.C;
-    at::parallel_for(0, R, row_grain(C), [&](int64_t r0, int64_t r1) {
+    at::parallel_for(0, R, softmax_row_grain(C), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         scalar_t* gp = p.grad_p != nullptr ? p.grad_p + r * C : nullptr;
         scalar_t* gq = p.grad_q != nullptr ? p.grad_q + r * C : nullptr;

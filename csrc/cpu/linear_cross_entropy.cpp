@@ -45,9 +45,13 @@ constexpr int64_t kTiles = 8;
 constexpr int64_t kMinClassTile = 512;
 constexpr int64_t kMinFeatureTile = 32;
 
+// Rounded up to a multiple of 64 elements, or of the minimum where that is
+// smaller: grad_input of 64 features is then two tiles of 32, one per thread,
+// rather than one tile on one thread.
 int64_t tile_size(int64_t n, int64_t count, int64_t minimum) {
   const int64_t t = (n + count - 1) / count;
-  return std::max(minimum, (t + 63) / 64 * 64);
+  const int64_t align = std::min<int64_t>(minimum, 64);
+  return std::max(minimum, (t + align - 1) / align * align);
 }
 // Default chunk: 32 MiB of logits (e.g. 262 rows of 32000 fp32 classes): a
 // few times the L2 of the cores, large enough for the GEMMs to run at speed,

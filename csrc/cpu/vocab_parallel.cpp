@@ -32,15 +32,13 @@ namespace {
 template <typename T>
 using Vec = at::vec::Vectorized<T>;
 
-int64_t vp_row_grain(int64_t C) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1)); }
-
 struct CpuVpEngine {
   template <typename scalar_t>
   static void local_rows(const VpParams<scalar_t>& p) {
     using acc_t = at::opmath_type<scalar_t>;
     const int64_t C = p.C;
     const acc_t* f = p.weight != nullptr ? p.weight + p.start : nullptr;  // this slice's class weights
-    at::parallel_for(0, p.N, vp_row_grain(C), [&](int64_t r0, int64_t r1) {
+    at::parallel_for(0, p.N, softmax_row_grain(C), [&](int64_t r0, int64_t r1) {
       std::vector<acc_t> buf(C);
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t t = p.target[r];
@@ -70,7 +68,7 @@ struct CpuVpEngine {
     const auto o = p.options();
     const acc_t* f = p.weight != nullptr ? p.weight + p.start : nullptr;
     const bool direct_out = p.gC == 1 && std::is_same_v<scalar_t, acc_t>;
-    at::parallel_for(0, p.N, vp_row_grain(C), [&](int64_t r0, int64_t r1) {
+    at::parallel_for(0, p.N, softmax_row_grain(C), [&](int64_t r0, int64_t r1) {
       std::vector<acc_t> buf(C), out(C);
       for (int64_t r = r0; r < r1; ++r) {
         scalar_t* gout = p.grad_input + r * p.gN;

@@ -162,6 +162,15 @@ struct CeParams {
     loss_out[row] = math::ce_index_loss(st.max, ls, st.rel, x_t, w_t, o);
     weight_out[row] = w_t;
   }
+  // The same, with ls = log(st.sum) already taken (the CPU takes the logs of
+  // a vector's worth of rows in one call).
+  C10_HOST_DEVICE void store_index_row_with_log(int64_t row, const math::RowState<acc_t>& st, acc_t ls, acc_t x_t,
+                                                acc_t w_t, const math::CeOptions<acc_t>& o) const {
+    lse_out[2 * row] = st.max;
+    lse_out[2 * row + 1] = ls;
+    loss_out[row] = math::ce_index_loss(st.max, ls, st.rel, x_t, w_t, o);
+    weight_out[row] = w_t;
+  }
   C10_HOST_DEVICE void store_prob_row(int64_t row, const math::RowState<acc_t>& st,
                                       const math::CeOptions<acc_t>& o) const {
     const acc_t ls = store_lse(row, st);

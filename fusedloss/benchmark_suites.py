@@ -34,6 +34,9 @@ SMALL_CASES = [
     ("cross_entropy", B._ce, (32, 10)),
     ("cross_entropy", B._ce, (256, 10)),
     ("cross_entropy", B._ce, (256, 1000)),
+    # between them: classifier heads of 100-1000 classes over few rows
+    ("cross_entropy", B._ce, (128, 100)),
+    ("cross_entropy", B._ce, (32, 1000)),
     ("bce_with_logits", B._bce, (256,)),
     ("bce_with_logits", B._bce, (256, 64)),
     ("mse", B._mse, (256,)),

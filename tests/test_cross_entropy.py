@@ -577,6 +577,31 @@ def test_saves_only_logits_targets_and_o_n(device, prob):
     assert extra <= (3 if prob else 2) * N * 4 + 8, extra
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("C", [5, 16, 100, 1000])
+def test_cpu_rows_across_log_groups_and_tasks(dtype, C):
+    """The CPU forward takes the log(sum exp) of its index-target rows in groups
+    of one vector (8 or 16 rows) and splits rows over the threads from ~4096
+    logits: 53 rows cross both boundaries, with ignored rows among them. Every
+    row's loss is torch's, with and without class weights, and the same bits
+    for 1 and 2 threads (where the groups fall differently)."""
+    n = 53
+    x = logits((n, C), dtype, "cpu")
+    t = targets((n,), C, "cpu", ignore=-100, frac=0.2)
+    w = torch.rand(C, dtype=torch.float64).add(0.5).to(dtype)
+    assert_matches_torch(NAME, x, t, reduction="none")
+    assert_matches_torch(NAME, x, t, weight=w, reduction="none")
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for k in (1, 2):
+            torch.set_num_threads(k)
+            outs.append(FF.cross_entropy(x.detach(), t, weight=w, reduction="none"))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1])
+
+
 def test_deterministic_across_runs_and_threads():
     x = logits((257, 3001), torch.float32, "cpu", requires_grad=False)
     t = targets((257,), 3001, "cpu", ignore=-100)

@@ -582,9 +582,10 @@ def test_saves_only_logits_targets_and_o_n(device, prob):
 def test_cpu_rows_across_log_groups_and_tasks(dtype, C):
     """The CPU forward takes the log(sum exp) of its index-target rows in groups
     of one vector (8 or 16 rows) and splits rows over the threads from ~4096
-    logits: 53 rows cross both boundaries, with ignored rows among them. Every
-    row's loss is torch's, with and without class weights, and the same bits
-    for 1 and 2 threads (where the groups fall differently)."""
+    logits: 53 rows cross the group boundaries, with ignored rows among them,
+    and at 100 and 1000 classes they are split over 2 threads (where the
+    groups fall differently than on 1). Every row's loss is torch's, with and
+    without class weights, and the same bits for 1 and 2 threads."""
     n = 53
     x = logits((n, C), dtype, "cpu")
     t = targets((n,), C, "cpu", ignore=-100, frac=0.2)

@@ -53,20 +53,6 @@ const at::opmath_type<scalar_t>* load_row(const scalar_t* src, int64_t stride, i
   return buf;
 }
 
-// Lane reductions of the row kernels through at::vec's vec_reduce_all: for
-// float on AVX2/AVX-512 a fixed tree of shuffles, a few dependent steps instead
-// of 8 or 16 (over rows of ~100 classes the lane-by-lane loops were a third of
-// each row's time); other types take its generic fixed-order loop.
-template <typename T>
-T lane_max(const Vec<T>& v) {
-  return at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return at::vec::maximum(a, b); }, v);
-}
-
-template <typename T>
-T tree_sum(const Vec<T>& v) {
-  return at::vec::vec_reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return a + b; }, v);
-}
-
 // The RowState of a row (numerics.h), in L1 blocks: a block max, then one exp
 // per logit against the running max. f: per-class option factors (null: 1),
 // used only when with_f.

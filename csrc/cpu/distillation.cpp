@@ -32,15 +32,6 @@ using Vec = at::vec::Vectorized<T>;
 constexpr int64_t kBlock = 2048;  // classes per L1 block of each row
 
 template <typename T>
-T lane_max(const Vec<T>& v) {
-  alignas(64) T lanes[Vec<T>::size()];
-  v.store(lanes);
-  T m = lanes[0];
-  for (int l = 1; l < Vec<T>::size(); ++l) m = math::Ops<T>::max(m, lanes[l]);
-  return m;
-}
-
-template <typename T>
 Vec<T> load_n(const T* x, int64_t cnt) {
   return cnt == Vec<T>::size() ? Vec<T>::loadu(x) : Vec<T>::loadu(x, cnt);
 }

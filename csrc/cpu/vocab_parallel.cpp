@@ -89,7 +89,7 @@ struct CpuVpEngine {
         auto grad_vec = [&](int64_t c, int64_t cnt) {
           const bool full = cnt == Vec<acc_t>::size();
           const Vec<acc_t> vx = full ? Vec<acc_t>::loadu(x + c) : Vec<acc_t>::loadu(x + c, cnt);
-          Vec<acc_t> v = ((vx - vm) - vls).exp() * va;
+          Vec<acc_t> v = vec_exp((vx - vm) - vls) * va;
           if (k.m_scale != acc_t(0)) {
             const Vec<acc_t> vf = f == nullptr ? Vec<acc_t>(acc_t(1))
                                                : (full ? Vec<acc_t>::loadu(f + c) : Vec<acc_t>::loadu(f + c, cnt));

@@ -560,9 +560,10 @@ def multi_margin_loss(
     torch's errors). Beyond torch: fp16 and bf16 on the CPU, second derivatives
     (torch raises for them), and ``out_dtype`` (see the module docstring).
 
-    Deviations: the mean of an empty batch is NaN (torch returns an unspecified
-    value). On CUDA an out-of-range class index gives NaN for its row instead of
-    a device-side assert; ``fusedloss.set_validation(True)`` raises torch's
+    Deviations: the mean of an empty batch is NaN and its sum 0 (torch returns
+    an unspecified value for both: its CPU kernel leaves them unset). On CUDA
+    an out-of-range class index gives NaN for its row instead of a device-side
+    assert; ``fusedloss.set_validation(True)`` raises torch's
     ``RuntimeError: target out of range`` instead.
     """
     if has_torch_function_variadic(input, target, weight):

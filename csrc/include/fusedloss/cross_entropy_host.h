@@ -333,14 +333,19 @@ struct CrossEntropyOps {
     if (none) {
       loss = finish(row_loss, loss_type);
     } else {
-      ElementwiseCall c(g.rows(), input.device(), acc_type);
-      c.set_flat(0, rows, 0);
-      c.set_flat(1, rows, g.rows());
-      loss = at::empty({}, input.options().dtype(c.storable(loss_type)));
+      loss = at::empty({}, input.options().dtype(loadable(loss_type, acc_type) ? loss_type : acc_type));
+      const OutSlot out{loss.data_ptr(), loss.scalar_type()};
       AT_DISPATCH_FLOATING_TYPES(acc_type, "cross_entropy_sum", [&] {
-        ElementwiseEngine::template forward<scalar_t>(
-            c, Sums<scalar_t, 2>{}, reduction, OutSlot{loss.data_ptr(), loss.scalar_type()},
-            reduction == kReductionMean ? stats.mutable_data_ptr<scalar_t>() : nullptr);
+        scalar_t* denominator = reduction == kReductionMean ? stats.mutable_data_ptr<scalar_t>() : nullptr;
+        if (host_summable(rows)) {
+          const scalar_t* r = rows.const_data_ptr<scalar_t>();
+          host_sums<scalar_t>(r, r + g.rows(), g.rows(), reduction, out, denominator);
+          return;
+        }
+        ElementwiseCall c(g.rows(), input.device(), acc_type);
+        c.set_flat(0, rows, 0);
+        c.set_flat(1, rows, g.rows());
+        ElementwiseEngine::template forward<scalar_t>(c, Sums<scalar_t, 2>{}, reduction, out, denominator);
       });
       loss = finish(loss, loss_type);
     }

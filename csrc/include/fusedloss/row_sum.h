@@ -6,6 +6,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 
+#include <fusedloss/dtypes.h>
 #include <fusedloss/elementwise_host.h>
 
 namespace fusedloss {
@@ -23,10 +24,45 @@ struct Sums {
   }
 };
 
+// Up to this many CPU values are summed on the host, in double and in index
+// order (deterministic, the same for any thread count): below it the engine's
+// set-up (operand layouts, a dispatch, a parallel region) cost more than the
+// adds, ~0.25 us of a small loss's ~2 us call.
+constexpr int64_t kHostSumMax = 4096;
+
+// Whether t is a small CPU sum's operand: contiguous, on the CPU, at most
+// kHostSumMax values.
+inline bool host_summable(const at::Tensor& t) {
+  return t.is_cpu() && t.numel() <= kHostSumMax && t.is_contiguous();
+}
+
+// The reduction of the n values at a (mean: over the sum of the n values at
+// b when given, else over n) into `out` and, for a mean, the denominator into
+// *denominator (when given), on the host.
+template <typename acc_t>
+void host_sums(const acc_t* a, const acc_t* b, int64_t n, int64_t reduction, OutSlot out, acc_t* denominator) {
+  double sa = 0, sb = 0;
+  for (int64_t i = 0; i < n; ++i) sa += static_cast<double>(a[i]);
+  if (b != nullptr)
+    for (int64_t i = 0; i < n; ++i) sb += static_cast<double>(b[i]);
+  if (reduction == kReductionMean) {
+    const double denom = b != nullptr ? sb : static_cast<double>(n);
+    sa /= denom;  // 0/0 = NaN for an empty mean, as the engine
+    if (denominator != nullptr) *denominator = static_cast<acc_t>(denom);
+  }
+  store_value<acc_t>(out.data, dtype_code(out.dtype), 0, static_cast<acc_t>(sa));
+}
+
 // Deterministic device-side sum (or mean, the reduction) of `t` (1-D,
 // accumulation dtype) into `out` (one value of any floating dtype).
 template <typename ElementwiseEngine>
 void sum_into(const at::Tensor& t, OutSlot out, int64_t reduction = kReductionSum) {
+  if (host_summable(t)) {
+    AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "fusedloss_host_sum", [&] {
+      host_sums<scalar_t>(t.const_data_ptr<scalar_t>(), nullptr, t.numel(), reduction, out, nullptr);
+    });
+    return;
+  }
   ElementwiseCall c(t, opmath_type(t.scalar_type()));
   c.set(0, t);
   AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "fusedloss_sum", [&] {
@@ -44,6 +80,14 @@ void sum_into(const at::Tensor& t, at::Tensor out, int64_t reduction = kReductio
 template <typename ElementwiseEngine>
 void sum_rows_into(const at::Tensor& loss_rows, const at::Tensor& weight_rows, int64_t reduction, at::Tensor& loss,
                    at::Tensor* denominator) {
+  if (host_summable(loss_rows) && host_summable(weight_rows)) {
+    AT_DISPATCH_FLOATING_TYPES(loss_rows.scalar_type(), "fusedloss_host_sum_rows", [&] {
+      host_sums<scalar_t>(loss_rows.const_data_ptr<scalar_t>(), weight_rows.const_data_ptr<scalar_t>(),
+                          loss_rows.numel(), reduction, OutSlot{loss.data_ptr(), loss.scalar_type()},
+                          denominator != nullptr ? denominator->mutable_data_ptr<scalar_t>() : nullptr);
+    });
+    return;
+  }
   ElementwiseCall c(loss_rows, loss_rows.scalar_type());
   c.set(0, loss_rows);
   c.set(1, weight_rows);

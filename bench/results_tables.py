@@ -99,10 +99,12 @@ def tables(rows: list[dict]) -> str:
             f"{_r(fa['peak_mem_mb'], fp['peak_mem_mb'])} | {_ms(ta['median_ms'])} | {ta['peak_mem_mb']:.0f} |"
         )
     # training step
-    step = {(r["case"], r["provider"]): r["median_ms"] for r in rows if r["loss"] == "training_step"}
+    step_rows = [r for r in rows if r["loss"] == "training_step"]
+    step = {(r["case"], r["provider"]): r["median_ms"] for r in step_rows}
     if step:
+        tokens, vocab = step_rows[0]["shape"].split("x")  # the loss's (tokens, V): --quick runs fewer tokens
         out.append("")
-        out.append("| TinyLlama step (8 x 256 tokens, V=32000) | torch's loss | fusedloss's | saving |")
+        out.append(f"| TinyLlama step ({tokens} tokens, V={vocab}) | torch's loss | fusedloss's | saving |")
         out.append("|---|---|---|---|")
         for mode in ("eager", "compiled"):
             a, b = step.get((f"step-{mode}", "torch")), step.get((f"step-{mode}", "fusedloss"))

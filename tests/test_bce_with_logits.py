@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import fusedloss
 import fusedloss.functional as FF
 from conftest import DEVICES, FLOAT_DTYPES, REDUCTIONS, make
-from fusedloss.testing import assert_matches_torch
+from fusedloss.testing import assert_matches_torch, ulp
 
 NAME = "binary_cross_entropy_with_logits"
 # (4, 9000) spans several CPU chunks and CUDA blocks, with a ragged tail.
@@ -324,3 +324,21 @@ def test_op_is_differentiable_in_cpp():
         (g,) = torch.autograd.grad(out, x)
         (e,) = torch.autograd.grad(F.binary_cross_entropy_with_logits(x, y), x)
         torch.testing.assert_close(g, e)
+
+
+def test_cpu_exp_of_positive_arguments_within_2_5_ulp():
+    """The CPU kernels' fp32 exp (vec_ops.h vec_exp) for positive arguments,
+    through BCE's gradient: for x in [-88, -17] and target 0 it is
+    sigmoid(x) = 1 / (1 + exp(-x)), where 1 + exp(-x) rounds to exp(-x)
+    (at least 2**24), so it is exp(x) with exp's error plus two roundings.
+    Within 2.5 ulp of float64's sigmoid (exp itself: 1.01 ulp at most over
+    every float). x = -89 (exp(89) overflows to inf) gives exactly 0, NaN
+    stays NaN. Negative arguments: test_cross_entropy.py."""
+    x = torch.linspace(-88.0, -17.0, 65536, dtype=torch.float64).to(torch.float32)
+    x = torch.cat([x, torch.tensor([-89.0, float("nan")])]).requires_grad_()
+    FF.binary_cross_entropy_with_logits(x, torch.zeros_like(x), reduction="sum").backward()
+    ref = torch.sigmoid(x[:-2].detach().double())
+    err = ((x.grad[:-2].double() - ref).abs() / ulp(ref, torch.float32)).max().item()
+    assert err <= 2.5, err
+    assert x.grad[-2].item() == 0.0
+    assert torch.isnan(x.grad[-1])

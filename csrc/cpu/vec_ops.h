@@ -37,7 +37,8 @@ inline at::vec::Vectorized<float> vec_exp(const at::vec::Vectorized<float>& v) {
   auto c = [](float f) { return FL_OP(set1_ps)(f); };
   R x = v;
   // min/max return their second operand when one is NaN: NaN goes through.
-  // Below -110 the result rounds to 0; from 89 up it overflows to inf.
+  // Below about -104 the result rounds to 0 and from 89 up it overflows to
+  // inf; clamping at -110 keeps n >= -159, which the AVX2 split below needs.
   x = FL_OP(max_ps)(c(-110.0f), FL_OP(min_ps)(c(89.0f), x));
 #if defined(CPU_CAPABILITY_AVX512)
   const R n = _mm512_roundscale_ps(_mm512_mul_ps(x, c(1.44269504088896341f)),
